@@ -1,0 +1,98 @@
+"""Round-to-nearest (RTN): every weight to the nearest level of its tile's range.
+
+The baseline every other method is measured against. The range is the tile's min/max (``quantize``'s
+default) or, with ``clip_search``, the per-tile shrunken range of :func:`mse_clip_search`, optionally
+weighted per input column by activation statistics (``weighted``), as in AWQ's clipping step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from lowbit.algorithms.clip_search import mse_clip_search
+from lowbit.errors import InputError
+from lowbit.formats import QuantizedTensor, quantize
+from lowbit.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest, optionally with a per-tile MSE clipping search.
+
+    Attributes:
+        clip_search: search each tile's range instead of using its min/max.
+        grid: ratios tried by the search (``1 - k * max_shrink / grid``, ``k = 0 .. grid - 1``).
+        max_shrink: how far the search may shrink a range, in ``[0, 1)``.
+        weighted: weight the search's error per input column by ``importance = mean(x**2)`` of the layer's
+            inputs, computed from calibration data (then ``needs_data`` is True). Needs ``clip_search``.
+    """
+
+    clip_search: bool = False
+    grid: int = 20
+    max_shrink: float = 0.5
+    weighted: bool = False
+
+    name: ClassVar[str] = "rtn"
+
+    def __post_init__(self) -> None:
+        for f in ("clip_search", "weighted"):
+            if not isinstance(getattr(self, f), bool):
+                raise InputError(f"rtn: {f} must be true or false, got {getattr(self, f)!r}")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise InputError(f"rtn: grid must be a positive integer, got {self.grid!r}")
+        if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) \
+                or not 0.0 <= self.max_shrink < 1.0:
+            raise InputError(f"rtn: max_shrink must be a number in [0, 1), got {self.max_shrink!r}")
+        object.__setattr__(self, "max_shrink", float(self.max_shrink))
+        if self.weighted and not self.clip_search:
+            raise InputError("rtn: weighted: true only changes the clipping search; set clip_search: true too")
+
+    @property
+    def needs_data(self) -> bool:
+        """True when the caller must pass ``importance`` computed from calibration data."""
+        return self.weighted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RTN":
+        d = dict(d)
+        name = d.pop("name", cls.name)
+        if name != cls.name:
+            raise InputError(f"{cls.__name__}.from_dict got name {name!r}, expected {cls.name!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise InputError(f"rtn: unknown setting(s) {unknown}; known: {', '.join(known)}")
+        return cls(**d)
+
+
+def rtn(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    config: RTN = RTN(),
+    importance: torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """Quantize ``weight`` (float, any shape, seen as ``(rows, cols)``) by rounding to nearest.
+
+    Args:
+        importance: ``(cols,)`` non-negative error weight per input column, e.g. ``mean(x**2)`` of the
+            layer's inputs; required when ``config.weighted``, only meaningful with ``config.clip_search``.
+    Returns:
+        the :class:`QuantizedTensor`; equal to ``quantize(weight, spec)`` when ``clip_search`` is off.
+    Raises:
+        InputError: importance missing (weighted) or given without clip search, bad weight or shapes.
+    """
+    if config.weighted and importance is None:
+        raise InputError("rtn(weighted=True) needs importance = mean(x**2) per input feature from calibration "
+                         "data; pass data to quantize() or set weighted: false")
+    if importance is not None and not config.clip_search:
+        raise InputError("rtn: importance only changes the clipping search; set clip_search=True or drop it")
+    if not config.clip_search:
+        return quantize(weight, spec)
+    lo, hi = mse_clip_search(weight, spec, importance=importance, grid=config.grid, max_shrink=config.max_shrink)
+    return quantize(weight, spec, lo, hi)

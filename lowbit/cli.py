@@ -1,0 +1,203 @@
+"""``lowbit`` command line: parse, call the library's verbs, print. No logic of its own.
+
+    lowbit quantize MODEL --scheme int4-g128-asym [--method rtn] [--clip-search] --out DIR
+    lowbit quantize MODEL --recipe recipe.yaml --out DIR
+    lowbit eval MODEL_OR_DIR [--tokens N] [--window N]
+    lowbit inspect DIR [--no-reference]
+    lowbit schemes
+    lowbit demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from lowbit.errors import InputError, LowbitError
+
+log = logging.getLogger("lowbit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if args.command != "schemes" else
+                        logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LowbitError as e:
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize, evaluate and inspect neural networks.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", help="bundled name (smollm2-135m, efficientnet-lite0), HF folder or .gguf file")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--scheme", help="weight format, e.g. int4-g128-asym, int8, nvfp4 (see `lowbit schemes`)")
+    g.add_argument("--recipe", help="YAML recipe file (a QuantPlan)")
+    q.add_argument("--method", default="rtn", help="algorithm (default: rtn)")
+    q.add_argument("--clip-search", action="store_true", help="MSE clipping search for round-to-nearest")
+    q.add_argument("--act", help="activation format, e.g. int8-token (dynamic)")
+    q.add_argument("--bias-correction", action="store_true", help="correct each layer's output mean shift "
+                   "(uses calibration data)")
+    q.add_argument("--calib-samples", type=int, default=None, help="calibration samples when the plan needs "
+                   "data (default: 128 text windows of 512 tokens, or 64 images)")
+    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float "
+                   "(default: lm_head type:Embedding)")
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model or a saved quantized folder")
+    e.add_argument("target", help="a model (as for quantize) or a folder written by `lowbit quantize`")
+    e.add_argument("--tokens", type=int, default=16384, help="perplexity token budget (default 16384)")
+    e.add_argument("--window", type=int, default=1024, help="perplexity window (default 1024)")
+    e.add_argument("--views", type=int, default=None, help="image views for classifiers (default: all)")
+    e.set_defaults(func=_cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer table of a saved quantized folder")
+    i.add_argument("path", help="a folder written by `lowbit quantize`")
+    i.add_argument("--no-reference", action="store_true", help="skip SQNR (do not load the float model)")
+    i.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("schemes", help="list the named weight formats and algorithms")
+    s.set_defaults(func=_cmd_schemes)
+
+    d = sub.add_parser("demo", help="float vs 4-bit perplexity, size and bits/weight on SmolLM2-135M")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--scheme", default="int4-g128-asym")
+    d.add_argument("--tokens", type=int, default=16384)
+    d.add_argument("--out", default=None, help="keep the quantized folder here (default: a temp folder)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+# ---- commands --------------------------------------------------------------------------------------------
+
+
+def _cmd_quantize(a: argparse.Namespace) -> int:
+    from lowbit import QuantPlan, load_model, quantize, save
+    from lowbit.evaluation import model_size
+    from lowbit.plan import DEFAULT_SKIP
+
+    if a.recipe:
+        plan = QuantPlan.load(a.recipe)
+    else:
+        method = {"name": a.method, "clip_search": True} if a.clip_search else a.method
+        skip = DEFAULT_SKIP if a.skip is None else tuple(a.skip)
+        plan = QuantPlan.uniform(a.scheme or "int8", method, a.act, skip, a.bias_correction)
+    lm = load_model(a.model)
+    data = None
+    if plan.needs_data:
+        from lowbit.data import calibration_set
+
+        data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, seed=a.seed)
+        print(f"calibration set: {tuple(data.shape)} (seed {a.seed})")
+    t0 = time.perf_counter()
+    quantize(lm.model, plan, data)
+    dt = time.perf_counter() - t0
+    out = save(lm.model, a.out, source=lm.source, plan=plan, overwrite=a.overwrite)
+    print(f"quantized {lm.name} in {dt:.1f} s -> {out}")
+    print(model_size(lm.model).describe())
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from lowbit.evaluation import model_size
+
+    target, ref, kind, tokenizer, name = _load_target(a.target)
+    print(f"{name}: {model_size(target).describe()}")
+    if kind == "causal-lm":
+        from lowbit.evaluation import PerplexityProtocol, perplexity
+
+        proto = PerplexityProtocol(max_tokens=a.tokens, window=a.window)
+        print(f"protocol: {proto.describe()}")
+        r = perplexity(target, tokenizer, proto)
+        print(f"perplexity {r.ppl:.3f} over {r.n_tokens} tokens ({r.seconds:.0f} s)")
+    else:
+        from lowbit.data import imagenet_views
+        from lowbit.evaluation import classifier_agreement
+
+        if ref is None:
+            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
+            return 0
+        images = imagenet_views()
+        if a.views:
+            images = images[: a.views]
+        r = classifier_agreement(ref, target, images)
+        print(f"vs float over {r.n_images} views: top-1 agreement {100 * r.top1:.2f}%, "
+              f"top-5 {100 * r.top5:.2f}%, KL {r.kl:.5f} nats")
+    return 0
+
+
+def _load_target(path: str):
+    """(model, float reference or None, kind, tokenizer, display name) for a model source or a saved folder."""
+    from lowbit.io import load, read_manifest
+    from lowbit.models import load_model
+
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        manifest = read_manifest(p)
+        if manifest.get("source") is None:
+            raise InputError(f"{p} records no model source; evaluate it from Python with lowbit.load(path, model=...)")
+        ref = load_model_from_source(manifest["source"])
+        model = load(p)
+        return model, ref.model, ref.kind, ref.tokenizer, f"{ref.name} [{p}]"
+    lm = load_model(path)
+    return lm.model, None, lm.kind, lm.tokenizer, lm.name
+
+
+def load_model_from_source(source: dict):
+    """The float model a saved artifact was made from (its manifest's ``source``)."""
+    from lowbit.models import load_model
+
+    return load_model(source)
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from lowbit.evaluation import format_table, layer_table, model_size
+    from lowbit.io import load, read_manifest
+
+    manifest = read_manifest(a.path)
+    model = load(a.path)
+    ref = None
+    if not a.no_reference and manifest.get("source") is not None:
+        ref = load_model_from_source(manifest["source"]).model
+    print(format_table(layer_table(model, ref)))
+    print(model_size(model).describe())
+    return 0
+
+
+def _cmd_schemes(a: argparse.Namespace) -> int:
+    from lowbit.algorithms import ALGORITHMS
+    from lowbit.spec import PRESETS, parse_spec
+
+    print("weight formats (--scheme; any FORMAT[-ch|-tensor|-gN|-bRxC][-sym|-asym] also works):")
+    for name, desc in PRESETS.items():
+        s = parse_spec(name)
+        print(f"  {name:16s} {desc}  [{s.format}, {s.bits} bit, {s.granularity}, scale {s.scale_format}]")
+    print("algorithms (--method):")
+    for name, cls in ALGORITHMS.items():
+        print(f"  {name:16s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from lowbit.demo import run_demo
+
+    return run_demo(a.model, a.scheme, a.tokens, a.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

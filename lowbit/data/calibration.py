@@ -1,0 +1,28 @@
+"""The default calibration set for a loaded model, by its kind: news text for language models, photos
+disjoint from the evaluation set for image classifiers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.data.images import calibration_views
+from lowbit.data.text import calibration_batches
+from lowbit.errors import InputError
+
+
+def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_len: int = 512,
+                    seed: int = 0) -> torch.Tensor:
+    """Calibration inputs for a model of ``kind`` (``causal-lm`` or ``image-classifier``).
+
+    Returns: LongTensor ``(n, seq_len)`` of token ids (default n = 128) or FloatTensor ``(n, 3, 224, 224)``
+    of preprocessed images (default n = 64).
+    """
+    if kind == "causal-lm":
+        if tokenizer is None:
+            raise InputError("a language model's calibration set needs its tokenizer")
+        return calibration_batches(tokenizer, n or 128, seq_len, seed=seed, corpus="news")
+    if kind == "image-classifier":
+        return calibration_views(n or 64, seed=seed)
+    raise InputError(f"no default calibration set for models of kind {kind!r}; pass data to quantize() yourself")

@@ -1,0 +1,23 @@
+"""Evaluation: perplexity, agreement with the float model, per-layer error, size."""
+
+from lowbit.evaluation.agreement import AgreementResult, agreement_from_logits, classifier_agreement, classifier_logits
+from lowbit.evaluation.layers import LayerRow, format_table, layer_table, sqnr_db
+from lowbit.evaluation.perplexity import PerplexityProtocol, PerplexityResult, perplexity
+from lowbit.evaluation.size import SizeReport, artifact_size, model_size
+
+__all__ = [
+    "PerplexityProtocol",
+    "PerplexityResult",
+    "perplexity",
+    "AgreementResult",
+    "classifier_agreement",
+    "classifier_logits",
+    "agreement_from_logits",
+    "LayerRow",
+    "layer_table",
+    "format_table",
+    "sqnr_db",
+    "SizeReport",
+    "model_size",
+    "artifact_size",
+]

@@ -1,0 +1,146 @@
+"""Quantize and dequantize tensors under a QuantSpec: the pure math every algorithm and module shares.
+
+``quantize(x, spec, lo, hi)`` turns a float tensor into a :class:`QuantizedTensor` (element codes plus
+per-tile scales, zero points and, for NVFP4-style specs, one per-tensor scale). ``lo``/``hi`` give the range
+each tile is mapped onto (an observer's or a clipping search's result, shape ``(gr, gc)``); without them
+the tile's own min/max is used (its mean magnitude for ternary, after BitNet b1.58).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import InputError
+from lowbit.formats import blocks as B
+from lowbit.formats.elements import decode_elements, element_max, encode_elements
+from lowbit.formats.scales import round_scale, split_global_scale
+from lowbit.spec import QuantSpec
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A tensor stored as codes and scales.
+
+    Attributes:
+        codes: uint8, the original tensor's shape; one code per element (unpacked).
+        scale: float32 ``(gr, gc)``; every value is exactly representable in ``spec.scale_format``.
+        zero_point: uint8 ``(gr, gc)`` for asymmetric integers, else None.
+        global_scale: float32 0-d tensor for ``fp8_e4m3`` scale storage (NVFP4), else None.
+        spec: the format.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    global_scale: torch.Tensor | None
+    spec: QuantSpec
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+
+def default_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile range used when no observer gives one: ``(lo, hi)``, each float32 ``(gr, gc)``."""
+    if spec.format == "ternary":
+        absmean = B.block_sum(x.float().abs(), spec) / B.block_counts(spec, x.shape)
+        return -absmean, absmean
+    lo, hi = B.block_minmax(x.float(), spec)
+    return lo, hi
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """Quantize ``x`` (float, any shape with at least one element) to ``spec``.
+
+    Args:
+        x: the tensor; seen as the 2-D matrix ``(shape[0], prod(shape[1:]))`` for granularity.
+        lo, hi: optional ``(gr, gc)`` range per tile; values outside are clipped. Both or neither.
+    Raises:
+        InputError: ``x`` holds NaN/Inf, is empty, or ``lo``/``hi`` do not match the scale grid.
+    """
+    if x.numel() == 0:
+        raise InputError("cannot quantize an empty tensor")
+    xf = x.detach().float()
+    if not torch.isfinite(xf).all():
+        bad = int((~torch.isfinite(xf)).sum())
+        raise InputError(f"tensor of shape {tuple(x.shape)} holds {bad} NaN/Inf value(s)")
+    grid = B.grid_shape(spec, x.shape)
+    if (lo is None) != (hi is None):
+        raise InputError("give both lo and hi, or neither")
+    if lo is None:
+        lo, hi = default_range(xf, spec)
+    elif tuple(lo.shape) != grid or tuple(hi.shape) != grid:
+        raise InputError(f"range of shape {tuple(lo.shape)} does not match the scale grid {grid} of {spec.name}")
+    lo, hi = lo.float(), hi.float()
+    if spec.has_zero_point:
+        return _quantize_affine(xf, spec, lo, hi)
+    return _quantize_symmetric(xf, spec, lo, hi)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codes and scales -> values, shape ``q.shape``, in ``dtype``."""
+    spec = q.spec
+    cb = B.to_blocks(q.codes, spec)  # (gr, br, gc, bc) uint8
+    if spec.format == "int":
+        zp = q.zero_point.float() if q.zero_point is not None else torch.full_like(q.scale, 2.0 ** (spec.bits - 1))
+        vals = cb.float() - B.expand(zp)
+    else:
+        vals = decode_elements(cb, spec.format)
+    scale = q.scale if q.global_scale is None else q.scale * q.global_scale
+    return B.from_blocks(vals * B.expand(scale), q.shape).to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``dequantize(quantize(x, spec, lo, hi))`` in ``x``'s dtype: the value a quantized model computes with."""
+    return dequantize(quantize(x, spec, lo, hi), x.dtype)
+
+
+# ---- the two scaling schemes -------------------------------------------------------------------------
+
+
+def _quantize_symmetric(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> QuantizedTensor:
+    """``scale = amax / elem_max``; codes = nearest element of ``x / scale`` (saturating)."""
+    emax = element_max(spec.format, spec.bits)
+    raw = torch.maximum(lo.abs(), hi.abs()) / emax  # (gr, gc)
+    global_scale = None
+    if spec.has_global_scale:
+        raw, global_scale = split_global_scale(raw)
+    scale = round_scale(raw, spec.scale_format, emax)
+    full = scale if global_scale is None else scale * global_scale
+    safe = torch.where(full > 0, full, torch.ones_like(full))
+    xb = B.to_blocks(x, spec) / B.expand(safe)  # (gr, br, gc, bc)
+    if spec.format == "int":
+        half = 2 ** (spec.bits - 1)
+        codes = (torch.round(xb).clamp(-half, half - 1) + half).to(torch.uint8)
+    else:
+        codes = encode_elements(xb.clamp(-emax, emax), spec.format)
+    return QuantizedTensor(B.from_blocks(codes, x.shape), scale, None, global_scale, spec)
+
+
+def _quantize_affine(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> QuantizedTensor:
+    """Asymmetric integers: the range ``[min(lo,0), max(hi,0)]`` maps onto codes ``0 .. 2^bits - 1``."""
+    qmax = 2**spec.bits - 1
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    raw = (hi - lo) / qmax  # (gr, gc)
+    global_scale = None
+    if spec.has_global_scale:  # fp8 scales are relative to one fp32 scale, as in the symmetric case
+        raw, global_scale = split_global_scale(raw)
+    scale = round_scale(raw, spec.scale_format, float(qmax))
+    full = scale if global_scale is None else scale * global_scale
+    safe = torch.where(full > 0, full, torch.ones_like(full))
+    zero_point = torch.round(-lo / safe).clamp(0, qmax)  # (gr, gc)
+    xb = B.to_blocks(x, spec) / B.expand(safe) + B.expand(zero_point)
+    codes = torch.round(xb).clamp(0, qmax).to(torch.uint8)
+    return QuantizedTensor(B.from_blocks(codes, x.shape), scale, zero_point.to(torch.uint8), global_scale, spec)

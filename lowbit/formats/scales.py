@@ -1,0 +1,79 @@
+"""Scale storage: rounding scales to what their storage format can hold, and encoding them for files.
+
+Scales are computed in fp32, rounded to the storage format (``QuantSpec.scale_format``) and only then used
+to compute codes, so the stored scale is exactly the one the codes were made with.
+
+* ``fp32`` / ``fp16`` / ``bf16``: plain floats (clamped to the format's smallest normal value), rounded
+  up, never down: a scale rounded down would shrink the grid below the range it was computed for and clip
+  the range's ends by more than half a step (up to a whole step for 8-bit asymmetric codes with bf16 scales).
+* ``e8m0``: a power of two stored as a biased 8-bit exponent, as in the OCP Microscaling (MX) spec v1.0:
+  ``X = 2^(floor(log2(amax)) - emax_elem)``.
+* ``fp8_e4m3``: NVFP4-style two-level scaling: one fp32 scale per tensor and an FP8 E4M3 scale per block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP8_E4M3_MAX = 448.0
+
+
+def round_scale(scale: torch.Tensor, scale_format: str, elem_max: float) -> torch.Tensor:
+    """Round raw fp32 scales ``amax / elem_max`` to the storage format; returns fp32 of the same shape.
+
+    For ``e8m0`` the raw scale is re-derived from ``amax = scale * elem_max`` following the MX spec.
+    ``fp8_e4m3`` scales are relative to a per-tensor scale; see :func:`split_global_scale`.
+    """
+    scale = scale.float()
+    if scale_format in _FLOAT_DTYPES:
+        dt = _FLOAT_DTYPES[scale_format]
+        fi = torch.finfo(dt)
+        c = scale.clamp(fi.tiny, fi.max)
+        r = c.to(dt)  # nearest; step up where that fell below c, so the grid still covers the range
+        r = torch.where(r.float() < c, torch.nextafter(r, torch.full_like(r, fi.max)), r)
+        return r.float()
+    if scale_format == "e8m0":
+        amax = scale * elem_max
+        emax_elem = math.floor(math.log2(elem_max))
+        # floor(log2(amax)) exactly: frexp gives amax = m * 2^e with m in [0.5, 1); an fp32 log2 rounds
+        # values a few ulps below a power of two up to it
+        _, e = torch.frexp(amax.clamp_min(2.0**-126))
+        e = (e - 1 - emax_elem).float()
+        return torch.exp2(e.clamp(-127, 127))
+    if scale_format == "fp8_e4m3":
+        return scale.clamp(0, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    raise KeyError(scale_format)
+
+
+def split_global_scale(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 two-level scales: raw per-block fp32 scales -> (per-block scale relative to g, g).
+
+    ``g = max(raw) / 448`` (fp32, 0-d) so the largest block scale uses FP8 E4M3's full range.
+    """
+    g = (raw.max() / FP8_E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny).float()
+    return raw / g, g
+
+
+def encode_scale(scale: torch.Tensor, scale_format: str) -> torch.Tensor:
+    """fp32 scales (already rounded) -> the tensor stored in a file (fp16, uint8 exponents, float8 bits ...)."""
+    if scale_format in _FLOAT_DTYPES:
+        return scale.to(_FLOAT_DTYPES[scale_format])
+    if scale_format == "e8m0":
+        return (torch.log2(scale).round() + 127).clamp(0, 254).to(torch.uint8)
+    if scale_format == "fp8_e4m3":
+        return scale.to(torch.float8_e4m3fn).view(torch.uint8)
+    raise KeyError(scale_format)
+
+
+def decode_scale(stored: torch.Tensor, scale_format: str) -> torch.Tensor:
+    """Inverse of :func:`encode_scale`: stored tensor -> fp32 scales."""
+    if scale_format in _FLOAT_DTYPES:
+        return stored.float()
+    if scale_format == "e8m0":
+        return torch.exp2(stored.float() - 127)
+    if scale_format == "fp8_e4m3":
+        return stored.view(torch.float8_e4m3fn).float()
+    raise KeyError(scale_format)

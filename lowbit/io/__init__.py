@@ -1,0 +1,14 @@
+"""Saving and loading quantized models: a folder of safetensors + a JSON manifest, written atomically.
+
+    path = lowbit.save(model, "out/model-w4", source=lm.source, plan=plan)
+    model = lowbit.load("out/model-w4")          # or lowbit.load(path, model=float_model)
+    manifest = read_manifest("out/model-w4")     # for tools: layers, sizes, source, plan
+
+Never pickles: tensors go through safetensors, everything else is JSON.
+"""
+
+from lowbit.io.load import load
+from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, read_manifest
+from lowbit.io.save import save
+
+__all__ = ["save", "load", "read_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS"]

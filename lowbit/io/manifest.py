@@ -1,0 +1,158 @@
+"""The manifest of a saved artifact: what it holds, checked before anything else is read.
+
+An artifact is a folder with two files::
+
+    manifest.json        this description (UTF-8 JSON)
+    model.safetensors    every tensor of the model's state, each distinct storage once
+
+Manifest keys (format version 1; all present, no others):
+
+==================  =============================================================================
+format              ``"lowbit-quantized"``
+format_version      ``1``
+lowbit_version      the lowbit that wrote it
+source              the model loader's source dict (``lowbit.models``), or null
+plan                ``QuantPlan.to_dict()``, or null
+extra               any JSON object the caller passed, or null
+layers              module name -> ``lowbit.nn.convert.layer_record`` of each quantized module
+shared_modules      other name -> layer name, for a quantized module registered under several names
+tied_tensors        state key -> state key stored in the file, for tensors sharing one storage
+files               file name -> ``{"bytes": int, "sha256": hex}`` for every file but the manifest
+size                ``SizeReport.to_dict()`` of the saved model (counts, bytes, bits per weight)
+==================  =============================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import CorruptFileError, InputError
+
+FORMAT = "lowbit-quantized"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+KEYS = ("format", "format_version", "lowbit_version", "source", "plan", "extra", "layers", "shared_modules",
+        "tied_tensors", "files", "size")
+_OPTIONAL_DICTS = ("source", "plan", "extra")  # a JSON object or null
+_DICTS = ("layers", "shared_modules", "tied_tensors", "files", "size")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of the artifact folder ``path`` (files are not hashed; see ``verify_files``).
+
+    Raises:
+        InputError: ``path`` does not exist or is not a folder, or the artifact needs a newer lowbit.
+        CorruptFileError: no ``manifest.json`` (not a lowbit artifact), invalid JSON, wrong ``format``,
+            missing or unknown keys, or values of the wrong type.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise InputError(f"{folder}: no such folder; pass the folder written by lowbit.save / lowbit quantize")
+    if not folder.is_dir():
+        hint = " (pass the folder that holds it)" if folder.name in (MANIFEST, WEIGHTS) else ""
+        raise InputError(f"{folder}: is a file, not a lowbit artifact folder{hint}")
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise CorruptFileError(f"{folder}: not a lowbit artifact (no {MANIFEST}); was it written by lowbit.save?")
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{mpath}: not valid JSON ({e}); the artifact is damaged, save it again") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise CorruptFileError(f"{mpath}: format is {got!r}, expected {FORMAT!r}; not a lowbit artifact")
+    version = m.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptFileError(f"{mpath}: format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"{mpath}: format_version {version} was written by lowbit {m.get('lowbit_version', '?')}; this "
+            f"lowbit reads version {FORMAT_VERSION}; upgrade lowbit to load it"
+        )
+    _check_keys(m, mpath)
+    return m
+
+
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Check that every file the manifest lists exists with the recorded size and SHA-256.
+
+    Raises CorruptFileError naming the file and what differs.
+    """
+    for name, entry in manifest["files"].items():
+        f = folder / name
+        if not f.is_file():
+            raise CorruptFileError(f"{f}: listed in {MANIFEST} but missing; the artifact is incomplete")
+        size = f.stat().st_size
+        if size != entry["bytes"]:
+            what = "truncated" if size < entry["bytes"] else "longer than recorded"
+            raise CorruptFileError(f"{f}: {what}: {size} bytes, {MANIFEST} records {entry['bytes']}")
+        digest = file_sha256(f)
+        if digest != entry["sha256"]:
+            raise CorruptFileError(
+                f"{f}: SHA-256 {digest} differs from {entry['sha256']} recorded in {MANIFEST}; the file was "
+                f"modified or damaged after saving"
+            )
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, as listed under ``files``."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_artifact(folder: Path) -> bool:
+    """True when ``folder`` holds a manifest that ``read_manifest`` accepts."""
+    try:
+        read_manifest(folder)
+    except InputError:
+        return False
+    return True
+
+
+def _check_keys(m: dict[str, Any], mpath: Path) -> None:
+    missing = [k for k in KEYS if k not in m]
+    unknown = sorted(set(m) - set(KEYS))
+    if missing or unknown:
+        raise CorruptFileError(
+            f"{mpath}: format_version {m['format_version']} manifest has missing key(s) {missing} and unknown "
+            f"key(s) {unknown}; expected exactly {', '.join(KEYS)}"
+        )
+    for k in _OPTIONAL_DICTS:
+        if m[k] is not None and not isinstance(m[k], dict):
+            raise CorruptFileError(f"{mpath}: {k!r} must be a JSON object or null, got {type(m[k]).__name__}")
+    for k in _DICTS:
+        if not isinstance(m[k], dict):
+            raise CorruptFileError(f"{mpath}: {k!r} must be a JSON object, got {type(m[k]).__name__}")
+    for k in ("shared_modules", "tied_tensors"):
+        if not all(isinstance(v, str) for v in m[k].values()):
+            raise CorruptFileError(f"{mpath}: {k!r} must map names to names")
+    if not all(isinstance(v, dict) for v in m["layers"].values()):
+        raise CorruptFileError(f"{mpath}: every entry of 'layers' must be a layer record (a JSON object)")
+    stray = sorted(a for a, first in m["shared_modules"].items() if first not in m["layers"] or a in m["layers"])
+    if stray:
+        raise CorruptFileError(f"{mpath}: shared_modules {stray} do not point from a new name to a recorded layer")
+    if WEIGHTS not in m["files"]:
+        raise CorruptFileError(f"{mpath}: 'files' does not list {WEIGHTS}")
+    for name, entry in m["files"].items():
+        if name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name:
+            raise CorruptFileError(f"{mpath}: 'files' lists {name!r}, which is not a plain file name of the folder")
+        ok = (isinstance(entry, dict) and set(entry) == {"bytes", "sha256"} and isinstance(entry["bytes"], int)
+              and not isinstance(entry["bytes"], bool) and entry["bytes"] >= 0
+              and isinstance(entry["sha256"], str) and _HEX64.fullmatch(entry["sha256"]) is not None)
+        if not ok:
+            raise CorruptFileError(f"{mpath}: files[{name!r}] must be {{'bytes': int, 'sha256': 64 hex digits}}, "
+                                   f"got {entry!r}")

@@ -1,0 +1,165 @@
+"""``save(model, path)``: write a quantized model as a folder of safetensors + a JSON manifest, atomically.
+
+The folder (see ``lowbit.io.manifest`` for every manifest key)::
+
+    path/
+      manifest.json       format, versions, source, plan, layer records, ties, file checksums, sizes
+      model.safetensors   the full state dict: packed uint8 codes, scales in their storage dtype,
+                          zero points, float parameters of unquantized layers; each storage once
+
+Nothing is pickled. The folder appears complete or not at all (``lowbit.io.atomic``).
+
+What may be at ``path`` already:
+
+* nothing, or an empty folder: written.
+* a lowbit artifact: replaced only with ``overwrite=True`` (and only if it holds nothing but the files
+  its manifest lists); otherwise an InputError.
+* anything else (a file, a symbolic link, a folder with other files): an InputError, even with
+  ``overwrite=True``. Replacing means deleting, and lowbit deletes only what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.errors import InputError
+from lowbit.io.atomic import atomic_folder
+from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, file_entry, read_manifest
+from lowbit.io.state import distinct_tensors, for_safetensors, quantized_modules, state_tensors
+from lowbit.nn.convert import layer_record
+from lowbit.plan import QuantPlan
+from lowbit.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    source: dict[str, Any] | None = None,
+    plan: QuantPlan | QuantSpec | str | None = None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (usually after ``lowbit.quantize``) to the folder ``path``; return its absolute path.
+
+    Args:
+        model: any ``nn.Module``; its quantized layers are recorded so ``load`` can rebuild them.
+        path: the output folder (parents are created). See the module docstring for what may exist there.
+        source: the loader's source dict (``LoadedModel.source``), which lets ``load`` rebuild the
+            architecture without being given a model; None means ``load`` will need ``model=``.
+        plan: the plan the model was quantized with (recorded for reference; a spec or scheme name is
+            taken as a uniform plan).
+        extra: any JSON-able dict to keep in the manifest.
+        overwrite: replace an existing lowbit artifact at ``path``.
+    Raises:
+        InputError: ``path`` is taken (see above), an argument is not JSON-able, or the model's state holds
+            something other than tensors. Nothing is written then, and a failure while writing leaves no
+            partial folder and the previous artifact (if any) untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"save() needs an nn.Module, got {type(model).__name__}")
+    dest = Path(os.path.abspath(Path(path).expanduser()))
+    _check_destination(dest, overwrite)
+    canonical, tied = distinct_tensors(state_tensors(model))
+    manifest = _manifest(model, tied, source, plan, extra)
+    tensors = _tensors(canonical)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(dest) as tmp:
+        # looked up at call time (not imported by name) so tests can make the writer fail
+        safetensors.torch.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "lowbit": FORMAT})
+        manifest["files"] = {WEIGHTS: file_entry(tmp / WEIGHTS)}
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            fh.write(_to_json(_ordered(manifest), "the manifest", indent=2) + "\n")
+    log.info("saved %d quantized layer(s), %d tensor(s), %d bytes to %s", len(manifest["layers"]), len(tensors),
+             manifest["files"][WEIGHTS]["bytes"], dest)
+    return dest
+
+
+def _manifest(model: nn.Module, tied: dict[str, str], source: Any, plan: Any, extra: Any) -> dict[str, Any]:
+    """Every manifest key except ``files``, checked JSON-able before anything is written."""
+    from lowbit.evaluation.size import model_size  # lazy: evaluation sits downstream of io
+
+    for what, value in (("source", source), ("extra", extra)):
+        if value is not None and not isinstance(value, dict):
+            raise InputError(f"save(): {what} must be a dict or None, got {type(value).__name__}")
+        _to_json(value, f"save(): {what}")
+    if isinstance(plan, (str, QuantSpec)):
+        plan = QuantPlan.uniform(plan)
+    if plan is not None and not isinstance(plan, QuantPlan):
+        raise InputError(f"save(): plan must be a QuantPlan (or a scheme name), got {type(plan).__name__}")
+    layers, shared = quantized_modules(model)
+    m = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lowbit_version": lowbit.__version__,
+        "source": None if source is None else json.loads(_to_json(source, "save(): source")),
+        "plan": None if plan is None else plan.to_dict(),
+        "extra": None if extra is None else json.loads(_to_json(extra, "save(): extra")),
+        "layers": {name: layer_record(qm) for name, qm in layers.items()},
+        "shared_modules": shared,
+        "tied_tensors": tied,
+        "size": model_size(model).to_dict(),
+    }
+    _to_json(m, "the manifest")
+    return m
+
+
+def _tensors(canonical: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors to write: distinct storages only, CPU, contiguous."""
+    for key, t in canonical.items():
+        if t.device.type == "meta":
+            raise InputError(f"state entry {key!r} is on the meta device (no data); materialize the model first")
+    return for_safetensors(canonical)
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    """Raise InputError unless ``dest`` may be written (see the module docstring)."""
+    if dest.is_symlink():
+        raise InputError(f"{dest} is a symbolic link; pass the folder it points to, or a new path")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise InputError(f"{dest} exists and is a file; pass a folder path for the artifact")
+    entries = sorted(p.name for p in dest.iterdir())
+    if not entries:
+        return
+    try:
+        listed = {MANIFEST, *read_manifest(dest)["files"]}
+    except InputError:
+        listed = None
+    if listed is None:
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise InputError(f"{dest} is a folder with other files ({shown}) and not a lowbit artifact; lowbit will "
+                         f"not replace it (even with overwrite=True); choose a new or empty folder")
+    if not overwrite:
+        raise InputError(f"{dest} already holds a lowbit artifact; pass overwrite=True (lowbit quantize "
+                         f"--overwrite) to replace it, or choose another folder")
+    foreign = [e for e in entries if e not in listed]
+    if foreign:
+        raise InputError(f"{dest} holds a lowbit artifact plus files lowbit did not write ({', '.join(foreign[:5])});"
+                         f" move them away before overwriting, or choose another folder")
+
+
+def _to_json(value: Any, what: str, indent: int | None = None) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, indent=indent)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what} is not JSON-serializable: {e}") from None
+
+
+def _ordered(m: dict[str, Any]) -> dict[str, Any]:
+    """Manifest keys in a reading order: identity, provenance, checksums, sizes, then the long tables."""
+    order = ("format", "format_version", "lowbit_version", "files", "size", "source", "plan", "extra",
+             "tied_tensors", "shared_modules", "layers")
+    return {k: m[k] for k in order}

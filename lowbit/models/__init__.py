@@ -1,0 +1,33 @@
+"""Loading models: bundled demo models, local Hugging Face folders, GGUF files, tiny test models.
+
+    loaded = load_model("smollm2-135m")          # or a folder, or "path/to/model.gguf"
+    skeleton = build_skeleton(loaded.source)     # same architecture, weights not read
+"""
+
+from lowbit.models.registry import (
+    BUNDLED_MODELS,
+    LoadedModel,
+    build_skeleton,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    smollm2_path,
+)
+from lowbit.models.hf import is_tied
+from lowbit.models.tiny import ByteTokenizer, tiny_cnn, tiny_gpt2, tiny_llama, tiny_opt
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "ByteTokenizer",
+    "LoadedModel",
+    "build_skeleton",
+    "is_tied",
+    "load_model",
+    "load_tokenizer",
+    "resolve_source",
+    "smollm2_path",
+    "tiny_cnn",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_opt",
+]

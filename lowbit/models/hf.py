@@ -1,0 +1,204 @@
+"""Hugging Face models from local files only: a model folder (config.json + weights) or a GGUF file.
+
+Nothing here touches the network: every ``from_pretrained`` call passes ``local_files_only=True``.
+GGUF weights are dequantized by transformers to fp32 (so the weights of a Q4_1 file stay on its
+4-bit grid, see shared/ASSETS.md). ``transformers`` is imported lazily: it takes seconds.
+
+The model class follows ``config.architectures``: ``*ForCausalLM`` -> ``AutoModelForCausalLM``
+("causal-lm"), ``*ForImageClassification`` -> ``AutoModelForImageClassification`` ("image-classifier").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import InputError
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# errors transformers/gguf raise on unreadable or inconsistent files; re-raised as InputError
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, IndexError, struct.error)
+
+
+def load_hf_folder(path: Path) -> tuple[nn.Module, str, Any]:
+    """(model, kind, tokenizer or None) from a local Hugging Face model folder, fp32, eval mode."""
+    kind, auto_cls = model_class(folder_config(path), path)
+    model = _read(
+        lambda: auto_cls.from_pretrained(path, dtype=torch.float32, local_files_only=True), path, "weights"
+    )
+    return model.float().eval(), kind, _optional_tokenizer(path, gguf_file=None)
+
+
+def load_gguf(path: Path) -> tuple[nn.Module, str, Any]:
+    """(model, kind, tokenizer) from a ``.gguf`` file, dequantized to fp32, eval mode."""
+    check_gguf(path)
+    from transformers import AutoModelForCausalLM
+
+    model = _read(  # every architecture transformers reads from GGUF is a causal LM
+        lambda: AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True, **_dequantize_gguf()
+        ),
+        path, "GGUF tensors",
+    )
+    _check_dense(model, path)
+    tokenizer = _optional_tokenizer(path.parent, gguf_file=path.name)
+    return model.float().eval(), "causal-lm", tokenizer
+
+
+def folder_config(path: Path) -> Any:
+    """The transformers config of a local Hugging Face model folder (checked first)."""
+    check_hf_folder(path)
+    return _read(lambda: _auto_config().from_pretrained(path, local_files_only=True), path, "config.json")
+
+
+def gguf_config(path: Path) -> Any:
+    """The transformers config stored in a GGUF file's metadata."""
+    check_gguf(path)
+    return _read(
+        lambda: _auto_config().from_pretrained(path.parent, gguf_file=path.name, local_files_only=True),
+        path, "GGUF metadata",
+    )
+
+
+def skeleton_from_config(config: Any, where: str) -> nn.Module:
+    """An fp32, eval-mode model of the architecture in ``config`` (a transformers config or its
+    ``to_dict()``), randomly initialised: no weight file is read."""
+    if isinstance(config, dict):
+        config = config_from_dict(config, where)
+    _, auto_cls = model_class(config, where)
+    with torch.random.fork_rng(devices=[]):  # from_config draws random init from the global RNG
+        model = auto_cls.from_config(config, dtype=torch.float32)
+    return model.float().eval()
+
+
+def config_from_dict(config: dict[str, Any], where: str) -> Any:
+    """A transformers config from ``config.to_dict()`` output (as stored in a model source)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise InputError(f"{where}: config has unknown model_type {model_type!r}; expected a transformers type")
+    return CONFIG_MAPPING[model_type].from_dict(config)
+
+
+def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
+    """The tokenizer of a local folder (or of a GGUF file inside it), or None if there is none."""
+    return _optional_tokenizer(path, gguf_file)
+
+
+def model_class(config: Any, where: Path | str) -> tuple[str, Any]:
+    """(kind, transformers Auto class) for a config, from its ``architectures`` list."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs:  # GGUF configs carry no architectures; every GGUF architecture is a causal LM
+        archs = ["ForCausalLM"]
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal-lm", AutoModelForCausalLM
+    if any(a.endswith("ForImageClassification") for a in archs):
+        return "image-classifier", AutoModelForImageClassification
+    raise InputError(
+        f"{where}: architectures {archs} are not supported; lowbit loads *ForCausalLM and "
+        f"*ForImageClassification Hugging Face models"
+    )
+
+
+def check_hf_folder(path: Path) -> None:
+    """Raise InputError unless ``path`` is a folder with config.json and weight files."""
+    if not path.is_dir():
+        raise InputError(f"{path}: not a folder; expected a Hugging Face model folder (config.json + weights)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise InputError(f"{path}: no config.json; expected a Hugging Face model folder (config.json + weights)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{config}: not valid JSON ({err}); expected a Hugging Face config.json") from err
+    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise InputError(f"{path}: has config.json but no weights; expected one of {list(WEIGHT_PATTERNS)}")
+
+
+def check_gguf(path: Path) -> None:
+    """Raise InputError unless ``path`` is a readable file starting with the GGUF magic bytes."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; expected a .gguf model file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise InputError(f"{path}: starts with {magic!r}, not {GGUF_MAGIC!r}; not a GGUF file (corrupt or wrong file?)")
+
+
+def is_tied(model: nn.Module) -> bool:
+    """True if the output head shares its weight tensor with the input embedding."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None or get_in() is None or get_out() is None:
+        return False
+    w_in, w_out = getattr(get_in(), "weight", None), getattr(get_out(), "weight", None)
+    return w_in is not None and w_in is w_out
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _auto_config() -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig
+
+
+def _dequantize_gguf() -> dict[str, Any]:
+    """transformers 5 may keep GGUF weights packed (``GgufLinear``) when a matmul kernel is installed;
+    ask for plain dense fp32 weights. Without this option, a model loaded from GGUF also reports
+    ``is_quantized=True``, which makes ``.float()``, ``.to(dtype)`` and ``save_pretrained`` refuse."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4.x: GGUF is always dequantized
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _check_dense(model: nn.Module, path: Path) -> None:
+    """Fail loudly if transformers left GGUF-packed modules or a quantizer on the model."""
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
+    if packed or getattr(model, "is_quantized", False):
+        raise InputError(
+            f"{path}: transformers did not dequantize this GGUF (modules {packed}, is_quantized="
+            f"{getattr(model, 'is_quantized', None)}); lowbit needs dense fp32 weights: upgrade or pin transformers"
+        )
+
+
+def _read(load: Any, path: Path, what: str) -> Any:
+    """Call a transformers loader; its file errors become an InputError naming the path."""
+    try:
+        return load()
+    except InputError:
+        raise
+    except _LOAD_ERRORS as err:
+        raise InputError(f"{path}: could not read {what} ({type(err).__name__}: {err}); "
+                         f"is the file complete and a model transformers supports?") from err
+
+
+def _optional_tokenizer(folder: Path, gguf_file: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    if gguf_file is None and not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                       "tokenizer.model", "vocab.json")):
+        log.info("%s: no tokenizer files; tokenizer is None", folder)
+        return None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    except _LOAD_ERRORS as err:
+        where = folder / gguf_file if gguf_file else folder
+        raise InputError(f"{where}: could not read the tokenizer ({type(err).__name__}: {err})") from err

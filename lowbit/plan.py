@@ -1,0 +1,201 @@
+"""QuantPlan: which modules get which format and algorithm. Mixed precision lives here.
+
+A plan is an ordered list of rules, each mapping a module-name pattern to a weight spec (or ``None``: keep
+float), an algorithm and optional activation quantization, plus a list of skip patterns. For each
+quantizable module (``lowbit.nn.convert.SUPPORTED``), the skip list is checked first, then the rules in
+order; the first match wins. Patterns are shell globs over the module's dotted name (``*`` also crosses
+dots, so ``*.mlp.*`` matches every MLP linear) or, with a ``re:`` prefix, full-match regular expressions.
+Skip patterns may also name a module class with ``type:`` (``type:Embedding`` skips every ``nn.Embedding``
+and subclass, whatever the model calls it: ``embed_tokens``, ``wte``, ``word_embeddings``).
+
+Recipes are plans written as YAML::
+
+    skip: [lm_head, "type:Embedding"]
+    rules:
+      - pattern: "*.down_proj"
+        weight: int8
+      - pattern: "*"
+        weight: int4-g128-asym
+        method: {name: rtn, clip_search: true}
+        act: {spec: int8-token, dynamic: true}
+        bias_correction: false
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit.algorithms import RTN, make_algorithm
+from lowbit.errors import InputError
+from lowbit.spec import ActivationQuant, QuantSpec, parse_spec
+
+DEFAULT_SKIP = ("lm_head", "type:Embedding")
+
+
+def _match(pattern: str, name: str, module: Any = None) -> bool:
+    if pattern.startswith("type:"):
+        return module is not None and any(c.__name__ == pattern[5:] for c in type(module).__mro__)
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of a plan.
+
+    Attributes:
+        pattern: glob (or ``re:`` regex) over module names.
+        weight: the weight format, or None to keep matching modules in float.
+        method: the algorithm config that chooses the quantized values (default: round-to-nearest).
+        act: activation quantization of the module's input, or None for float activations.
+        bias_correction: after quantizing, shift the bias so each output channel keeps its mean on the
+            calibration data (``lowbit.algorithms.bias_correction``; needs data).
+    """
+
+    pattern: str
+    weight: QuantSpec | None
+    method: Any = field(default_factory=RTN)
+    act: ActivationQuant | None = None
+    bias_correction: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise InputError(f"a rule needs a non-empty module-name pattern, got {self.pattern!r}")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as e:
+                raise InputError(f"rule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+        if isinstance(self.weight, str):
+            object.__setattr__(self, "weight", parse_spec(self.weight))
+        if isinstance(self.method, (str, dict)):
+            object.__setattr__(self, "method", make_algorithm(self.method))
+        if isinstance(self.act, (str, dict)):
+            object.__setattr__(self, "act", ActivationQuant.from_dict(self.act))
+        if not isinstance(self.bias_correction, bool):
+            raise InputError(f"rule {self.pattern!r}: bias_correction must be true or false")
+
+    def matches(self, name: str) -> bool:
+        return _match(self.pattern, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"pattern": self.pattern, "weight": None if self.weight is None else self.weight.name}
+        d["method"] = self.method.to_dict()
+        if self.act is not None:
+            d["act"] = self.act.to_dict()
+        if self.bias_correction:
+            d["bias_correction"] = True
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "rule") -> "Rule":
+        if not isinstance(d, dict):
+            raise InputError(f"{where}: expected a mapping with pattern/weight/method/act, got {d!r}")
+        unknown = set(d) - {"pattern", "weight", "method", "act", "bias_correction"}
+        if unknown:
+            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: pattern, weight, method, act, "
+                             "bias_correction")
+        if "pattern" not in d or "weight" not in d:
+            raise InputError(f"{where}: needs 'pattern' and 'weight' (use weight: null to keep modules in float)")
+        try:
+            w = d["weight"]
+            weight = None if w is None else (QuantSpec.from_dict(w) if isinstance(w, dict) else parse_spec(str(w)))
+            return cls(d["pattern"], weight, d.get("method", "rtn"), d.get("act"), d.get("bias_correction", False))
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Ordered rules plus skip patterns; see the module docstring."""
+
+    rules: tuple[Rule, ...]
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if not self.rules:
+            raise InputError("a plan needs at least one rule")
+
+    @classmethod
+    def uniform(
+        cls,
+        weight: QuantSpec | str,
+        method: Any = "rtn",
+        act: ActivationQuant | str | dict | None = None,
+        skip: tuple[str, ...] = DEFAULT_SKIP,
+        bias_correction: bool = False,
+    ) -> "QuantPlan":
+        """One format and algorithm for every quantizable module except ``skip``."""
+        return cls((Rule("*", weight, method, act, bias_correction),), tuple(skip))
+
+    @property
+    def needs_data(self) -> bool:
+        """True when ``quantize`` needs calibration data for this plan."""
+        return any(
+            (r.act is not None and not r.act.dynamic) or r.bias_correction or getattr(r.method, "needs_data", False)
+            for r in self.rules if r.weight is not None
+        )
+
+    def rule_for(self, name: str, module: Any = None) -> Rule | None:
+        """The rule that applies to module ``name`` (``module`` is needed for ``type:`` skip patterns), or
+        None if it stays float."""
+        if any(_match(p, name, module) for p in self.skip):
+            return None
+        for r in self.rules:
+            if r.matches(name):
+                return None if r.weight is None else r
+        return None
+
+    # ---- dict / YAML ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skip": list(self.skip), "rules": [r.to_dict() for r in self.rules]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "QuantPlan":
+        if not isinstance(d, dict):
+            raise InputError(f"{where}: expected a mapping with 'rules' (and optional 'skip'), got {type(d).__name__}")
+        unknown = set(d) - {"rules", "skip", "name", "description"}
+        if unknown:
+            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: rules, skip, name, description")
+        rules = d.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise InputError(f"{where}: 'rules' must be a non-empty list of rules")
+        skip = d.get("skip", list(DEFAULT_SKIP))
+        if skip is None:
+            skip = []
+        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+            raise InputError(f"{where}: 'skip' must be a list of module-name patterns")
+        return cls(tuple(Rule.from_dict(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)), tuple(skip))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "recipe") -> "QuantPlan":
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise InputError(f"{where} is not valid YAML: {e}") from None
+        return cls.from_dict(d, where)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "QuantPlan":
+        """Read a YAML recipe file."""
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"recipe file {p} does not exist")
+        return cls.from_yaml(p.read_text(encoding="utf-8"), where=f"recipe {p}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")

@@ -1,0 +1,335 @@
+"""QuantSpec: what a quantized number is.
+
+A spec names a number format (integer, FP8, FP4, NF4, ternary), its width, whether integers carry a zero
+point, how many values share one scale (the granularity) and how that scale is stored. It says nothing
+about how values are chosen (that is an algorithm) or how they are laid out in memory (that is a module in
+``lowbit.nn``).
+
+Granularity is defined on the 2-D view of a tensor: a weight of shape ``(out, in, *kernel)`` is seen as
+``(out, in * prod(kernel))``; an activation of shape ``(..., features)`` as ``(tokens, features)``.
+
+=========  =================================================================
+tensor     one scale for the whole tensor
+channel    one scale per row (per output channel of a weight)
+token      one scale per row of an activation (per token); same geometry as channel
+group      one scale per ``group_size`` consecutive elements of a row
+block      one scale per ``block_shape = (rows, cols)`` tile
+=========  =================================================================
+
+When a row's length is not a multiple of ``group_size`` the last group of each row is shorter and gets a
+scale of its own (nothing is skipped, nothing silently regrouped); ``lowbit inspect`` shows it.
+
+Specs have a compact text form used on the command line and in recipes, e.g. ``int4-g128-asym``,
+``int8`` (symmetric, per channel), ``fp8-e4m3``, ``mxfp4``, ``nvfp4``, ``nf4-g64``, ``ternary``.
+``QuantSpec.parse(spec.name) == spec`` for every spec.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from lowbit.errors import InputError
+
+FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4", "ternary")
+GRANULARITIES = ("tensor", "channel", "token", "group", "block")
+SCALE_FORMATS = ("fp32", "fp16", "bf16", "e8m0", "fp8_e4m3")
+
+# storage width in bits of one element, for the formats whose width is fixed
+_FIXED_BITS = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4, "nf4": 4, "ternary": 2}
+_SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "fp8_e4m3": 8}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A number format and its scaling granularity.
+
+    Attributes:
+        format: one of ``FORMATS``.
+        bits: element width; 2-8 for ``int``, fixed for the other formats (may be left as None).
+        symmetric: integers without zero point (codes centred on 0). Non-integer formats are always symmetric.
+        granularity: one of ``GRANULARITIES`` (see module docstring).
+        group_size: elements per scale along a row, for ``granularity="group"``.
+        block_shape: ``(rows, cols)`` per scale, for ``granularity="block"``.
+        scale_format: how scales are stored: ``fp32``, ``fp16``, ``bf16``, ``e8m0`` (power of two, as in MX)
+            or ``fp8_e4m3`` (as in NVFP4, together with one fp32 scale per tensor).
+    """
+
+    format: str = "int"
+    bits: int | None = None
+    symmetric: bool = True
+    granularity: str = "channel"
+    group_size: int | None = None
+    block_shape: tuple[int, int] | None = None
+    scale_format: str = "fp16"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise InputError(f"unknown number format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.format == "int":
+            if self.bits is None or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+                raise InputError(f"integer specs need bits in 2..8, got {self.bits!r}")
+        else:
+            fixed = _FIXED_BITS[self.format]
+            if self.bits not in (None, fixed):
+                raise InputError(f"format {self.format} has {fixed} bits, got bits={self.bits}")
+            object.__setattr__(self, "bits", fixed)
+            if not self.symmetric:
+                raise InputError(f"format {self.format} is symmetric (scale only, no zero point)")
+        if self.granularity not in GRANULARITIES:
+            raise InputError(
+                f"unknown granularity {self.granularity!r}; expected one of {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise InputError(f"granularity 'group' needs a positive group_size, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise InputError(f"group_size is only meaningful with granularity 'group' (got {self.granularity!r})")
+        if self.granularity == "block":
+            bs = self.block_shape
+            if bs is None or len(bs) != 2 or not all(isinstance(b, int) and b >= 1 for b in bs):
+                raise InputError(f"granularity 'block' needs block_shape=(rows, cols), got {bs!r}")
+            object.__setattr__(self, "block_shape", (int(bs[0]), int(bs[1])))
+        elif self.block_shape is not None:
+            raise InputError("block_shape is only meaningful with granularity 'block'")
+        if self.scale_format not in SCALE_FORMATS:
+            raise InputError(
+                f"unknown scale_format {self.scale_format!r}; expected one of {', '.join(SCALE_FORMATS)}"
+            )
+
+    # ---- derived facts -------------------------------------------------------------------------
+
+    @property
+    def has_zero_point(self) -> bool:
+        return self.format == "int" and not self.symmetric
+
+    @property
+    def has_global_scale(self) -> bool:
+        """NVFP4-style: fp8 block scales relative to one fp32 scale per tensor."""
+        return self.scale_format == "fp8_e4m3"
+
+    @property
+    def scale_bits(self) -> int:
+        return _SCALE_BITS[self.scale_format]
+
+    def block(self, rows: int, cols: int) -> tuple[int, int]:
+        """Shape ``(rows, cols)`` of the tile of a ``rows x cols`` matrix that shares one scale."""
+        if self.granularity == "tensor":
+            return (max(rows, 1), max(cols, 1))
+        if self.granularity in ("channel", "token"):
+            return (1, max(cols, 1))
+        if self.granularity == "group":
+            return (1, self.group_size)
+        return self.block_shape  # type: ignore[return-value]
+
+    # ---- text form -----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """Compact text form; ``QuantSpec.parse(spec.name) == spec``."""
+        return spec_name(self)
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantSpec":
+        return parse_spec(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["block_shape"] is not None:
+            d["block_shape"] = list(d["block_shape"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise InputError(f"unknown QuantSpec field(s) {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("block_shape") is not None:
+            d["block_shape"] = tuple(d["block_shape"])
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> "QuantSpec":
+        return replace(self, **changes)
+
+
+# ---- named presets and the compact grammar -------------------------------------------------------
+
+# Format words of the compact grammar -> the spec they start from.
+_WORDS: dict[str, QuantSpec] = {
+    "fp8-e4m3": QuantSpec("fp8_e4m3", granularity="channel", scale_format="fp32"),
+    "fp8-e5m2": QuantSpec("fp8_e5m2", granularity="channel", scale_format="fp32"),
+    "fp4-e2m1": QuantSpec("fp4_e2m1", granularity="group", group_size=32, scale_format="fp16"),
+    "mxfp8": QuantSpec("fp8_e4m3", granularity="group", group_size=32, scale_format="e8m0"),
+    "mxfp8-e5m2": QuantSpec("fp8_e5m2", granularity="group", group_size=32, scale_format="e8m0"),
+    "mxfp4": QuantSpec("fp4_e2m1", granularity="group", group_size=32, scale_format="e8m0"),
+    "nvfp4": QuantSpec("fp4_e2m1", granularity="group", group_size=16, scale_format="fp8_e4m3"),
+    "nf4": QuantSpec("nf4", granularity="group", group_size=64, scale_format="fp16"),
+    "ternary": QuantSpec("ternary", granularity="channel", scale_format="fp16"),
+}
+_ALIASES = {"fp8": "fp8-e4m3", "fp4": "fp4-e2m1"}
+
+PRESETS: dict[str, str] = {
+    "int8": "8-bit integer, symmetric, per output channel",
+    "int8-tensor": "8-bit integer, symmetric, one scale per tensor",
+    "int6": "6-bit integer, symmetric, per channel",
+    "int4-ch": "4-bit integer, symmetric, per channel",
+    "int4-g128-asym": "4-bit integer with zero point, groups of 128",
+    "int4-g64-asym": "4-bit integer with zero point, groups of 64",
+    "int4-g32-asym": "4-bit integer with zero point, groups of 32",
+    "int3-g64-asym": "3-bit integer with zero point, groups of 64",
+    "int2-g64-asym": "2-bit integer with zero point, groups of 64",
+    "ternary": "{-1, 0, +1} x per-channel scale (absmean)",
+    "fp8-e4m3": "FP8 E4M3, per-channel fp32 scale",
+    "fp8-e5m2": "FP8 E5M2, per-channel fp32 scale",
+    "mxfp8": "OCP MX: FP8 E4M3 elements, power-of-two (E8M0) scale per 32",
+    "mxfp4": "OCP MX: FP4 E2M1 elements, power-of-two (E8M0) scale per 32",
+    "nvfp4": "FP4 E2M1 elements, FP8 E4M3 scale per 16, fp32 scale per tensor",
+    "nf4": "NormalFloat-4 codebook, absmax scale per 64",
+}
+
+_INT_RE = re.compile(r"int([2-8])")
+_GROUP_RE = re.compile(r"g(\d+)")
+_BLOCK_RE = re.compile(r"b(\d+)x(\d+)")
+_SCALE_RE = re.compile(r"s(fp32|fp16|bf16|e8m0|fp8)")
+
+
+def parse_spec(text: str) -> QuantSpec:
+    """Parse the compact form: ``FORMAT[-GRANULARITY][-sym|-asym][-sSCALE]``.
+
+    FORMAT is ``int2`` .. ``int8`` or one of the words ``fp8-e4m3``, ``fp8-e5m2``, ``fp4-e2m1``, ``mxfp8``,
+    ``mxfp4``, ``nvfp4``, ``nf4``, ``ternary`` (``fp8``/``fp4`` are short for the first E4M3/E2M1 forms).
+    GRANULARITY is ``ch`` (per channel, the default for integers), ``tensor``, ``token``, ``gN`` (groups
+    of N) or ``bRxC`` (2-D blocks). Integers are symmetric unless ``asym`` is given. ``sSCALE`` picks the
+    scale storage (``sfp32``, ``sfp16``, ``sbf16``, ``se8m0``, ``sfp8``).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"empty quantization scheme {text!r}; try one of: {', '.join(PRESETS)}")
+    raw = text.strip().lower().replace("_", "-")
+    words = raw.split("-")
+    base: QuantSpec | None = None
+    rest: list[str] = []
+    m = _INT_RE.fullmatch(words[0])
+    if m:
+        base = QuantSpec("int", bits=int(m.group(1)), symmetric=True, granularity="channel")
+        rest = words[1:]
+    else:
+        for n in (2, 1):  # longest word first: 'fp8-e5m2' before 'fp8'
+            head = "-".join(words[:n])
+            head = _ALIASES.get(head, head) if n == 1 else head
+            if head in _WORDS:
+                base, rest = _WORDS[head], words[n:]
+                break
+    if base is None:
+        raise InputError(
+            f"unknown quantization scheme {text!r}: format {words[0]!r} is not one of "
+            f"int2..int8, {', '.join(_WORDS)}. Presets: {', '.join(PRESETS)}"
+        )
+    fields: dict[str, Any] = base.to_dict()
+    fields["block_shape"] = base.block_shape
+    for w in rest:
+        if w in ("ch", "channel", "tensor", "token"):
+            fields.update(granularity="channel" if w == "ch" else w, group_size=None, block_shape=None)
+        elif w in ("sym", "asym"):
+            fields["symmetric"] = w == "sym"
+        elif (g := _GROUP_RE.fullmatch(w)) is not None:
+            fields.update(granularity="group", group_size=int(g.group(1)), block_shape=None)
+        elif (b := _BLOCK_RE.fullmatch(w)) is not None:
+            fields.update(granularity="block", group_size=None, block_shape=(int(b.group(1)), int(b.group(2))))
+        elif (s := _SCALE_RE.fullmatch(w)) is not None:
+            fields["scale_format"] = "fp8_e4m3" if s.group(1) == "fp8" else s.group(1)
+        else:
+            raise InputError(
+                f"in quantization scheme {text!r}: cannot read {w!r}; expected ch, tensor, token, gN, "
+                f"bRxC, sym, asym or sSCALE (e.g. int4-g128-asym)"
+            )
+    try:
+        return QuantSpec(**fields)
+    except InputError as e:
+        raise InputError(f"in quantization scheme {text!r}: {e}") from None
+
+
+def spec_name(spec: QuantSpec) -> str:
+    """The compact text form of ``spec`` (the inverse of :func:`parse_spec`)."""
+    if spec.format == "int":
+        head = f"int{spec.bits}"
+        default_scale = "fp16"
+    else:
+        # shortest word whose defaults match this spec's element format
+        head, default_scale = _format_word(spec)
+    parts = [head]
+    base = parse_spec(head)
+    if (spec.granularity, spec.group_size, spec.block_shape) != (base.granularity, base.group_size, base.block_shape):
+        if spec.granularity == "group":
+            parts.append(f"g{spec.group_size}")
+        elif spec.granularity == "block":
+            parts.append(f"b{spec.block_shape[0]}x{spec.block_shape[1]}")  # type: ignore[index]
+        else:
+            parts.append("ch" if spec.granularity == "channel" else spec.granularity)
+    if spec.format == "int" and not spec.symmetric:
+        parts.append("asym")
+    if spec.scale_format != default_scale:
+        parts.append("s" + ("fp8" if spec.scale_format == "fp8_e4m3" else spec.scale_format))
+    return "-".join(parts)
+
+
+def _format_word(spec: QuantSpec) -> tuple[str, str]:
+    candidates = [(w, s) for w, s in _WORDS.items() if s.format == spec.format]
+    # prefer the word that already matches granularity and scale storage, so names stay short
+    for w, s in candidates:
+        if (s.granularity, s.group_size, s.scale_format) == (spec.granularity, spec.group_size, spec.scale_format):
+            return w, s.scale_format
+    for w, s in candidates:
+        if s.scale_format == spec.scale_format:
+            return w, s.scale_format
+    w, s = candidates[0]
+    return w, s.scale_format
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How a module's input activations are quantized.
+
+    Attributes:
+        spec: the number format; granularity applies to the ``(tokens, features)`` view of the input.
+        dynamic: scales computed from each input at run time (any granularity), or fixed from calibration
+            data (``dynamic=False``, per-tensor granularity only).
+        observer: for static scales, the observer that sets the range: ``minmax``, ``percentile``, ``mse``
+            or ``histogram``.
+    """
+
+    spec: QuantSpec
+    dynamic: bool = True
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, str):
+            object.__setattr__(self, "spec", parse_spec(self.spec))
+        if not self.dynamic and self.spec.granularity != "tensor":
+            raise InputError(
+                f"static activation quantization needs per-tensor granularity, got {self.spec.name}; "
+                f"use a '-tensor' scheme or dynamic: true"
+            )
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.name}:{'dynamic' if self.dynamic else 'static-' + self.observer}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.name, "dynamic": self.dynamic, "observer": self.observer}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | str) -> "ActivationQuant":
+        if isinstance(d, str):
+            return cls(parse_spec(d))
+        unknown = set(d) - {"spec", "dynamic", "observer"}
+        if unknown:
+            raise InputError(f"unknown activation field(s) {sorted(unknown)}; known: spec, dynamic, observer")
+        if "spec" not in d:
+            raise InputError("activation settings need a 'spec' (e.g. int8-tensor)")
+        spec = d["spec"] if isinstance(d["spec"], QuantSpec) else (
+            parse_spec(d["spec"]) if isinstance(d["spec"], str) else QuantSpec.from_dict(d["spec"])
+        )
+        return cls(spec, bool(d.get("dynamic", True)), str(d.get("observer", "minmax")))

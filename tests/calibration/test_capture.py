@@ -1,0 +1,161 @@
+"""Calibration capture: batching, calling the model on each batch kind, input statistics by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.calibration import Request, batches, collect_input_stats, run_model
+from lowbit.errors import InputError
+from lowbit.spec import ActivationQuant
+
+
+class TwoInputs(nn.Module):
+    """``fc(a) + gate(b)``; ``unused`` never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.fc = nn.Linear(4, 3)
+            self.gate = nn.Linear(4, 3)
+            self.unused = nn.Linear(4, 3)
+            self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.fc(a)
+        return y if b is None else y + self.gate(b)
+
+
+def test_batches_split_a_tensor_along_its_first_dim():
+    x = torch.arange(28.0).reshape(7, 4)
+    parts = list(batches(x, batch_size=3))
+    assert [p.shape[0] for p in parts] == [3, 3, 1]
+    assert torch.equal(torch.cat(parts), x)
+    assert list(batches(None)) == []
+
+
+def test_batches_pass_other_iterables_through():
+    d = {"a": torch.ones(2, 4)}
+    assert list(batches(d)) == [d]  # a mapping is one batch, not its keys
+    items = [torch.ones(1, 4), (torch.ones(1, 4), torch.zeros(1, 4))]
+    assert list(batches(items)) == items
+    gen = (torch.ones(1, 4) for _ in range(3))
+    assert len(list(batches(gen))) == 3
+
+
+def test_run_model_dispatches_on_the_batch_kind():
+    calls = []
+
+    class Spy(nn.Module):
+        def forward(self, a, b=None):
+            calls.append((a, b))
+            return a
+
+    m, a, b = Spy(), torch.ones(1), torch.zeros(1)
+    run_model(m, a)
+    run_model(m, (a, b))
+    run_model(m, [a, b])
+    run_model(m, {"a": a, "b": b})
+    run_model(m, {"a": a})
+    assert [(x is a, y is b if y is not None else None) for x, y in calls] == [
+        (True, None), (True, True), (True, True), (True, True), (True, None)]
+
+
+def _data(gen, n_batches: int = 3):
+    """Batches of different sizes and ranks: (2, 5, 4), (3, 4), (1, 2, 2, 4)."""
+    shapes = [(2, 5, 4), (3, 4), (1, 2, 2, 4)][:n_batches]
+    return [torch.randn(s, generator=gen) * (i + 1) for i, s in enumerate(shapes)]
+
+
+def test_importance_is_mean_square_per_feature(gen):
+    model = TwoInputs().eval()
+    data = _data(gen)
+    stats = collect_input_stats(model, {"fc": Request(model.fc, None, True)}, data, progress=False)
+    rows = torch.cat([x.reshape(-1, 4) for x in data])  # (10 + 3 + 4, 4)
+    s = stats["fc"]
+    assert s.n_rows == 17
+    assert s.importance.shape == (4,) and s.importance.dtype == torch.float32
+    assert torch.allclose(s.importance, (rows**2).mean(0), rtol=1e-6)
+    assert s.act_range is None
+
+
+def test_dict_and_tuple_batches_reach_the_right_modules(gen):
+    model = TwoInputs().eval()
+    a, b = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen) * 3
+    wanted = {"fc": Request(model.fc, None, True), "gate": Request(model.gate, None, True)}
+    for data in ([(a, b)], [{"a": a, "b": b}]):
+        stats = collect_input_stats(model, wanted, data, progress=False)
+        assert torch.allclose(stats["fc"].importance, (a**2).mean(0))
+        assert torch.allclose(stats["gate"].importance, (b**2).mean(0))
+        assert stats["fc"].n_rows == stats["gate"].n_rows == 6
+
+
+def test_static_activation_range_is_observed(gen):
+    model = TwoInputs().eval()
+    data = _data(gen)
+    act = ActivationQuant("int8-tensor", dynamic=False)
+    stats = collect_input_stats(model, {"fc": Request(model.fc, act, False)}, data, progress=False)
+    s = stats["fc"]
+    lo, hi = s.act_range
+    assert lo.shape == hi.shape == (1, 1)
+    allx = torch.cat([x.reshape(-1) for x in data])
+    assert torch.allclose(lo, allx.min().reshape(1, 1)) and torch.allclose(hi, allx.max().reshape(1, 1))
+    assert s.importance is None
+
+
+def test_convolution_rows_count_images(gen):
+    act = ActivationQuant("int8-tensor", dynamic=False)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1))
+    stats = collect_input_stats(model, {"0": Request(model[0], act)},
+                                [torch.randn(2, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)],
+                                progress=False)
+    assert stats["0"].n_rows == 5
+    model = nn.Sequential(nn.Conv1d(2, 3, 1))
+    stats = collect_input_stats(model, {"0": Request(model[0], act)}, [torch.randn(3, 2, 7, generator=gen)],
+                                progress=False)
+    assert stats["0"].n_rows == 3
+
+
+def test_module_never_run_is_an_error(gen):
+    model = TwoInputs().eval()
+    wanted = {"fc": Request(model.fc, None, True), "unused": Request(model.unused, None, True)}
+    with pytest.raises(InputError, match="unused never ran"):
+        collect_input_stats(model, wanted, _data(gen), progress=False)
+    assert not model.fc._forward_pre_hooks and not model.unused._forward_pre_hooks, "hooks must be removed"
+
+
+def test_empty_data_is_an_error():
+    model = TwoInputs().eval()
+    for empty in ([], iter(()), None, torch.zeros(0, 4)):
+        with pytest.raises(InputError, match="empty"):
+            collect_input_stats(model, {"fc": Request(model.fc, None, True)}, empty, progress=False)
+
+
+def test_hooks_are_removed_when_the_model_fails(gen):
+    model = TwoInputs().eval()
+    with pytest.raises(RuntimeError):
+        collect_input_stats(model, {"fc": Request(model.fc, None, True)}, [torch.randn(2, 5, generator=gen)], progress=False)
+    assert not model.fc._forward_pre_hooks
+
+
+def test_mean_per_input_channel_for_linear_and_conv(gen):
+    lin = nn.Linear(4, 3)
+    conv = nn.Conv2d(4, 2, 3, padding=1)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.conv = lin, conv
+
+        def forward(self, x):  # x: (N, 4, H, W)
+            return self.conv(x).sum() + self.lin(x.permute(0, 2, 3, 1)).sum()
+
+    data = [torch.randn(2, 4, 5, 6, generator=gen) + torch.arange(4.0)[:, None, None] for _ in range(3)]
+    stats = collect_input_stats(Two(), {"lin": Request(lin, mean=True), "conv": Request(conv, mean=True)}, data,
+                                progress=False)
+    expected = torch.cat(data).mean(dim=(0, 2, 3))  # (4,) per channel
+    assert torch.allclose(stats["conv"].mean, expected, atol=1e-6)
+    assert torch.allclose(stats["lin"].mean, expected, atol=1e-6)
+    assert stats["conv"].importance is None and stats["conv"].n_rows == 6
