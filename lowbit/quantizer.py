@@ -62,6 +62,7 @@ def quantize(
     targets = select_targets(model, plan)
     for t in targets:
         check_fits(t.name, float_weight(t.module), t.rule.weight)
+    _log_partial_groups(targets)
     stats = _calibrate(model, targets, data, progress)
     quantized: dict[str, nn.Module] = {}
     for t in tqdm(targets, desc="quantize", unit="layer", disable=not progress, leave=False):
@@ -139,9 +140,19 @@ def check_fits(name: str, weight: torch.Tensor, spec: QuantSpec) -> None:
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise InputError(f"module {name!r}: weight {tuple(weight.shape)} holds {bad} NaN/Inf value(s)")
-    if spec.granularity == "group" and cols % spec.group_size:
-        log.info("module %r: %d input elements are not a multiple of group %d; the last group of each row "
-                 "holds %d", name, cols, spec.group_size, cols % spec.group_size)
+
+
+def _log_partial_groups(targets: list[Target]) -> None:
+    """One line saying which layers end each row with a shorter group (it gets its own scale)."""
+    partial: dict[tuple[int, int], list[str]] = {}
+    for t in targets:
+        spec = t.rule.weight
+        cols = as_matrix_shape(float_weight(t.module).shape)[1]
+        if spec.granularity == "group" and cols % spec.group_size:
+            partial.setdefault((cols, spec.group_size), []).append(t.name)
+    for (cols, group), names in partial.items():
+        log.info("%d layer(s) have %d inputs, not a multiple of group %d: the last group of each row holds %d "
+                 "and has its own scale (e.g. %s)", len(names), cols, group, cols % group, names[0])
 
 
 def _calibrate(model: nn.Module, targets: list[Target], data: Any, progress: bool) -> dict:

@@ -119,7 +119,9 @@ def collect_input_stats(
     n_batches = 0
     try:
         with torch.inference_mode():
-            for b in tqdm(batches(data), desc="calibrate", unit="batch", disable=not progress, leave=False):
+            total = len(data) if isinstance(data, (list, tuple)) else (
+                -(-data.shape[0] // 8) if isinstance(data, torch.Tensor) else None)
+            for b in tqdm(batches(data), total=total, desc="calibrate", unit="batch", disable=not progress, leave=False):
                 run_model(model, b)
                 n_batches += 1
     finally:
