@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--act", help="activation format, e.g. int8-token (dynamic)")
     q.add_argument("--bias-correction", action="store_true", help="correct each layer's output mean shift "
                    "(uses calibration data)")
-    q.add_argument("--calib-samples", type=int, default=None, help="calibration samples when the plan needs "
+    q.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration samples when the plan needs "
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
     q.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float "
@@ -61,9 +62,10 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model or a saved quantized folder")
     e.add_argument("target", help="a model (as for quantize) or a folder written by `lowbit quantize`")
-    e.add_argument("--tokens", type=int, default=16384, help="perplexity token budget (default 16384)")
-    e.add_argument("--window", type=int, default=1024, help="perplexity window (default 1024)")
-    e.add_argument("--views", type=int, default=None, help="image views for classifiers (default: all)")
+    e.add_argument("--tokens", type=_positive_int, default=16384, help="perplexity token budget (default 16384)")
+    e.add_argument("--window", type=_positive_int, default=None,
+                   help="perplexity window (default: 1024, or less if the model's context or --tokens is shorter)")
+    e.add_argument("--views", type=_positive_int, default=None, help="image views for classifiers (default: all)")
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer table of a saved quantized folder")
@@ -77,10 +79,25 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="float vs 4-bit perplexity, size and bits/weight on SmolLM2-135M")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--scheme", default="int4-g128-asym")
-    d.add_argument("--tokens", type=int, default=16384)
+    d.add_argument("--tokens", type=_positive_int, default=16384)
     d.add_argument("--out", default=None, help="keep the quantized folder here (default: a temp folder)")
     d.set_defaults(func=_cmd_demo)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _progress() -> bool:
+    """Progress bars only on a terminal: redirected to a log file they are thousands of carriage returns."""
+    return sys.stderr.isatty()
 
 
 # ---- commands --------------------------------------------------------------------------------------------
@@ -89,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_quantize(a: argparse.Namespace) -> int:
     from lowbit import QuantPlan, load_model, quantize, save
     from lowbit.evaluation import model_size
+    from lowbit.io.save import _check_destination
     from lowbit.plan import DEFAULT_SKIP
 
     if a.recipe:
@@ -97,6 +115,8 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         method = {"name": a.method, "clip_search": True} if a.clip_search else a.method
         skip = DEFAULT_SKIP if a.skip is None else tuple(a.skip)
         plan = QuantPlan.uniform(a.scheme or "int8", method, a.act, skip, a.bias_correction)
+    # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
+    _check_destination(Path(os.path.abspath(Path(a.out).expanduser())), a.overwrite)
     lm = load_model(a.model)
     data = None
     if plan.needs_data:
@@ -105,7 +125,7 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, seed=a.seed)
         print(f"calibration set: {tuple(data.shape)} (seed {a.seed})")
     t0 = time.perf_counter()
-    quantize(lm.model, plan, data)
+    quantize(lm.model, plan, data, progress=_progress())
     dt = time.perf_counter() - t0
     out = save(lm.model, a.out, source=lm.source, plan=plan, overwrite=a.overwrite)
     print(f"quantized {lm.name} in {dt:.1f} s -> {out}")
@@ -119,11 +139,15 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     target, ref, kind, tokenizer, name = _load_target(a.target)
     print(f"{name}: {model_size(target).describe()}")
     if kind == "causal-lm":
-        from lowbit.evaluation import PerplexityProtocol, perplexity
+        from lowbit.demo import fitting_protocol
+        from lowbit.evaluation import perplexity
 
-        proto = PerplexityProtocol(max_tokens=a.tokens, window=a.window)
+        if tokenizer is None:
+            raise InputError(f"{name}: no tokenizer found (a Hugging Face folder needs its tokenizer files next to "
+                             f"config.json); perplexity needs one")
+        proto = fitting_protocol(target, a.tokens, a.window)
         print(f"protocol: {proto.describe()}")
-        r = perplexity(target, tokenizer, proto)
+        r = perplexity(target, tokenizer, proto, progress=_progress())
         print(f"perplexity {r.ppl:.3f} over {r.n_tokens} tokens ({r.seconds:.0f} s)")
     else:
         from lowbit.data import imagenet_views
@@ -135,7 +159,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         images = imagenet_views()
         if a.views:
             images = images[: a.views]
-        r = classifier_agreement(ref, target, images)
+        r = classifier_agreement(ref, target, images, progress=_progress())
         print(f"vs float over {r.n_images} views: top-1 agreement {100 * r.top1:.2f}%, "
               f"top-5 {100 * r.top5:.2f}%, KL {r.kl:.5f} nats")
     return 0
@@ -196,7 +220,7 @@ def _cmd_schemes(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from lowbit.demo import run_demo
 
-    return run_demo(a.model, a.scheme, a.tokens, a.out)
+    return run_demo(a.model, a.scheme, a.tokens, a.out, progress=_progress())
 
 
 if __name__ == "__main__":

@@ -12,31 +12,40 @@ import tempfile
 import time
 from pathlib import Path
 
+from torch import nn
+
+from lowbit.errors import InputError
 from lowbit.evaluation import PerplexityProtocol, artifact_size, model_size, perplexity
 from lowbit.io import load, save
 from lowbit.models import load_model
+from lowbit.nn.convert import float_weight
 from lowbit.plan import QuantPlan
-from lowbit.quantizer import quantize
+from lowbit.quantizer import check_fits, quantize, select_targets
 
 log = logging.getLogger(__name__)
 
 
-def run_demo(model_name: str, scheme: str, tokens: int, out: str | None) -> int:
-    protocol = PerplexityProtocol(max_tokens=tokens)
+def run_demo(model_name: str, scheme: str, tokens: int, out: str | None, progress: bool = True) -> int:
     plan = QuantPlan.uniform(scheme)
     print(f"lowbit demo: {model_name}, weights {plan.rules[0].weight.name} ({plan.rules[0].method.name}), "
           f"float: {', '.join(plan.skip)}")
-    print(f"protocol: {protocol.describe()}")
 
     t = time.perf_counter()
     lm = load_model(model_name)
     print(f"loaded {lm.name} in {time.perf_counter() - t:.0f} s")
+    if lm.kind != "causal-lm":
+        raise InputError(f"the demo measures perplexity and needs a language model; {model_name!r} is an "
+                         f"{lm.kind} (use `lowbit quantize` and `lowbit eval` for it)")
+    for target in select_targets(lm.model, plan):  # a spec that does not fit fails now, not after the float run
+        check_fits(target.name, float_weight(target.module), target.rule.weight)
+    protocol = fitting_protocol(lm.model, tokens)  # the model's context may be shorter than 1024
+    print(f"protocol: {protocol.describe()}")
     float_size = model_size(lm.model)
-    ref = perplexity(lm.model, lm.tokenizer, protocol)
+    ref = perplexity(lm.model, lm.tokenizer, protocol, progress=progress)
     print(f"float perplexity {ref.ppl:.3f} ({ref.seconds:.0f} s)")
 
     t = time.perf_counter()
-    quantize(lm.model, plan)
+    quantize(lm.model, plan, progress=progress)
     t_quant = time.perf_counter() - t
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         path = Path(out) if out else Path(tmp) / "quantized"
@@ -46,7 +55,7 @@ def run_demo(model_name: str, scheme: str, tokens: int, out: str | None) -> int:
         del lm
         qmodel = load(path)  # evaluate what was written, not what is in memory
         q_size = model_size(qmodel)
-        qres = perplexity(qmodel, tokenizer, protocol)
+        qres = perplexity(qmodel, tokenizer, protocol, progress=progress)
 
     rows = [
         ("float (fp32)", ref.ppl, float_size.total_bytes, 32.0, None),
@@ -61,3 +70,21 @@ def run_demo(model_name: str, scheme: str, tokens: int, out: str | None) -> int:
           f"{q_size.quantized_bytes / 1e6:.1f} MB ({q_size.bits_per_quantized_weight:.3f} bits each, scales and "
           f"zero points included); float parts: {q_size.float_bytes / 1e6:.1f} MB; quantization took {t_quant:.1f} s")
     return 0
+
+
+def fitting_protocol(model: nn.Module, tokens: int, window: int | None = None) -> PerplexityProtocol:
+    """The perplexity protocol for ``tokens`` corpus tokens with windows that fit ``model``.
+
+    ``window=None`` takes 1024 tokens, or fewer when the token budget or the model's context (its config's
+    ``max_position_embeddings``, when it has one) is shorter. An explicit ``window`` longer than the context
+    is an InputError: positions past it do not exist in models with learned position embeddings (GPT-2, OPT).
+    """
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    context = context if isinstance(context, int) and context >= 2 else None
+    if window is None:
+        window = min(1024, tokens, context or 1024)
+    elif context is not None and window > context:
+        raise InputError(f"window {window} is longer than the model's context of {context} positions; "
+                         f"use a window <= {context}")
+    return PerplexityProtocol(max_tokens=tokens, window=window)

@@ -193,3 +193,13 @@ def test_errors_in_a_file_name_the_file(tmp_path):
         QuantPlan.load(tmp_path / "missing.yaml")
     with pytest.raises(InputError, match="does not exist"):
         QuantPlan.load(tmp_path)  # a directory is not a recipe
+
+
+def test_bundled_recipes_parse_and_round_trip():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert recipes, "the repository ships example recipes"
+    for path in recipes:
+        plan = QuantPlan.load(path)
+        assert QuantPlan.from_yaml(plan.to_yaml()) == plan

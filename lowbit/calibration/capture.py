@@ -56,7 +56,10 @@ class InputStats:
     mean: torch.Tensor | None = None
 
 
-def batches(data: Any, batch_size: int = 8) -> Iterator[Any]:
+BATCH_SIZE = 8  # rows per batch when calibration data is one tensor
+
+
+def batches(data: Any, batch_size: int = BATCH_SIZE) -> Iterator[Any]:
     """Iterate over calibration batches (see module docstring)."""
     if data is None:
         return iter(())
@@ -120,7 +123,7 @@ def collect_input_stats(
     try:
         with torch.inference_mode():
             total = len(data) if isinstance(data, (list, tuple)) else (
-                -(-data.shape[0] // 8) if isinstance(data, torch.Tensor) else None)
+                -(-data.shape[0] // BATCH_SIZE) if isinstance(data, torch.Tensor) else None)
             for b in tqdm(batches(data), total=total, desc="calibrate", unit="batch", disable=not progress, leave=False):
                 run_model(model, b)
                 n_batches += 1

@@ -1,0 +1,132 @@
+"""End to end on the real bundled models: quantize -> save -> load from disk -> measure. Marked ``e2e``.
+
+Few and quick (about 75 s on 2 otherwise idle cores). The bounds sit below measured values with margin:
+
+* EfficientNet-Lite0, int8 per channel, 220 evaluation views: bias correction (64 calibration views) 98.6% top-1
+  agreement, KL 0.0020 nats; plain round-to-nearest 93.2%.
+* SmolLM2-135M, int4-g128-asym round-to-nearest, Wikipedia, first 2,048 tokens in 512-token windows: perplexity
+  21.76 float -> 28.22 (1.30x); linear weights at 4.203 bits (an fp16 scale and a uint8 zero point per group of
+  128, plus the shorter last group of each 576-wide row); the folder is 0.31x the fp32 state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import QuantPlan
+from lowbit.cli import main
+from lowbit.evaluation import PerplexityProtocol, artifact_size, classifier_agreement, classifier_logits
+from lowbit.evaluation import model_size, perplexity
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True, scope="module")
+def two_threads():
+    """tests/conftest.py pins one intra-op thread for the unit tests; these run real models, so they take two
+    (unless OMP_NUM_THREADS says otherwise: on a CPU shared with other jobs one thread can be faster)."""
+    before = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- EfficientNet-Lite0 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def effnet_views() -> tuple[torch.Tensor, torch.Tensor]:
+    """(the 220 evaluation views, the float model's logits on them): the float model runs once."""
+    from lowbit.data import imagenet_views
+
+    images = imagenet_views()  # (220, 3, 224, 224)
+    return images, classifier_logits(lowbit.load_model("efficientnet-lite0").model, images, progress=False)
+
+
+def _effnet_int8_agreement(plan: QuantPlan, data, views, tmp_path):
+    images, ref_logits = views
+    lm = lowbit.load_model("efficientnet-lite0")
+    lowbit.quantize(lm.model, plan, data, progress=False)
+    path = lowbit.save(lm.model, tmp_path / "effnet-w8", source=lm.source, plan=plan)
+    del lm
+    loaded = lowbit.load(path)  # measure what was written
+    return classifier_agreement(ref_logits, loaded, images, progress=False)
+
+
+def test_efficientnet_int8_bias_correction_agrees_with_float(effnet_views, tmp_path):
+    from lowbit.data import calibration_views
+
+    plan = QuantPlan.uniform("int8", bias_correction=True)
+    r = _effnet_int8_agreement(plan, calibration_views(64), effnet_views, tmp_path)
+    assert r.n_images == 220
+    assert r.top1 >= 0.98, r.describe()  # measured 98.64%
+    assert r.kl < 0.005, r.describe()  # measured 0.0020
+
+
+def test_efficientnet_int8_round_to_nearest_agrees_with_float(effnet_views, tmp_path):
+    r = _effnet_int8_agreement(QuantPlan.uniform("int8"), None, effnet_views, tmp_path)
+    assert r.top1 >= 0.90, r.describe()  # measured 93.18%
+
+
+def test_cli_quantize_and_inspect_efficientnet(capsys, tmp_path):
+    out = tmp_path / "effnet-w8"
+    assert main(["quantize", "efficientnet-lite0", "--scheme", "int8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "bits/weight" in printed
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if re.match(r"\S+\s+Quant(Conv2d|Linear)\s", line)]
+    manifest = lowbit.io.read_manifest(out)
+    assert len(rows) == len(manifest["layers"]) == 50  # all 49 convolutions and the classifier
+    assert {r[1] for r in rows} == {"QuantConv2d", "QuantLinear"} and {r[3] for r in rows} == {"int8"}
+    sqnr = [float(r[5]) for r in rows]
+    assert min(sqnr) > 25.0 and sorted(sqnr)[len(sqnr) // 2] > 35.0  # int8 per channel: ~40 dB typical
+
+
+# ---- SmolLM2-135M ------------------------------------------------------------------------------------------------
+
+
+PROTOCOL = PerplexityProtocol(max_tokens=2048, window=512)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M in float, loaded once (about 20 s)."""
+    return lowbit.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def smollm2_w4(smollm2, tmp_path_factory):
+    """Float perplexity, then int4-g128-asym RTN -> save -> load -> perplexity of the loaded model."""
+    lm = smollm2
+    float_bytes = model_size(lm.model).total_bytes  # fp32 state, the tied embedding / lm_head once
+    ppl_float = perplexity(lm.model, lm.tokenizer, PROTOCOL, progress=False).ppl
+    plan = QuantPlan.uniform("int4-g128-asym")
+    lowbit.quantize(lm.model, plan, progress=False)  # changes the shared model: it is float no more
+    path = lowbit.save(lm.model, tmp_path_factory.mktemp("smollm2") / "w4", source=lm.source, plan=plan)
+    loaded = lowbit.load(path)
+    ppl_q = perplexity(loaded, lm.tokenizer, PROTOCOL, progress=False).ppl
+    return {"path": path, "loaded": loaded, "float_bytes": float_bytes, "ppl_float": ppl_float, "ppl_q": ppl_q}
+
+
+def test_smollm2_int4_perplexity(smollm2_w4):
+    ppl_float, ppl_q = smollm2_w4["ppl_float"], smollm2_w4["ppl_q"]
+    assert 5.0 < ppl_float < 100.0, ppl_float
+    assert torch.isfinite(torch.tensor(ppl_q))
+    assert ppl_float < ppl_q < 1.6 * ppl_float, (ppl_float, ppl_q)
+
+
+def test_smollm2_int4_size(smollm2_w4):
+    size = model_size(smollm2_w4["loaded"])
+    assert size.quantized_layers == 30 * 7  # every projection of the 30 blocks; lm_head and embedding stay float
+    assert 4.1 < size.bits_per_quantized_weight < 4.3, size.describe()
+    manifest = lowbit.io.read_manifest(smollm2_w4["path"])
+    assert manifest["size"]["bits_per_quantized_weight"] == pytest.approx(size.bits_per_quantized_weight)
+    on_disk = artifact_size(smollm2_w4["path"])
+    assert on_disk < 0.6 * smollm2_w4["float_bytes"], (on_disk, smollm2_w4["float_bytes"])
