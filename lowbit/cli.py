@@ -23,9 +23,14 @@ log = logging.getLogger("lowbit")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if args.command != "schemes" else
-                        logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its usage message
+        return int(e.code or 0)
+    # the demo prints its own steps; other commands report progress through INFO logging
+    quiet = args.command in ("schemes", "demo")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except LowbitError as e:
@@ -106,17 +111,23 @@ def _progress() -> bool:
 def _cmd_quantize(a: argparse.Namespace) -> int:
     from lowbit import QuantPlan, load_model, quantize, save
     from lowbit.evaluation import model_size
-    from lowbit.io.save import _check_destination
+    from lowbit.io import check_destination
     from lowbit.plan import DEFAULT_SKIP
 
     if a.recipe:
+        given = [f for f, v in (("--method", a.method != "rtn"), ("--clip-search", a.clip_search), ("--act", a.act),
+                                ("--bias-correction", a.bias_correction), ("--skip", a.skip is not None)) if v]
+        if given:
+            raise InputError(f"{', '.join(given)} cannot be combined with --recipe; put those settings in the recipe")
         plan = QuantPlan.load(a.recipe)
+    elif not a.scheme:
+        raise InputError("give a weight format with --scheme (e.g. int4-g128-asym; see `lowbit schemes`) or --recipe")
     else:
         method = {"name": a.method, "clip_search": True} if a.clip_search else a.method
         skip = DEFAULT_SKIP if a.skip is None else tuple(a.skip)
-        plan = QuantPlan.uniform(a.scheme or "int8", method, a.act, skip, a.bias_correction)
+        plan = QuantPlan.uniform(a.scheme, method, a.act, skip, a.bias_correction)
     # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
-    _check_destination(Path(os.path.abspath(Path(a.out).expanduser())), a.overwrite)
+    check_destination(Path(os.path.abspath(Path(a.out).expanduser())), a.overwrite)
     lm = load_model(a.model)
     data = None
     if plan.needs_data:

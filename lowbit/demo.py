@@ -31,6 +31,7 @@ def run_demo(model_name: str, scheme: str, tokens: int, out: str | None, progres
           f"float: {', '.join(plan.skip)}")
 
     t = time.perf_counter()
+    print("loading the model ...", flush=True)
     lm = load_model(model_name)
     print(f"loaded {lm.name} in {time.perf_counter() - t:.0f} s")
     if lm.kind != "causal-lm":
@@ -41,15 +42,18 @@ def run_demo(model_name: str, scheme: str, tokens: int, out: str | None, progres
     protocol = fitting_protocol(lm.model, tokens)  # the model's context may be shorter than 1024
     print(f"protocol: {protocol.describe()}")
     float_size = model_size(lm.model)
+    print("measuring float perplexity ...", flush=True)
     ref = perplexity(lm.model, lm.tokenizer, protocol, progress=progress)
     print(f"float perplexity {ref.ppl:.3f} ({ref.seconds:.0f} s)")
 
     t = time.perf_counter()
     quantize(lm.model, plan, progress=progress)
     t_quant = time.perf_counter() - t
+    print(f"quantized in {t_quant:.1f} s; saving, "
+          "loading back from disk and measuring the quantized model ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         path = Path(out) if out else Path(tmp) / "quantized"
-        save(lm.model, path, source=lm.source, plan=plan, overwrite=out is not None)
+        save(lm.model, path, source=lm.source, plan=plan)
         disk = artifact_size(path)
         tokenizer = lm.tokenizer
         del lm

@@ -163,6 +163,8 @@ class QuantPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "QuantPlan":
+        if d is None:
+            raise InputError(f"{where} is empty; it needs 'rules' (see lowbit.plan for an example)")
         if not isinstance(d, dict):
             raise InputError(f"{where}: expected a mapping with 'rules' (and optional 'skip'), got {type(d).__name__}")
         unknown = set(d) - {"rules", "skip", "name", "description"}
@@ -186,7 +188,9 @@ class QuantPlan:
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise InputError(f"{where} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise InputError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         return cls.from_dict(d, where)
 
     @classmethod

@@ -32,6 +32,8 @@ from typing import Any
 
 from lowbit.errors import InputError
 
+# names of lowbit.observers.OBSERVERS, checked when a spec is read (a test keeps the two in step)
+OBSERVER_NAMES = ("minmax", "percentile", "mse", "histogram")
 FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4", "ternary")
 GRANULARITIES = ("tensor", "channel", "token", "group", "block")
 SCALE_FORMATS = ("fp32", "fp16", "bf16", "e8m0", "fp8_e4m3")
@@ -307,6 +309,10 @@ class ActivationQuant:
     def __post_init__(self) -> None:
         if isinstance(self.spec, str):
             object.__setattr__(self, "spec", parse_spec(self.spec))
+        if not isinstance(self.dynamic, bool):
+            raise InputError(f"activation 'dynamic' must be true or false, got {self.dynamic!r}")
+        if self.observer not in OBSERVER_NAMES:
+            raise InputError(f"unknown activation observer {self.observer!r}; known: {', '.join(OBSERVER_NAMES)}")
         if not self.dynamic and self.spec.granularity != "tensor":
             raise InputError(
                 f"static activation quantization needs per-tensor granularity, got {self.spec.name}; "
@@ -332,4 +338,4 @@ class ActivationQuant:
         spec = d["spec"] if isinstance(d["spec"], QuantSpec) else (
             parse_spec(d["spec"]) if isinstance(d["spec"], str) else QuantSpec.from_dict(d["spec"])
         )
-        return cls(spec, bool(d.get("dynamic", True)), str(d.get("observer", "minmax")))
+        return cls(spec, d.get("dynamic", True), d.get("observer", "minmax"))

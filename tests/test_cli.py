@@ -281,3 +281,14 @@ def test_cli_leaves_torch_settings_alone(capsys, gpt2_w4):
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     run(capsys, "inspect", gpt2_w4[0], "--no-reference")
     assert (torch.get_num_threads(), torch.is_grad_enabled()) == (threads, grad)
+
+
+def test_recipe_cannot_be_mixed_with_inline_settings_and_a_format_is_required(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rules:\n  - {pattern: '*', weight: int8}\n")
+    capsys.readouterr()
+    assert main(["quantize", "tiny-cnn", "--recipe", str(recipe), "--bias-correction", "--out", str(tmp_path / "o")]) == 2
+    assert "--bias-correction cannot be combined with --recipe" in capsys.readouterr().err
+    assert main(["quantize", "tiny-cnn", "--out", str(tmp_path / "o")]) == 2
+    assert "--scheme" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

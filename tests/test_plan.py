@@ -155,7 +155,7 @@ def test_hand_written_recipe(tmp_path):
     [
         ("- pattern: '*'\n  weight: int8\n", ["recipe", "mapping", "list"]),
         ("int8\n", ["recipe", "mapping"]),
-        ("", ["recipe", "mapping"]),
+        ("", ["recipe", "empty", "rules"]),
         ("skip: [lm_head]\n", ["'rules'", "non-empty list"]),
         ("rules: []\n", ["'rules'"]),
         ("rules: {pattern: '*', weight: int8}\n", ["'rules'", "list"]),

@@ -19,10 +19,12 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
     Returns: LongTensor ``(n, seq_len)`` of token ids (default n = 128) or FloatTensor ``(n, 3, 224, 224)``
     of preprocessed images (default n = 64).
     """
+    if n is not None and n < 1:
+        raise InputError(f"the calibration set needs at least one sample, got n={n}")
     if kind == "causal-lm":
         if tokenizer is None:
             raise InputError("a language model's calibration set needs its tokenizer")
-        return calibration_batches(tokenizer, n or 128, seq_len, seed=seed, corpus="news")
+        return calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed, corpus="news")
     if kind == "image-classifier":
-        return calibration_views(n or 64, seed=seed)
+        return calibration_views(64 if n is None else n, seed=seed)
     raise InputError(f"no default calibration set for models of kind {kind!r}; pass data to quantize() yourself")

@@ -70,7 +70,7 @@ def save(
     if not isinstance(model, nn.Module):
         raise InputError(f"save() needs an nn.Module, got {type(model).__name__}")
     dest = Path(os.path.abspath(Path(path).expanduser()))
-    _check_destination(dest, overwrite)
+    check_destination(dest, overwrite)
     canonical, tied = distinct_tensors(state_tensors(model))
     manifest = _manifest(model, tied, source, plan, extra)
     tensors = _tensors(canonical)
@@ -123,7 +123,7 @@ def _tensors(canonical: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return for_safetensors(canonical)
 
 
-def _check_destination(dest: Path, overwrite: bool) -> None:
+def check_destination(dest: Path, overwrite: bool) -> None:
     """Raise InputError unless ``dest`` may be written (see the module docstring)."""
     if dest.is_symlink():
         raise InputError(f"{dest} is a symbolic link; pass the folder it points to, or a new path")

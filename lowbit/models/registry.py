@@ -121,7 +121,8 @@ def load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedMode
         name = path.name
     if hasattr(model, "config") and hasattr(model.config, "to_dict") and src["type"] != "bundled":
         src["config"] = model.config.to_dict()
-    log.info("loaded %s in %.1f s (tied lm_head: %s)", name, time.perf_counter() - start, hf.is_tied(model))
+    tied = f" (lm_head tied to the input embedding: {hf.is_tied(model)})" if kind == "causal-lm" else ""
+    log.info("loaded %s in %.1f s%s", name, time.perf_counter() - start, tied)
     return LoadedModel(model=model, kind=kind, source=src, tokenizer=tokenizer, name=name)
 
 

@@ -160,3 +160,10 @@ def test_registry_names_and_errors():
     assert make_observer("percentile", spec, percentile=99.9).percentile == 99.9
     with pytest.raises(InputError, match="QuantSpec"):
         make_observer("minmax", "int8-tensor")  # type: ignore[arg-type]
+
+
+def test_spec_knows_every_registered_observer_name():
+    from lowbit.observers import OBSERVERS
+    from lowbit.spec import OBSERVER_NAMES
+
+    assert set(OBSERVER_NAMES) == set(OBSERVERS)
