@@ -16,11 +16,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.bias_correction import bias_correction
+from lowbit.algorithms.gptq import gptq
 from lowbit.algorithms.rtn import rtn
 from lowbit.calibration import Request, collect_input_stats
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, as_matrix_shape
-from lowbit.nn.convert import SUPPORTED, float_weight, is_quantizable, to_quantized, unsupported_subclass
+from lowbit.nn.convert import SUPPORTED, float_weight, is_quantizable, is_linear_like as _is_linear_like, to_quantized, unsupported_subclass
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
 
@@ -68,7 +69,7 @@ def quantize(
     for t in tqdm(targets, desc="quantize", unit="layer", disable=not progress, leave=False):
         s = stats.get(t.name)
         try:
-            q = quantize_weight(float_weight(t.module), t.rule, None if s is None else s.importance)
+            q = quantize_weight(float_weight(t.module), t.rule, s)
         except InputError as e:
             raise InputError(f"module {t.name!r}: {e}") from None
         qm = to_quantized(t.module, q, t.rule.act)
@@ -85,11 +86,14 @@ def quantize(
     return model
 
 
-def quantize_weight(weight: torch.Tensor, rule: Rule, importance: torch.Tensor | None = None) -> QuantizedTensor:
-    """Run ``rule``'s algorithm on one weight (lowbit layout, see ``float_weight``)."""
+def quantize_weight(weight: torch.Tensor, rule: Rule, stats: Any = None) -> QuantizedTensor:
+    """Run ``rule``'s algorithm on one weight (lowbit layout, see ``float_weight``) with its input statistics."""
     method = rule.method
     if method.name == "rtn":
-        return rtn(weight, rule.weight, method, importance if getattr(method, "weighted", False) else None)
+        weighted = getattr(method, "weighted", False)
+        return rtn(weight, rule.weight, method, stats.importance if weighted else None)
+    if method.name == "gptq":
+        return gptq(weight, stats.hessian, rule.weight, method)
     raise InputError(f"algorithm {method.name!r} cannot run inside quantize() yet")
 
 
@@ -159,14 +163,16 @@ def _calibrate(model: nn.Module, targets: list[Target], data: Any, progress: boo
     wanted = {}
     for t in targets:
         static_act = t.rule.act if t.rule.act is not None and not t.rule.act.dynamic else None
-        weighted = bool(getattr(t.rule.method, "needs_data", False))
-        if weighted and not isinstance(t.module, nn.Linear):
-            raise InputError(f"module {t.name!r}: activation-weighted {t.rule.method.name} needs a nn.Linear, "
+        method = t.rule.method.name
+        hessian = method == "gptq"
+        weighted = method == "rtn" and bool(getattr(t.rule.method, "needs_data", False))
+        if (weighted or hessian) and not _is_linear_like(t.module):
+            raise InputError(f"module {t.name!r}: data-aware {t.rule.method.name} needs a linear layer, "
                              f"got {type(t.module).__name__}")
         if t.rule.bias_correction and isinstance(t.module, nn.Embedding):
             raise InputError(f"module {t.name!r}: bias correction does not apply to an embedding")
-        if static_act is not None or weighted or t.rule.bias_correction:
-            wanted[t.name] = Request(t.module, static_act, weighted, t.rule.bias_correction)
+        if static_act is not None or weighted or hessian or t.rule.bias_correction:
+            wanted[t.name] = Request(t.module, static_act, weighted, t.rule.bias_correction, hessian)
     if not wanted:
         return {}
     if data is None:

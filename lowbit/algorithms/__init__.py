@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from lowbit.algorithms.clip_search import mse_clip_search
+from lowbit.algorithms.gptq import GPTQ, gptq
 from lowbit.algorithms.rtn import RTN, rtn
 from lowbit.errors import InputError
 
 # name -> config class
 ALGORITHMS: dict[str, type] = {
     "rtn": RTN,
+    "gptq": GPTQ,
 }
 
 
@@ -43,4 +45,4 @@ def _config_class(name: Any) -> type:
     return ALGORITHMS[key]
 
 
-__all__ = ["ALGORITHMS", "RTN", "make_algorithm", "mse_clip_search", "rtn"]
+__all__ = ["ALGORITHMS", "GPTQ", "gptq", "RTN", "make_algorithm", "mse_clip_search", "rtn"]

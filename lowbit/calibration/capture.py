@@ -31,12 +31,14 @@ class Request:
         act: static activation quantization whose range to calibrate, or None.
         importance: accumulate ``mean(x**2)`` per input feature (linears).
         mean: accumulate ``mean(x)`` per input channel (the feature dim of a linear, dim 1 of a conv).
+        hessian: accumulate ``X^T X / n`` over input vectors (linears; GPTQ's ``H`` up to a factor 2).
     """
 
     module: nn.Module
     act: ActivationQuant | None = None
     importance: bool = False
     mean: bool = False
+    hessian: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,14 @@ class InputStats:
         importance: float32 ``(in_features,)`` mean of ``x**2`` per input feature (linears), or None.
         mean: float32 ``(in_channels,)`` mean of ``x`` per input channel, or None.
         n_rows: number of input rows (tokens, or images for convolutions) seen.
+        hessian: float32 ``(in_features, in_features)`` ``X^T X / n_rows`` (linears), or None.
     """
 
     act_range: tuple[torch.Tensor, torch.Tensor] | None
     importance: torch.Tensor | None
     n_rows: int
     mean: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
 
 
 BATCH_SIZE = 8  # rows per batch when calibration data is one tensor
@@ -112,6 +116,8 @@ def collect_input_stats(
             rows[name] += x.shape[0] if is_conv else x2.shape[0]
             if req.importance:
                 add((name, "sumsq"), x2.pow(2).sum(0))
+            if req.hessian:
+                add((name, "xtx"), x2.t() @ x2)  # (in, in)
             if req.mean:
                 xc = x.float().transpose(0, 1).reshape(x.shape[1], -1) if is_conv else x2.t()  # (channels, n)
                 add((name, "sum"), xc.sum(1))
@@ -144,6 +150,7 @@ def collect_input_stats(
             rng = (r.lo, r.hi)
         imp = sums[(n, "sumsq")] / rows[n] if (n, "sumsq") in sums else None
         mean = sums[(n, "sum")] / mean_count[n] if (n, "sum") in sums else None
-        out[n] = InputStats(rng, imp, rows[n], mean)
+        hess = sums[(n, "xtx")] / rows[n] if (n, "xtx") in sums else None
+        out[n] = InputStats(rng, imp, rows[n], mean, hess)
     log.info("calibrated %d module(s) on %d batch(es)", len(out), n_batches)
     return out

@@ -62,6 +62,11 @@ def _has_static_padding(m: nn.Module) -> bool:
     return isinstance(pad, nn.ZeroPad2d) or isinstance(pad, nn.Identity) or type(pad).__name__ == "Identity"
 
 
+def is_linear_like(m: nn.Module) -> bool:
+    """A linear map of the last dimension: ``nn.Linear`` (and plain subclasses) or transformers' ``Conv1D``."""
+    return _is_hf_conv1d(m) or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
+
+
 def is_quantizable(m: nn.Module) -> bool:
     """True for the module kinds lowbit can replace by a quantized module."""
     if _is_hf_conv1d(m):

@@ -70,7 +70,7 @@ def test_config_round_trips(cfg):
 
 
 def test_registry():
-    assert ALGORITHMS == {"rtn": RTN}
+    assert set(ALGORITHMS) == {"rtn", "gptq"} and ALGORITHMS["rtn"] is RTN
     for name, cls in ALGORITHMS.items():
         assert cls.name == name
         assert isinstance(cls().needs_data, bool)
@@ -79,8 +79,8 @@ def test_registry():
     assert make_algorithm({"name": "rtn", "clip_search": True}) == RTN(clip_search=True)
     cfg = RTN(grid=7)
     assert make_algorithm(cfg) is cfg
-    with pytest.raises(InputError, match="unknown algorithm 'gptq'; known: rtn"):
-        make_algorithm("gptq")
+    with pytest.raises(InputError, match="unknown algorithm 'gptqq'; known: rtn, gptq"):
+        make_algorithm("gptqq")
     with pytest.raises(InputError, match="need a 'name'"):
         make_algorithm({"clip_search": True})
     with pytest.raises(InputError, match="unknown setting"):

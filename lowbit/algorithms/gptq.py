@@ -1,0 +1,142 @@
+"""GPTQ: quantize a weight column by column, compensating each column's error on the columns not yet done.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", ICLR 2023,
+Algorithm 1. With ``H = X^T X`` (``X``: the layer's inputs, one row per token), GPTQ minimises
+``||(W - Q) X^T||^2`` greedily: after rounding column ``j`` the error ``err = (w_j - q_j) / Hinv[j, j]`` is
+spread over the remaining columns through the upper Cholesky factor of ``H^-1``. Columns are processed in
+blocks ("lazy batch updates") so the big update is one matrix product per block.
+
+Options follow the paper and its reference implementation: dampening ``percdamp * mean(diag H)``, act-order
+(columns by decreasing ``diag H``) with static groups (every group's range fixed from the original weight,
+so groups stay contiguous in the stored layout), any group size, any lowbit format whose scales do not
+depend on the whole tensor (everything except fp8-scaled NVFP4-style specs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from lowbit.errors import InputError
+from lowbit.formats import QuantizedTensor, default_range, quantize
+from lowbit.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ settings.
+
+    Attributes:
+        percdamp: dampening added to ``diag(H)``, as a fraction of its mean.
+        block_size: columns per lazy batch update.
+        act_order: process columns by decreasing ``diag(H)`` (with static group ranges).
+    """
+
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    name: ClassVar[str] = "gptq"
+    needs_data: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp < 1:
+            raise InputError(f"gptq: percdamp must be a number in (0, 1), got {self.percdamp!r}")
+        object.__setattr__(self, "percdamp", float(self.percdamp))
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise InputError(f"gptq: block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.act_order, bool):
+            raise InputError(f"gptq: act_order must be true or false, got {self.act_order!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTQ":
+        d = dict(d)
+        if d.pop("name", cls.name) != cls.name:
+            raise InputError(f"GPTQ.from_dict got a config for another algorithm: {d!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise InputError(f"gptq: unknown setting(s) {unknown}; known: {', '.join(known)}")
+        return cls(**d)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ()) -> QuantizedTensor:
+    """Quantize ``W`` (``(rows, cols)`` float) to ``spec`` minimising ``||(W - Q) X^T||^2`` for ``H = X^T X``.
+
+    Args:
+        W: the weight, lowbit layout ``(out, in)``.
+        H: ``(cols, cols)`` symmetric positive semi-definite input second moment.
+    Returns:
+        the QuantizedTensor; its dequantized value is exactly the ``Q`` the algorithm chose.
+    Raises:
+        InputError: shapes do not match, NaN/Inf, or a spec with a per-tensor fp8 scale (NVFP4-style).
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise InputError(f"gptq needs W (rows, cols) and H (cols, cols); got {tuple(W.shape)} and {tuple(H.shape)}")
+    if spec.has_global_scale:
+        raise InputError(f"gptq does not support {spec.name}: its per-tensor scale depends on every column")
+    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+        raise InputError("gptq: the weight or the Hessian holds NaN/Inf")
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static = config.act_order or spec.granularity != "group"
+    lo, hi = default_range(W, spec)  # (gr, gc): every tile's range from the (dead-zeroed) original weight
+    perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_cholesky(H, config.percdamp)  # (cols, cols) upper factor of H^-1
+
+    br, bc = spec.block(rows, cols)
+    col_spec = QuantSpec(spec.format, spec.bits, spec.symmetric, "block", None, (br, 1), spec.scale_format)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, config.block_size):
+        i2 = min(i1 + config.block_size, cols)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+        for i in range(i2 - i1):
+            j = int(perm[i1 + i])  # the column's place in the stored layout
+            g = j // bc
+            if not static and j % bc == 0:  # a new group starts: its range from the error-updated weights
+                block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :bc]
+                lo[:, g], hi[:, g] = (t[:, 0] for t in default_range(block, spec.with_(group_size=block.shape[1])))
+            w = W1[:, i]
+            q = quantize(w[:, None], col_spec, lo[:, g:g + 1], hi[:, g:g + 1]).dequantize()[:, 0]
+            Q[:, i1 + i] = q
+            err = (w - q) / U[i1 + i, i1 + i]
+            W1[:, i:] -= err[:, None] * U[i1 + i, i1 + i:i2][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]
+    out = quantize(Q, spec, lo, hi)  # Q already lies on these grids: this only encodes it
+    drift = (out.dequantize() - Q).abs().max().item()
+    if drift > 1e-5 * max(Q.abs().max().item(), 1e-12):
+        log.warning("gptq: encoding moved the chosen weights by up to %.3g", drift)
+    return out
+
+
+def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1``; raises damping tenfold (up to 4 times) if needed."""
+    damp = percdamp * float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0])
+    for attempt in range(5):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U
+        log.warning("gptq: Cholesky failed with damping %.3g (attempt %d); retrying with 10x more", damp, attempt + 1)
+        damp *= 10
+    raise InputError("gptq: the Hessian stays singular even with 10,000x the requested damping; "
+                     "check the calibration data (too few tokens?)")
