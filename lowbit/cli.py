@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -127,7 +126,7 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         skip = DEFAULT_SKIP if a.skip is None else tuple(a.skip)
         plan = QuantPlan.uniform(a.scheme, method, a.act, skip, a.bias_correction)
     # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
-    check_destination(Path(os.path.abspath(Path(a.out).expanduser())), a.overwrite)
+    check_destination(a.out, a.overwrite)
     lm = load_model(a.model)
     data = None
     if plan.needs_data:
@@ -150,8 +149,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     target, ref, kind, tokenizer, name = _load_target(a.target)
     print(f"{name}: {model_size(target).describe()}")
     if kind == "causal-lm":
-        from lowbit.demo import fitting_protocol
-        from lowbit.evaluation import perplexity
+        from lowbit.evaluation import fitting_protocol, perplexity
 
         if tokenizer is None:
             raise InputError(f"{name}: no tokenizer found (a Hugging Face folder needs its tokenizer files next to "

@@ -12,15 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from torch import nn
-
 from lowbit.errors import InputError
-from lowbit.evaluation import PerplexityProtocol, artifact_size, model_size, perplexity
+from lowbit.evaluation import artifact_size, fitting_protocol, model_size, perplexity
 from lowbit.io import load, save
 from lowbit.models import load_model
-from lowbit.nn.convert import float_weight
 from lowbit.plan import QuantPlan
-from lowbit.quantizer import check_fits, quantize, select_targets
+from lowbit.quantizer import prepare, quantize
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +34,7 @@ def run_demo(model_name: str, scheme: str, tokens: int, out: str | None, progres
     if lm.kind != "causal-lm":
         raise InputError(f"the demo measures perplexity and needs a language model; {model_name!r} is an "
                          f"{lm.kind} (use `lowbit quantize` and `lowbit eval` for it)")
-    for target in select_targets(lm.model, plan):  # a spec that does not fit fails now, not after the float run
-        check_fits(target.name, float_weight(target.module), target.rule.weight)
+    prepare(lm.model, plan)  # a spec that does not fit fails now, not after the float run
     protocol = fitting_protocol(lm.model, tokens)  # the model's context may be shorter than 1024
     print(f"protocol: {protocol.describe()}")
     float_size = model_size(lm.model)
@@ -75,20 +71,3 @@ def run_demo(model_name: str, scheme: str, tokens: int, out: str | None, progres
           f"zero points included); float parts: {q_size.float_bytes / 1e6:.1f} MB; quantization took {t_quant:.1f} s")
     return 0
 
-
-def fitting_protocol(model: nn.Module, tokens: int, window: int | None = None) -> PerplexityProtocol:
-    """The perplexity protocol for ``tokens`` corpus tokens with windows that fit ``model``.
-
-    ``window=None`` takes 1024 tokens, or fewer when the token budget or the model's context (its config's
-    ``max_position_embeddings``, when it has one) is shorter. An explicit ``window`` longer than the context
-    is an InputError: positions past it do not exist in models with learned position embeddings (GPT-2, OPT).
-    """
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None)
-    context = context if isinstance(context, int) and context >= 2 else None
-    if window is None:
-        window = min(1024, tokens, context or 1024)
-    elif context is not None and window > context:
-        raise InputError(f"window {window} is longer than the model's context of {context} positions; "
-                         f"use a window <= {context}")
-    return PerplexityProtocol(max_tokens=tokens, window=window)

@@ -18,10 +18,17 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.bias_correction import bias_correction
 from lowbit.algorithms.gptq import gptq
 from lowbit.algorithms.rtn import rtn
-from lowbit.calibration import Request, collect_input_stats
+from lowbit.calibration import InputStats, Request, collect_input_stats
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, as_matrix_shape
-from lowbit.nn.convert import SUPPORTED, float_weight, is_quantizable, is_linear_like as _is_linear_like, to_quantized, unsupported_subclass
+from lowbit.nn.convert import (
+    SUPPORTED,
+    float_weight,
+    is_linear_like,
+    is_quantizable,
+    to_quantized,
+    unsupported_subclass,
+)
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
 
@@ -60,10 +67,7 @@ def quantize(
     """
     if isinstance(plan, (str, QuantSpec)):
         plan = QuantPlan.uniform(plan)
-    targets = select_targets(model, plan)
-    for t in targets:
-        check_fits(t.name, float_weight(t.module), t.rule.weight)
-    _log_partial_groups(targets)
+    targets = prepare(model, plan)
     stats = _calibrate(model, targets, data, progress)
     quantized: dict[str, nn.Module] = {}
     for t in tqdm(targets, desc="quantize", unit="layer", disable=not progress, leave=False):
@@ -86,7 +90,7 @@ def quantize(
     return model
 
 
-def quantize_weight(weight: torch.Tensor, rule: Rule, stats: Any = None) -> QuantizedTensor:
+def quantize_weight(weight: torch.Tensor, rule: Rule, stats: InputStats | None = None) -> QuantizedTensor:
     """Run ``rule``'s algorithm on one weight (lowbit layout, see ``float_weight``) with its input statistics."""
     method = rule.method
     if method.name == "rtn":
@@ -95,6 +99,15 @@ def quantize_weight(weight: torch.Tensor, rule: Rule, stats: Any = None) -> Quan
     if method.name == "gptq":
         return gptq(weight, stats.hessian, rule.weight, method)
     raise InputError(f"algorithm {method.name!r} cannot run inside quantize() yet")
+
+
+def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
+    """The modules ``plan`` quantizes, each checked to fit its spec (nothing is changed yet)."""
+    targets = select_targets(model, plan)
+    for t in targets:
+        check_fits(t.name, float_weight(t.module), t.rule.weight)
+    _log_partial_groups(targets)
+    return targets
 
 
 def select_targets(model: nn.Module, plan: QuantPlan) -> list[Target]:
@@ -166,7 +179,7 @@ def _calibrate(model: nn.Module, targets: list[Target], data: Any, progress: boo
         method = t.rule.method.name
         hessian = method == "gptq"
         weighted = method == "rtn" and bool(getattr(t.rule.method, "needs_data", False))
-        if (weighted or hessian) and not _is_linear_like(t.module):
+        if (weighted or hessian) and not is_linear_like(t.module):
             raise InputError(f"module {t.name!r}: data-aware {t.rule.method.name} needs a linear layer, "
                              f"got {type(t.module).__name__}")
         if t.rule.bias_correction and isinstance(t.module, nn.Embedding):

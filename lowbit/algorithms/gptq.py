@@ -15,11 +15,12 @@ depend on the whole tensor (everything except fp8-scaled NVFP4-style specs).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from lowbit.algorithms.config import AlgorithmConfig
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, default_range, quantize
 from lowbit.spec import QuantSpec
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GPTQ:
+class GPTQ(AlgorithmConfig):
     """GPTQ settings.
 
     Attributes:
@@ -52,20 +53,6 @@ class GPTQ:
             raise InputError(f"gptq: block_size must be a positive integer, got {self.block_size!r}")
         if not isinstance(self.act_order, bool):
             raise InputError(f"gptq: act_order must be true or false, got {self.act_order!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTQ":
-        d = dict(d)
-        if d.pop("name", cls.name) != cls.name:
-            raise InputError(f"GPTQ.from_dict got a config for another algorithm: {d!r}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise InputError(f"gptq: unknown setting(s) {unknown}; known: {', '.join(known)}")
-        return cls(**d)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ()) -> QuantizedTensor:

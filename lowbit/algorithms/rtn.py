@@ -7,19 +7,20 @@ weighted per input column by activation statistics (``weighted``), as in AWQ's c
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from lowbit.algorithms.clip_search import mse_clip_search
+from lowbit.algorithms.config import AlgorithmConfig
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, quantize
 from lowbit.spec import QuantSpec
 
 
 @dataclass(frozen=True)
-class RTN:
+class RTN(AlgorithmConfig):
     """Round-to-nearest, optionally with a per-tile MSE clipping search.
 
     Attributes:
@@ -54,21 +55,6 @@ class RTN:
     def needs_data(self) -> bool:
         """True when the caller must pass ``importance`` computed from calibration data."""
         return self.weighted
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RTN":
-        d = dict(d)
-        name = d.pop("name", cls.name)
-        if name != cls.name:
-            raise InputError(f"{cls.__name__}.from_dict got name {name!r}, expected {cls.name!r}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise InputError(f"rtn: unknown setting(s) {unknown}; known: {', '.join(known)}")
-        return cls(**d)
 
 
 def rtn(

@@ -74,6 +74,15 @@ def batches(data: Any, batch_size: int = BATCH_SIZE) -> Iterator[Any]:
     return iter(data)
 
 
+def batch_count(data: Any, batch_size: int = BATCH_SIZE) -> int | None:
+    """How many batches :func:`batches` yields, when that is known without iterating (for progress)."""
+    if isinstance(data, torch.Tensor):
+        return -(-data.shape[0] // batch_size)
+    if isinstance(data, dict):
+        return 1
+    return len(data) if isinstance(data, (list, tuple)) else None
+
+
 def run_model(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, dict):
         return model(**batch)
@@ -128,9 +137,8 @@ def collect_input_stats(
     n_batches = 0
     try:
         with torch.inference_mode():
-            total = len(data) if isinstance(data, (list, tuple)) else (
-                -(-data.shape[0] // BATCH_SIZE) if isinstance(data, torch.Tensor) else None)
-            for b in tqdm(batches(data), total=total, desc="calibrate", unit="batch", disable=not progress, leave=False):
+            for b in tqdm(batches(data), total=batch_count(data), desc="calibrate", unit="batch",
+                          disable=not progress, leave=False):
                 run_model(model, b)
                 n_batches += 1
     finally:

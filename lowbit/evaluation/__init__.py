@@ -2,13 +2,14 @@
 
 from lowbit.evaluation.agreement import AgreementResult, agreement_from_logits, classifier_agreement, classifier_logits
 from lowbit.evaluation.layers import LayerRow, format_table, layer_table, sqnr_db
-from lowbit.evaluation.perplexity import PerplexityProtocol, PerplexityResult, perplexity
+from lowbit.evaluation.perplexity import PerplexityProtocol, PerplexityResult, fitting_protocol, perplexity
 from lowbit.evaluation.size import SizeReport, artifact_size, model_size
 
 __all__ = [
     "PerplexityProtocol",
     "PerplexityResult",
     "perplexity",
+    "fitting_protocol",
     "AgreementResult",
     "classifier_agreement",
     "classifier_logits",

@@ -147,3 +147,21 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def fitting_protocol(model: nn.Module, tokens: int, window: int | None = None) -> PerplexityProtocol:
+    """The perplexity protocol for ``tokens`` corpus tokens with windows that fit ``model``.
+
+    ``window=None`` takes 1024 tokens, or fewer when the token budget or the model's context (its config's
+    ``max_position_embeddings``, when it has one) is shorter. An explicit ``window`` longer than the context
+    is an InputError: positions past it do not exist in models with learned position embeddings (GPT-2, OPT).
+    """
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    context = context if isinstance(context, int) and context >= 2 else None
+    if window is None:
+        window = min(1024, tokens, context or 1024)
+    elif context is not None and window > context:
+        raise InputError(f"window {window} is longer than the model's context of {context} positions; "
+                         f"use a window <= {context}")
+    return PerplexityProtocol(max_tokens=tokens, window=window)

@@ -123,8 +123,9 @@ def _tensors(canonical: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return for_safetensors(canonical)
 
 
-def check_destination(dest: Path, overwrite: bool) -> None:
-    """Raise InputError unless ``dest`` may be written (see the module docstring)."""
+def check_destination(path: str | os.PathLike, overwrite: bool) -> None:
+    """Raise InputError unless ``path`` may be written (see the module docstring)."""
+    dest = Path(os.path.abspath(Path(path).expanduser()))
     if dest.is_symlink():
         raise InputError(f"{dest} is a symbolic link; pass the folder it points to, or a new path")
     if not dest.exists():
