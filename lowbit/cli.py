@@ -2,7 +2,7 @@
 
     lowbit quantize MODEL --scheme int4-g128-asym [--method rtn] [--clip-search] --out DIR
     lowbit quantize MODEL --recipe recipe.yaml --out DIR
-    lowbit eval MODEL_OR_DIR [--tokens N] [--window N]
+    lowbit eval MODEL_OR_DIR [--tokens N] [--window N] [--bos | --no-bos]
     lowbit inspect DIR [--no-reference]
     lowbit schemes
     lowbit demo
@@ -50,13 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     g = q.add_mutually_exclusive_group()
     g.add_argument("--scheme", help="weight format, e.g. int4-g128-asym, int8, nvfp4 (see `lowbit schemes`)")
     g.add_argument("--recipe", help="YAML recipe file (a QuantPlan)")
-    q.add_argument("--method", default="rtn", help="algorithm (default: rtn)")
-    q.add_argument("--clip-search", action="store_true", help="MSE clipping search for round-to-nearest")
+    q.add_argument("--method", default="rtn", help="algorithm: rtn, gptq, awq or awq+gptq (default: rtn)")
+    q.add_argument("--clip-search", action="store_true", help="clipping-range search: output-error weighted from "
+                   "calibration data for rtn, static group ranges for gptq (awq always searches)")
     q.add_argument("--act", help="activation format, e.g. int8-token (dynamic)")
     q.add_argument("--bias-correction", action="store_true", help="correct each layer's output mean shift "
                    "(uses calibration data)")
     q.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration samples when the plan needs "
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
+    q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
     q.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float "
                    "(default: lm_head type:Embedding)")
@@ -65,10 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model or a saved quantized folder")
-    e.add_argument("target", help="a model (as for quantize) or a folder written by `lowbit quantize`")
+    e.add_argument("target", help="bundled name (smollm2-135m, gemma3-270m, efficientnet-lite0), HF folder, "
+                   ".gguf file, or a folder written by `lowbit quantize`")
     e.add_argument("--tokens", type=_positive_int, default=16384, help="perplexity token budget (default 16384)")
     e.add_argument("--window", type=_positive_int, default=None,
                    help="perplexity window (default: 1024, or less if the model's context or --tokens is shorter)")
+    e.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend BOS to every perplexity window (default: the model's rule, "
+                   "lowbit.models.default_bos: yes for Gemma, no for SmolLM2 and the tiny models)")
     e.add_argument("--views", type=_positive_int, default=None, help="image views for classifiers (default: all)")
     e.set_defaults(func=_cmd_eval)
 
@@ -122,7 +128,7 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     elif not a.scheme:
         raise InputError("give a weight format with --scheme (e.g. int4-g128-asym; see `lowbit schemes`) or --recipe")
     else:
-        method = {"name": a.method, "clip_search": True} if a.clip_search else a.method
+        method = _method(a.method, a.clip_search)
         skip = DEFAULT_SKIP if a.skip is None else tuple(a.skip)
         plan = QuantPlan.uniform(a.scheme, method, a.act, skip, a.bias_correction)
     # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
@@ -131,8 +137,10 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     data = None
     if plan.needs_data:
         from lowbit.data import calibration_set
+        from lowbit.models import default_bos
 
-        data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, seed=a.seed)
+        data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=a.seed,
+                               bos=lm.kind == "causal-lm" and default_bos(lm))
         print(f"calibration set: {tuple(data.shape)} (seed {a.seed})")
     t0 = time.perf_counter()
     quantize(lm.model, plan, data, progress=_progress())
@@ -141,6 +149,20 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     print(f"quantized {lm.name} in {dt:.1f} s -> {out}")
     print(model_size(lm.model).describe())
     return 0
+
+
+def _method(name: str, clip_search: bool):
+    """The algorithm named on the command line, with ``--clip-search`` applied where it means something."""
+    from lowbit.algorithms import make_algorithm
+
+    method = make_algorithm(name)
+    if not clip_search:
+        return method
+    if method.name == "rtn":  # the CLI always has calibration data, so the search weighs the output error
+        return {"name": "rtn", "clip_search": True, "weighted": True}
+    if method.name == "gptq":
+        return {**method.to_dict(), "clip_search": True}
+    raise InputError(f"--clip-search does not apply to --method {name} (awq always searches its clipping ranges)")
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
@@ -154,7 +176,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         if tokenizer is None:
             raise InputError(f"{name}: no tokenizer found (a Hugging Face folder needs its tokenizer files next to "
                              f"config.json); perplexity needs one")
-        proto = fitting_protocol(target, a.tokens, a.window)
+        from lowbit.models import default_bos
+
+        bos = default_bos(target if ref is None else ref) if a.bos is None else a.bos  # float model's rule
+        proto = fitting_protocol(target, a.tokens, a.window, bos)
         print(f"protocol: {proto.describe()}")
         r = perplexity(target, tokenizer, proto, progress=_progress())
         print(f"perplexity {r.ppl:.3f} over {r.n_tokens} tokens ({r.seconds:.0f} s)")

@@ -15,10 +15,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.algorithms.awq import awq
 from lowbit.algorithms.bias_correction import bias_correction
 from lowbit.algorithms.gptq import gptq
 from lowbit.algorithms.rtn import rtn
 from lowbit.calibration import InputStats, Request, collect_input_stats
+from lowbit.calibration.blocks import find_blocks
+from lowbit.calibration.sequential import run_block_sequential
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, as_matrix_shape
 from lowbit.nn.convert import (
@@ -52,8 +55,15 @@ def quantize(
     data: Any = None,
     *,
     progress: bool = True,
+    sequential: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` in place according to ``plan`` and return it.
+
+    When the plan needs statistics of the inputs of layers inside a model's repeated blocks (decoder
+    layers, found by ``lowbit.calibration.find_blocks``), calibration is block-sequential: each block is
+    observed on the outputs of the blocks before it *as quantized*, then quantized, before the next one
+    runs (``lowbit.calibration.sequential``). Layers outside the blocks that need data are observed
+    afterwards on the whole, partly quantized model; layers that need none are quantized first.
 
     Args:
         model: any ``nn.Module``; its supported layers (see ``lowbit.nn.convert.SUPPORTED``) are replaced.
@@ -61,6 +71,7 @@ def quantize(
         data: calibration batches (see ``lowbit.calibration.capture``); required when a rule quantizes
             activations statically or its algorithm needs data.
         progress: show progress bars.
+        sequential: set False to observe every layer in one pass of the float model instead.
     Raises:
         InputError: the plan selects nothing or an unsupported module, a spec does not fit a layer, a weight
             holds NaN/Inf, or data is missing or empty when needed. The model is unchanged then.
@@ -68,36 +79,60 @@ def quantize(
     if isinstance(plan, (str, QuantSpec)):
         plan = QuantPlan.uniform(plan)
     targets = prepare(model, plan)
-    stats = _calibrate(model, targets, data, progress)
-    quantized: dict[str, nn.Module] = {}
-    for t in tqdm(targets, desc="quantize", unit="layer", disable=not progress, leave=False):
-        s = stats.get(t.name)
-        try:
-            q = quantize_weight(float_weight(t.module), t.rule, s)
-        except InputError as e:
-            raise InputError(f"module {t.name!r}: {e}") from None
-        qm = to_quantized(t.module, q, t.rule.act)
-        if s is not None and s.act_range is not None:
-            qm.set_activation_range(*s.act_range)
-        if t.rule.bias_correction:
-            W = float_weight(t.module)
-            qm.add_to_bias(-bias_correction(q.dequantize() - W.float(), s.mean, getattr(t.module, "groups", 1)))
-        qm.train(t.module.training)
-        quantized[t.name] = qm
-    for name, qm in quantized.items():  # swap only once every layer succeeded: no half-quantized model
-        model.set_submodule(name, qm)
-    log.info("quantized %d module(s)", len(quantized))
+    requests = _requests(targets)
+    if requests and data is None:
+        names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
+        raise InputError(f"the plan needs calibration data (static activation ranges, bias correction or "
+                         f"data-aware algorithms for {names}); pass data=")
+    blocks = find_blocks(model) if requests and sequential else []
+    in_block = [[t for t in targets if t.name.startswith(name + ".")] for name, _ in blocks]
+    if not any(t.name in requests for ts in in_block for t in ts):
+        blocks, in_block = [], []
+    swapped: dict[str, nn.Module] = {}  # name -> the float module it replaced, to undo on failure
+    try:
+        if not blocks:
+            stats = collect_input_stats(model, requests, data, progress) if requests else {}
+            _swap(model, [(t, _convert(t, stats.get(t.name))) for t in _bar(targets, progress)], swapped)
+        else:
+            inside = {t.name for ts in in_block for t in ts}
+            outside = [t for t in targets if t.name not in inside]
+            _swap(model, [(t, _convert(t, None)) for t in outside if t.name not in requests], swapped)
+
+            def solve(i: int, block_name: str, stats: dict) -> None:
+                _swap(model, [(t, _convert(t, stats.get(t.name))) for t in in_block[i]], swapped)
+
+            wanted = [{t.name: requests[t.name] for t in ts if t.name in requests} for ts in in_block]
+            run_block_sequential(model, blocks, wanted, data, solve, progress)
+            rest = {t.name: requests[t.name] for t in outside if t.name in requests}
+            if rest:
+                stats = collect_input_stats(model, rest, data, progress)
+                _swap(model, [(t, _convert(t, stats[t.name])) for t in outside if t.name in rest], swapped)
+    except BaseException:
+        for name, original in reversed(list(swapped.items())):  # no half-quantized model
+            model.set_submodule(name, original)
+        raise
+    log.info("quantized %d module(s)%s", len(swapped), f" block by block over {len(blocks)} blocks" if blocks else "")
     return model
 
 
-def quantize_weight(weight: torch.Tensor, rule: Rule, stats: InputStats | None = None) -> QuantizedTensor:
-    """Run ``rule``'s algorithm on one weight (lowbit layout, see ``float_weight``) with its input statistics."""
+def quantize_weight(
+    weight: torch.Tensor, rule: Rule, stats: InputStats | None = None
+) -> tuple[QuantizedTensor, torch.Tensor | None]:
+    """Run ``rule``'s algorithm on one weight (lowbit layout, see ``float_weight``) with its input statistics.
+
+    Returns:
+        ``(q, input_scale)``: the quantized weight, and ``None`` or a float32 ``(in,)`` per-input-feature
+        scale the layer multiplies its input by before using ``q`` (AWQ's ``1 / s``).
+    """
     method = rule.method
     if method.name == "rtn":
         weighted = getattr(method, "weighted", False)
-        return rtn(weight, rule.weight, method, stats.importance if weighted else None)
+        return rtn(weight, rule.weight, method, hessian=stats.hessian if weighted else None), None
     if method.name == "gptq":
-        return gptq(weight, stats.hessian, rule.weight, method)
+        return gptq(weight, stats.hessian, rule.weight, method), None
+    if method.name == "awq":
+        q, s = awq(weight, stats.hessian, stats.abs_mean, rule.weight, method)
+        return q, 1.0 / s
     raise InputError(f"algorithm {method.name!r} cannot run inside quantize() yet")
 
 
@@ -172,24 +207,49 @@ def _log_partial_groups(targets: list[Target]) -> None:
                  "and has its own scale (e.g. %s)", len(names), cols, group, cols % group, names[0])
 
 
-def _calibrate(model: nn.Module, targets: list[Target], data: Any, progress: bool) -> dict:
+def _requests(targets: list[Target]) -> dict[str, Request]:
+    """What must be observed at each target's input (targets that need nothing are left out)."""
     wanted = {}
     for t in targets:
         static_act = t.rule.act if t.rule.act is not None and not t.rule.act.dynamic else None
-        method = t.rule.method.name
-        hessian = method == "gptq"
-        weighted = method == "rtn" and bool(getattr(t.rule.method, "needs_data", False))
-        if (weighted or hessian) and not is_linear_like(t.module):
+        needs = _STATS.get(t.rule.method.name, ()) if getattr(t.rule.method, "needs_data", False) else ()
+        if needs and not is_linear_like(t.module):
             raise InputError(f"module {t.name!r}: data-aware {t.rule.method.name} needs a linear layer, "
                              f"got {type(t.module).__name__}")
         if t.rule.bias_correction and isinstance(t.module, nn.Embedding):
             raise InputError(f"module {t.name!r}: bias correction does not apply to an embedding")
-        if static_act is not None or weighted or hessian or t.rule.bias_correction:
-            wanted[t.name] = Request(t.module, static_act, weighted, t.rule.bias_correction, hessian)
-    if not wanted:
-        return {}
-    if data is None:
-        names = ", ".join(list(wanted)[:3]) + (" ..." if len(wanted) > 3 else "")
-        raise InputError(f"the plan needs calibration data (static activation ranges, bias correction or "
-                         f"data-aware algorithms for {names}); pass data=")
-    return collect_input_stats(model, wanted, data, progress)
+        if static_act is not None or needs or t.rule.bias_correction:
+            wanted[t.name] = Request(t.module, static_act, mean=t.rule.bias_correction,
+                                     hessian="hessian" in needs, abs_mean="abs_mean" in needs)
+    return wanted
+
+
+def _convert(t: Target, s: InputStats | None) -> nn.Module:
+    """The quantized module replacing target ``t``, given its input statistics (None if it needs none)."""
+    W = float_weight(t.module)
+    try:
+        q, input_scale = quantize_weight(W, t.rule, s)
+    except InputError as e:
+        raise InputError(f"module {t.name!r}: {e}") from None
+    qm = to_quantized(t.module, q, t.rule.act, input_scale)
+    if s is not None and s.act_range is not None:
+        qm.set_activation_range(*s.act_range)
+    if t.rule.bias_correction:
+        Wq = q.dequantize() if input_scale is None else q.dequantize() * input_scale  # what the layer applies
+        qm.add_to_bias(-bias_correction(Wq - W.float(), s.mean, getattr(t.module, "groups", 1)))
+    qm.train(t.module.training)
+    return qm
+
+
+def _swap(model: nn.Module, pairs: list[tuple[Target, nn.Module]], swapped: dict[str, nn.Module]) -> None:
+    for t, qm in pairs:
+        swapped.setdefault(t.name, t.module)
+        model.set_submodule(t.name, qm)
+
+
+def _bar(targets: list[Target], progress: bool):
+    return tqdm(targets, desc="quantize", unit="layer", disable=not progress, leave=False)
+
+
+# statistics each data-aware algorithm reads from its layer's input
+_STATS = {"rtn": ("hessian",), "gptq": ("hessian",), "awq": ("hessian", "abs_mean")}

@@ -1,13 +1,15 @@
 """Algorithms: how quantized values are chosen. One file per method, a pure function at its core.
 
 Each method has a frozen config class (``name``, ``needs_data``, ``to_dict()``, ``from_dict()``) registered
-in :data:`ALGORITHMS` under the name users write in recipes and on the command line.
+in :data:`ALGORITHMS` under the name users write in recipes and on the command line. Names joined by ``+``
+are the chains of :data:`CHAINS` (``"awq+gptq"``: AWQ's scaling and clipping, then GPTQ).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lowbit.algorithms.awq import AWQ, awq, awq_scales
 from lowbit.algorithms.clip_search import mse_clip_search
 from lowbit.algorithms.gptq import GPTQ, gptq
 from lowbit.algorithms.rtn import RTN, rtn
@@ -17,18 +19,30 @@ from lowbit.errors import InputError
 ALGORITHMS: dict[str, type] = {
     "rtn": RTN,
     "gptq": GPTQ,
+    "awq": AWQ,
+}
+
+# "a+b" names -> the composed config they stand for
+CHAINS: dict[str, Any] = {
+    "awq+rtn": AWQ(),
+    "awq+gptq": AWQ(then=GPTQ()),
 }
 
 
 def make_algorithm(name_or_dict: str | dict[str, Any] | Any) -> Any:
-    """A config from a name (``"rtn"``), a dict with ``name`` (``{"name": "rtn", "clip_search": True}``),
-    or a config object (returned as is).
+    """A config from a name (``"rtn"``, or a chain such as ``"awq+gptq"``), a dict with ``name``
+    (``{"name": "rtn", "clip_search": True}``), or a config object (returned as is).
 
     Raises:
-        InputError: unknown name, missing name, or bad settings.
+        InputError: unknown name or chain, missing name, or bad settings.
     """
     if isinstance(name_or_dict, tuple(ALGORITHMS.values())):
         return name_or_dict
+    if isinstance(name_or_dict, str) and "+" in name_or_dict:
+        key = "+".join(p.strip().lower() for p in name_or_dict.split("+"))
+        if key not in CHAINS:
+            raise InputError(f"unknown algorithm chain {name_or_dict!r}; supported chains: {', '.join(CHAINS)}")
+        return CHAINS[key]
     if isinstance(name_or_dict, str):
         return _config_class(name_or_dict)()
     if isinstance(name_or_dict, dict):
@@ -41,8 +55,10 @@ def make_algorithm(name_or_dict: str | dict[str, Any] | Any) -> Any:
 def _config_class(name: Any) -> type:
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in ALGORITHMS:
-        raise InputError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+        raise InputError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)} "
+                         f"(chains: {', '.join(CHAINS)})")
     return ALGORITHMS[key]
 
 
-__all__ = ["ALGORITHMS", "GPTQ", "gptq", "RTN", "make_algorithm", "mse_clip_search", "rtn"]
+__all__ = ["ALGORITHMS", "AWQ", "awq", "awq_scales", "CHAINS", "GPTQ", "gptq", "RTN", "make_algorithm",
+           "mse_clip_search", "rtn"]

@@ -10,6 +10,10 @@ Options follow the paper and its reference implementation: dampening ``percdamp 
 (columns by decreasing ``diag H``) with static groups (every group's range fixed from the original weight,
 so groups stay contiguous in the stored layout), any group size, any lowbit format whose scales do not
 depend on the whole tensor (everything except fp8-scaled NVFP4-style specs).
+
+With ``clip_search`` every tile's range is chosen before the column loop by the Hessian-weighted clipping
+search (:func:`~lowbit.algorithms.clip_search.mse_clip_search` with ``hessian=H``, AWQ's ``auto_clip``
+objective) on the original weight, and kept fixed (static groups), as when GPTQ runs after AWQ's clipping.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from lowbit.algorithms.clip_search import mse_clip_search
 from lowbit.algorithms.config import AlgorithmConfig
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, default_range, quantize
@@ -36,11 +41,17 @@ class GPTQ(AlgorithmConfig):
         percdamp: dampening added to ``diag(H)``, as a fraction of its mean.
         block_size: columns per lazy batch update.
         act_order: process columns by decreasing ``diag(H)`` (with static group ranges).
+        clip_search: choose every tile's range up front by the Hessian-weighted clipping search (static ranges).
+        grid: ratios tried by that search (``1 - k * max_shrink / grid``, ``k = 0 .. grid - 1``).
+        max_shrink: how far the search may shrink a range, in ``[0, 1)``.
     """
 
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    clip_search: bool = False
+    grid: int = 20
+    max_shrink: float = 0.5
 
     name: ClassVar[str] = "gptq"
     needs_data: ClassVar[bool] = True
@@ -51,8 +62,15 @@ class GPTQ(AlgorithmConfig):
         object.__setattr__(self, "percdamp", float(self.percdamp))
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise InputError(f"gptq: block_size must be a positive integer, got {self.block_size!r}")
-        if not isinstance(self.act_order, bool):
-            raise InputError(f"gptq: act_order must be true or false, got {self.act_order!r}")
+        for f in ("act_order", "clip_search"):
+            if not isinstance(getattr(self, f), bool):
+                raise InputError(f"gptq: {f} must be true or false, got {getattr(self, f)!r}")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise InputError(f"gptq: grid must be a positive integer, got {self.grid!r}")
+        if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) \
+                or not 0.0 <= self.max_shrink < 1.0:
+            raise InputError(f"gptq: max_shrink must be a number in [0, 1), got {self.max_shrink!r}")
+        object.__setattr__(self, "max_shrink", float(self.max_shrink))
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ()) -> QuantizedTensor:
@@ -79,8 +97,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    static = config.act_order or spec.granularity != "group"
-    lo, hi = default_range(W, spec)  # (gr, gc): every tile's range from the (dead-zeroed) original weight
+    static = config.act_order or config.clip_search or spec.granularity != "group"
+    if config.clip_search:  # (gr, gc): every tile's output-error-optimal range, fixed up front
+        lo, hi = mse_clip_search(W, spec, hessian=H, grid=config.grid, max_shrink=config.max_shrink)
+    else:
+        lo, hi = default_range(W, spec)  # (gr, gc): every tile's range from the (dead-zeroed) original weight
     perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky(H, config.percdamp)  # (cols, cols) upper factor of H^-1

@@ -2,7 +2,8 @@
 
 The baseline every other method is measured against. The range is the tile's min/max (``quantize``'s
 default) or, with ``clip_search``, the per-tile shrunken range of :func:`mse_clip_search`, optionally
-weighted per input column by activation statistics (``weighted``), as in AWQ's clipping step.
+weighted by activation statistics (``weighted``): by the layer's input Hessian ``H = X^T X / n`` (the
+output error, AWQ's clipping objective) or by its diagonal ``importance = mean(x**2)`` per input column.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class RTN(AlgorithmConfig):
         clip_search: search each tile's range instead of using its min/max.
         grid: ratios tried by the search (``1 - k * max_shrink / grid``, ``k = 0 .. grid - 1``).
         max_shrink: how far the search may shrink a range, in ``[0, 1)``.
-        weighted: weight the search's error per input column by ``importance = mean(x**2)`` of the layer's
-            inputs, computed from calibration data (then ``needs_data`` is True). Needs ``clip_search``.
+        weighted: measure the search's error on the layer's output, with the input Hessian
+            ``H = X^T X / n`` (or, given only that, its diagonal ``importance = mean(x**2)``) computed from
+            calibration data (then ``needs_data`` is True). Needs ``clip_search``.
     """
 
     clip_search: bool = False
@@ -53,7 +55,7 @@ class RTN(AlgorithmConfig):
 
     @property
     def needs_data(self) -> bool:
-        """True when the caller must pass ``importance`` computed from calibration data."""
+        """True when the caller must pass ``hessian`` (or ``importance``) computed from calibration data."""
         return self.weighted
 
 
@@ -62,23 +64,30 @@ def rtn(
     spec: QuantSpec,
     config: RTN = RTN(),
     importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Quantize ``weight`` (float, any shape, seen as ``(rows, cols)``) by rounding to nearest.
 
     Args:
         importance: ``(cols,)`` non-negative error weight per input column, e.g. ``mean(x**2)`` of the
-            layer's inputs; required when ``config.weighted``, only meaningful with ``config.clip_search``.
+            layer's inputs.
+        hessian: ``(cols, cols)`` input second moment ``X^T X / n``; the search then minimises each tile's
+            output error (see :func:`mse_clip_search`). Used instead of ``importance`` when both are given.
+            One of the two is required when ``config.weighted``; both only matter with ``clip_search``.
     Returns:
         the :class:`QuantizedTensor`; equal to ``quantize(weight, spec)`` when ``clip_search`` is off.
     Raises:
-        InputError: importance missing (weighted) or given without clip search, bad weight or shapes.
+        InputError: importance/hessian missing (weighted) or given without clip search, bad weight or shapes.
     """
-    if config.weighted and importance is None:
-        raise InputError("rtn(weighted=True) needs importance = mean(x**2) per input feature from calibration "
-                         "data; pass data to quantize() or set weighted: false")
-    if importance is not None and not config.clip_search:
-        raise InputError("rtn: importance only changes the clipping search; set clip_search=True or drop it")
+    if config.weighted and importance is None and hessian is None:
+        raise InputError("rtn(weighted=True) needs importance = mean(x**2) per input feature or the Hessian "
+                         "X^T X / n from calibration data; pass data to quantize() or set weighted: false")
+    if (importance is not None or hessian is not None) and not config.clip_search:
+        raise InputError("rtn: importance/hessian only change the clipping search; set clip_search=True or drop it")
     if not config.clip_search:
         return quantize(weight, spec)
-    lo, hi = mse_clip_search(weight, spec, importance=importance, grid=config.grid, max_shrink=config.max_shrink)
+    if hessian is not None:
+        importance = None
+    lo, hi = mse_clip_search(weight, spec, importance=importance, hessian=hessian, grid=config.grid,
+                             max_shrink=config.max_shrink)
     return quantize(weight, spec, lo, hi)

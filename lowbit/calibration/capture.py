@@ -1,12 +1,18 @@
-"""Collect statistics of the inputs of chosen modules while a model runs on calibration data.
+"""Collect statistics of the inputs of chosen modules while a model (or one block of it) runs on data.
 
 ``data`` is an iterable of batches; each batch is passed to the model as ``model(**b)`` for a mapping,
 ``model(*b)`` for a tuple/list and ``model(b)`` otherwise. A tensor is split along its first dimension
 into batches of ``batch_size``.
+
+:class:`InputCollector` holds the forward pre-hooks and running sums; :func:`collect_input_stats` drives it
+over a whole model, and the block-sequential runner (``lowbit.calibration.sequential``) over one block at
+a time. Modules fed the same tensor in one call (a transformer's q/k/v projections) share its ``X^T X``:
+it is computed once per batch, not once per module.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -32,6 +38,7 @@ class Request:
         importance: accumulate ``mean(x**2)`` per input feature (linears).
         mean: accumulate ``mean(x)`` per input channel (the feature dim of a linear, dim 1 of a conv).
         hessian: accumulate ``X^T X / n`` over input vectors (linears; GPTQ's ``H`` up to a factor 2).
+        abs_mean: accumulate ``mean(|x|)`` per input feature (linears; AWQ's activation magnitude).
     """
 
     module: nn.Module
@@ -39,6 +46,7 @@ class Request:
     importance: bool = False
     mean: bool = False
     hessian: bool = False
+    abs_mean: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,10 @@ class InputStats:
     Attributes:
         act_range: ``(lo, hi)`` float32 ``(1, 1)`` each, from the activation observer, or None.
         importance: float32 ``(in_features,)`` mean of ``x**2`` per input feature (linears), or None.
-        mean: float32 ``(in_channels,)`` mean of ``x`` per input channel, or None.
         n_rows: number of input rows (tokens, or images for convolutions) seen.
+        mean: float32 ``(in_channels,)`` mean of ``x`` per input channel, or None.
         hessian: float32 ``(in_features, in_features)`` ``X^T X / n_rows`` (linears), or None.
+        abs_mean: float32 ``(in_features,)`` mean of ``|x|`` per input feature (linears), or None.
     """
 
     act_range: tuple[torch.Tensor, torch.Tensor] | None
@@ -58,6 +67,7 @@ class InputStats:
     n_rows: int
     mean: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    abs_mean: torch.Tensor | None = None
 
 
 BATCH_SIZE = 8  # rows per batch when calibration data is one tensor
@@ -84,11 +94,106 @@ def batch_count(data: Any, batch_size: int = BATCH_SIZE) -> int | None:
 
 
 def run_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on one batch; Hugging Face models get ``use_cache=False`` (no key/value cache)."""
+    extra = {"use_cache": False} if _accepts_use_cache(model) else {}
     if isinstance(batch, dict):
-        return model(**batch)
+        return model(**{**extra, **batch})
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        return model(*batch, **extra)
+    return model(batch, **extra)
+
+
+class InputCollector:
+    """Forward pre-hooks on the modules of ``wanted`` that accumulate their input statistics.
+
+    Use as a context manager (hooks are removed on exit); call :meth:`new_batch` before each model or
+    block call, and :meth:`result` once at the end.
+    """
+
+    def __init__(self, wanted: dict[str, Request]) -> None:
+        self.wanted = wanted
+        self.observers = {n: make_observer(r.act.observer, r.act.spec) for n, r in wanted.items()
+                          if r.act is not None and not r.act.dynamic}
+        self.sums: dict[tuple[str, str], torch.Tensor] = {}  # (name, stat) -> running sum
+        self.rows = {n: 0 for n in wanted}
+        self.mean_count = {n: 0 for n in wanted}
+        self.n_batches = 0
+        self._shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # this batch's X^T X per input tensor
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "InputCollector":
+        self._handles = [r.module.register_forward_pre_hook(self._hook_for(n, r)) for n, r in self.wanted.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._shared.clear()
+
+    def new_batch(self) -> None:
+        self._shared.clear()
+        self.n_batches += 1
+
+    def _add(self, key: tuple[str, str], v: torch.Tensor) -> None:
+        self.sums[key] = v.clone() if key not in self.sums else self.sums[key].add_(v)
+
+    def _xtx(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        # the same tensor object fed to several modules in one call: compute X^T X once (the tensor is kept
+        # alive in the cache so its id cannot be reused within the batch)
+        key = (id(x), x.data_ptr(), tuple(x.shape))
+        if key not in self._shared:
+            self._shared[key] = (x, x2.t() @ x2)  # (in, in)
+        return self._shared[key][1]
+
+    def _hook_for(self, name: str, req: Request):
+        is_conv = isinstance(req.module, nn.modules.conv._ConvNd)
+
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if x.numel() == 0:
+                return
+            if name in self.observers:
+                self.observers[name].update(x.float())
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            # a convolution's row is an image; anything else (a linear fed (B, H, W, C) too) has one per vector
+            self.rows[name] += x.shape[0] if is_conv else x2.shape[0]
+            if req.importance:
+                self._add((name, "sumsq"), x2.pow(2).sum(0))
+            if req.abs_mean:
+                self._add((name, "abssum"), x2.abs().sum(0))
+            if req.hessian:
+                self._add((name, "xtx"), self._xtx(x, x2))
+            if req.mean:
+                xc = x.float().transpose(0, 1).reshape(x.shape[1], -1) if is_conv else x2.t()  # (channels, n)
+                self._add((name, "sum"), xc.sum(1))
+                self.mean_count[name] += xc.shape[1]
+        return hook
+
+    def result(self, where: str = "the calibration data") -> dict[str, InputStats]:
+        """The statistics of every wanted module.
+
+        Raises:
+            InputError: no batch was seen, or a module never ran.
+        """
+        if self.n_batches == 0 or not any(self.rows.values()):
+            raise InputError("the calibration data set is empty: it yielded no batch (or only empty ones)")
+        silent = [n for n, r in self.rows.items() if r == 0]
+        if silent:
+            raise InputError(f"module(s) {', '.join(silent[:5])} never ran on {where}; "
+                             "check that the data reaches them")
+        out = {}
+        for n in self.wanted:
+            rng = None
+            if n in self.observers:
+                r = self.observers[n].compute()
+                rng = (r.lo, r.hi)
+            per_row = {stat: self.sums[(n, stat)] / self.rows[n] for stat in ("sumsq", "xtx", "abssum")
+                       if (n, stat) in self.sums}
+            mean = self.sums[(n, "sum")] / self.mean_count[n] if (n, "sum") in self.sums else None
+            out[n] = InputStats(rng, per_row.get("sumsq"), self.rows[n], mean, per_row.get("xtx"),
+                                per_row.get("abssum"))
+        return out
 
 
 def collect_input_stats(
@@ -102,63 +207,18 @@ def collect_input_stats(
     Raises:
         InputError: ``data`` holds no batch, or a module never ran.
     """
-    observers = {n: make_observer(r.act.observer, r.act.spec) for n, r in wanted.items()
-                 if r.act is not None and not r.act.dynamic}
-    sums: dict[tuple[str, str], torch.Tensor] = {}  # (name, "sumsq" | "sum") -> per-feature running sum
-    rows: dict[str, int] = {n: 0 for n in wanted}
-    mean_count: dict[str, int] = {n: 0 for n in wanted}
-
-    def add(key: tuple[str, str], v: torch.Tensor) -> None:
-        sums[key] = v if key not in sums else sums[key] + v
-
-    def hook_for(name: str, req: Request):
-        is_conv = isinstance(req.module, nn.modules.conv._ConvNd)
-
-        def hook(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            if x.numel() == 0:
-                return
-            if name in observers:
-                observers[name].update(x.float())
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            # a convolution's row is an image; anything else (a linear fed (B, H, W, C) too) has one per vector
-            rows[name] += x.shape[0] if is_conv else x2.shape[0]
-            if req.importance:
-                add((name, "sumsq"), x2.pow(2).sum(0))
-            if req.hessian:
-                add((name, "xtx"), x2.t() @ x2)  # (in, in)
-            if req.mean:
-                xc = x.float().transpose(0, 1).reshape(x.shape[1], -1) if is_conv else x2.t()  # (channels, n)
-                add((name, "sum"), xc.sum(1))
-                mean_count[name] += xc.shape[1]
-        return hook
-
-    handles = [r.module.register_forward_pre_hook(hook_for(n, r)) for n, r in wanted.items()]
-    n_batches = 0
-    try:
-        with torch.inference_mode():
-            for b in tqdm(batches(data), total=batch_count(data), desc="calibrate", unit="batch",
-                          disable=not progress, leave=False):
-                run_model(model, b)
-                n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if n_batches == 0 or not any(rows.values()):
-        raise InputError("the calibration data set is empty: it yielded no batch (or only empty ones)")
-    silent = [n for n, r in rows.items() if r == 0]
-    if silent:
-        raise InputError(f"module(s) {', '.join(silent[:5])} never ran on the calibration data; "
-                         "check that the data reaches them")
-    out = {}
-    for n in wanted:
-        rng = None
-        if n in observers:
-            r = observers[n].compute()
-            rng = (r.lo, r.hi)
-        imp = sums[(n, "sumsq")] / rows[n] if (n, "sumsq") in sums else None
-        mean = sums[(n, "sum")] / mean_count[n] if (n, "sum") in sums else None
-        hess = sums[(n, "xtx")] / rows[n] if (n, "xtx") in sums else None
-        out[n] = InputStats(rng, imp, rows[n], mean, hess)
-    log.info("calibrated %d module(s) on %d batch(es)", len(out), n_batches)
+    with InputCollector(wanted) as c, torch.inference_mode():
+        for b in tqdm(batches(data), total=batch_count(data), desc="calibrate", unit="batch",
+                      disable=not progress, leave=False):
+            c.new_batch()
+            run_model(model, b)
+    out = c.result()
+    log.info("calibrated %d module(s) on %d batch(es)", len(out), c.n_batches)
     return out
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -13,18 +13,20 @@ from lowbit.errors import InputError
 
 
 def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_len: int = 512,
-                    seed: int = 0) -> torch.Tensor:
+                    seed: int = 0, bos: bool = False) -> torch.Tensor:
     """Calibration inputs for a model of ``kind`` (``causal-lm`` or ``image-classifier``).
 
     Returns: LongTensor ``(n, seq_len)`` of token ids (default n = 128) or FloatTensor ``(n, 3, 224, 224)``
-    of preprocessed images (default n = 64).
+    of preprocessed images (default n = 64). ``bos``: start every text window with the BOS token (use the
+    model's evaluation rule, ``lowbit.models.default_bos``).
     """
     if n is not None and n < 1:
         raise InputError(f"the calibration set needs at least one sample, got n={n}")
     if kind == "causal-lm":
         if tokenizer is None:
             raise InputError("a language model's calibration set needs its tokenizer")
-        return calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed, corpus="news")
+        return calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed, corpus="news",
+                                   bos=bos)
     if kind == "image-classifier":
         return calibration_views(64 if n is None else n, seed=seed)
     raise InputError(f"no default calibration set for models of kind {kind!r}; pass data to quantize() yourself")

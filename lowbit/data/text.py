@@ -89,14 +89,15 @@ def token_windows(
 
 
 def calibration_batches(
-    tokenizer: Any, n_sequences: int, seq_len: int, seed: int = 0, corpus: str = "news"
+    tokenizer: Any, n_sequences: int, seq_len: int, seed: int = 0, corpus: str = "news", bos: bool = False
 ) -> torch.Tensor:
     """``n_sequences`` random windows of ``seq_len`` tokens from a bundled corpus.
 
     Start positions are drawn uniformly (with replacement) from a ``torch.Generator`` seeded with
     ``seed``, so the result depends only on (tokenizer, n_sequences, seq_len, seed, corpus); the
-    global RNG is untouched. No BOS is added. Calibrating on ``"wikipedia"`` overlaps the evaluation
-    text and logs a warning.
+    global RNG is untouched. With ``bos`` each window is the tokenizer's BOS token followed by
+    ``seq_len - 1`` corpus tokens (for models evaluated with BOS, such as Gemma-3); otherwise no BOS is
+    added. Calibrating on ``"wikipedia"`` overlaps the evaluation text and logs a warning.
 
     Returns: LongTensor (n_sequences, seq_len).
     """
@@ -111,10 +112,15 @@ def calibration_batches(
         raise InputError(
             f"calibration_batches: corpus {corpus!r} has {ids.numel()} tokens, fewer than seq_len={seq_len}"
         )
+    body = seq_len - 1 if bos else seq_len
+    if bos and (seq_len < 2 or getattr(tokenizer, "bos_token_id", None) is None):
+        raise InputError("calibration_batches: bos=True needs seq_len >= 2 and a tokenizer with a BOS token")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_sequences,), generator=gen)  # (n,)
-    offsets = torch.arange(seq_len)  # (seq_len,)
-    return ids[starts[:, None] + offsets[None, :]]  # (n_sequences, seq_len)
+    starts = torch.randint(0, ids.numel() - body + 1, (n_sequences,), generator=gen)  # (n,)
+    windows = ids[starts[:, None] + torch.arange(body)[None, :]]  # (n_sequences, body)
+    if bos:
+        windows = torch.cat([torch.full((n_sequences, 1), int(tokenizer.bos_token_id)), windows], dim=1)
+    return windows  # (n_sequences, seq_len)
 
 
 # ---------------------------------------------------------------------------------------------

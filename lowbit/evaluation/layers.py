@@ -3,8 +3,10 @@
 ``layer_table(model, reference)`` gives one :class:`LayerRow` per quantized module. The SQNR column
 compares the module's dequantized weight with the float weight of the module of the same name in
 ``reference`` (the float model, in lowbit's ``(out, in)`` layout: ``lowbit.nn.convert.float_weight``
-transposes transformers' ``Conv1D``). A saved artifact holds no float copy of a quantized weight, so the
-SQNR of a loaded model needs the float model it came from; without one the column is None.
+transposes transformers' ``Conv1D``). For a layer with a per-input scale (AWQ) the compared weight is the
+one it applies to its input, ``QuantModule.effective_weight()`` (dequantized weight times input scale).
+A saved artifact holds no float copy of a quantized weight, so the SQNR of a loaded model needs the float
+model it came from; without one the column is None.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class LayerRow:
         weight_shape: the float weight's shape in lowbit's layout, e.g. ``(out, in)``.
         format: ``spec.name``, plus ``+act:<ActivationQuant.name>`` when inputs are quantized.
         bits_per_weight: storage bits per weight (codes, scales, zero points, padding included).
-        sqnr_db: SQNR of the dequantized weight against the reference's float weight, in dB
-            (``inf`` when identical); None without a reference.
+        sqnr_db: SQNR of the effective (dequantized, input-scaled) weight against the reference's float
+            weight, in dB (``inf`` when identical); None without a reference.
         notes: irregular tiling, e.g. ``last group 64 of 128``; empty when none.
     """
 
@@ -60,7 +62,7 @@ def layer_table(model: nn.Module, reference: nn.Module | None = None) -> list[La
         fmt = qm.spec.name + ("" if qm.act is None else f"+act:{qm.act.name}")
         sqnr = None
         if ref_modules is not None:
-            sqnr = sqnr_db(_reference_weight(name, qm, ref_modules), qm.dequantized_weight())
+            sqnr = sqnr_db(_reference_weight(name, qm, ref_modules), qm.effective_weight())
         rows.append(LayerRow(name, type(qm).__name__, qm.weight_shape, fmt, qm.bits_per_weight(), sqnr,
                              tiling_notes(qm)))
     return rows

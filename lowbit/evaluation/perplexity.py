@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lowbit.data.text import CORPORA, corpus_text, token_windows
 from lowbit.errors import InputError
+from lowbit.models.registry import default_bos
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,13 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
-def fitting_protocol(model: nn.Module, tokens: int, window: int | None = None) -> PerplexityProtocol:
+def fitting_protocol(
+    model: nn.Module, tokens: int, window: int | None = None, bos: bool | None = None
+) -> PerplexityProtocol:
     """The perplexity protocol for ``tokens`` corpus tokens with windows that fit ``model``.
+
+    ``bos=None`` takes the model's own rule, :func:`lowbit.models.default_bos`: BOS for architectures
+    trained with one (Gemma), none for the others (SmolLM2, GPT-2, OPT, the tiny models).
 
     ``window=None`` takes 1024 tokens, or fewer when the token budget or the model's context (its config's
     ``max_position_embeddings``, when it has one) is shorter. An explicit ``window`` longer than the context
@@ -164,4 +170,6 @@ def fitting_protocol(model: nn.Module, tokens: int, window: int | None = None) -
     elif context is not None and window > context:
         raise InputError(f"window {window} is longer than the model's context of {context} positions; "
                          f"use a window <= {context}")
-    return PerplexityProtocol(max_tokens=tokens, window=window)
+    if bos is None:
+        bos = default_bos(model)
+    return PerplexityProtocol(max_tokens=tokens, window=window, bos=bos)

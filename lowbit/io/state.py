@@ -15,8 +15,9 @@ from torch import nn
 from lowbit.errors import InputError
 from lowbit.nn.base import QuantModule
 
-# the buffers QuantModule.storage_bytes() counts: the quantized weight itself (not its bias or act range)
-WEIGHT_STORAGE = ("qweight", "scale", "zero_point", "global_scale")
+# the buffers QuantModule.storage_bytes() counts: the quantized weight itself, with a linear's per-input
+# scale (AWQ), but not its bias or act range
+WEIGHT_STORAGE = ("qweight", "scale", "zero_point", "global_scale", "input_scale")
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

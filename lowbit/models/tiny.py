@@ -9,6 +9,7 @@ torch RNG state is left as it was. The causal LMs use a 256-token byte vocabular
 | tiny_llama     | LlamaForCausalLM, 2 layers, hidden 64, GQA 4/2 | nn.Linear, untied head |
 | tiny_gpt2      | GPT2LMHeadModel, 2 layers, hidden 64           | transformers Conv1D (weight is (in, out)), tied head |
 | tiny_opt       | OPTForCausalLM, 2 layers, hidden 64            | nn.Linear with bias, tied head |
+| tiny_gemma3    | Gemma3ForCausalLM, 3 layers (sliding, sliding, global), hidden 64 | nn.Linear, tied head |
 | tiny_cnn       | Conv-BN-ReLU6, depthwise + pointwise, Linear head, input 3x32x32, 10 classes | |
 """
 
@@ -62,6 +63,21 @@ def tiny_opt(seed: int = 0) -> nn.Module:
         pad_token_id=0, bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
     )
     return _seeded(lambda: OPTForCausalLM(config), seed)
+
+
+def tiny_gemma3(seed: int = 0) -> nn.Module:
+    """Gemma3ForCausalLM: 3 layers (two sliding-window of 16 tokens, one global), hidden 64, 4/2 heads of 16,
+    MLP 128, vocab 256. Its layers get different masks and rotary tables: a test of per-block arguments."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=3,
+        num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS // 2, head_dim=HIDDEN // N_HEADS,
+        max_position_embeddings=MAX_POSITIONS, sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        pad_token_id=0, bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+    )
+    return _seeded(lambda: Gemma3ForCausalLM(config), seed)
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:

@@ -9,7 +9,14 @@ scale         ``(gr, gc)`` storage dtype   scales encoded in ``spec.scale_format
 zero_point    uint8 ``(gr, gc)``           asymmetric integers only
 global_scale  float32 ``()``               NVFP4-style fp8 scales only
 act_lo/hi     float32 ``(1, 1)``           static activation quantization only
+input_scale   float32 ``(in_features,)``   linears with a per-input-feature scale only (AWQ)
 ============  ===========================  ===============================================
+
+``input_scale`` multiplies the input before everything else (activation quantization included): the layer
+computes ``F.linear(quantize_input(x * input_scale), dequantize(W), b)``. For AWQ it is ``1 / s``.
+
+Inside ``lowbit.nn.cached_weights(model)`` a module dequantizes its weight once per dtype and device and
+reuses it (an attribute of the instance, set and removed by that context manager).
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ import math
 import torch
 from torch import nn
 
+from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, fake_quantize, grid_shape, pack, packed_nbytes, unpack
 from lowbit.formats.scales import decode_scale, encode_scale
 from lowbit.spec import ActivationQuant, QuantSpec
 
-_STORAGE = ("qweight", "scale", "zero_point", "global_scale", "act_lo", "act_hi")  # buffers that keep their dtype
+# buffers that keep their dtype
+_STORAGE = ("qweight", "scale", "zero_point", "global_scale", "act_lo", "act_hi", "input_scale")
+CACHE_ATTR = "_dequant_cache"  # instance attribute: {(dtype, device): dequantized weight}, see nn.cache
 _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8,
                  "fp8_e4m3": torch.uint8}
 
@@ -31,7 +41,14 @@ _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 class QuantModule(nn.Module):
     """Base of the quantized modules: owns the weight storage and the activation quantizer."""
 
-    def _init_storage(self, weight_shape: tuple[int, ...], spec: QuantSpec, act: ActivationQuant | None) -> None:
+    def _init_storage(
+        self,
+        weight_shape: tuple[int, ...],
+        spec: QuantSpec,
+        act: ActivationQuant | None,
+        input_features: int | None = None,
+    ) -> None:
+        """Register the storage buffers; ``input_features`` adds an ``input_scale`` of ones of that length."""
         self.spec = spec
         self.act = act
         self.weight_shape = tuple(int(d) for d in weight_shape)
@@ -52,6 +69,10 @@ class QuantModule(nn.Module):
             self.register_buffer("act_hi", torch.zeros(1, 1))
         else:
             self.act_lo = self.act_hi = None
+        if input_features is not None:
+            self.register_buffer("input_scale", torch.ones(int(input_features), dtype=torch.float32))
+        else:
+            self.input_scale = None
 
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the storage; ``.to(dtype)`` / ``.half()`` must not cast it.
@@ -62,6 +83,9 @@ class QuantModule(nn.Module):
         input's dtype either way.
         """
         kept = {n: t for n in _STORAGE if isinstance(t := getattr(self, n, None), torch.Tensor)}
+        cache = self.__dict__.get(CACHE_ATTR)
+        if cache is not None:
+            cache.clear()
         super()._apply(fn, recurse)
         for n, t in kept.items():
             applied = self._buffers[n]
@@ -82,6 +106,22 @@ class QuantModule(nn.Module):
             self.zero_point.copy_(q.zero_point)
         if self.global_scale is not None:
             self.global_scale.copy_(q.global_scale)
+        cache = self.__dict__.get(CACHE_ATTR)
+        if cache is not None:
+            cache.clear()
+
+    def set_input_scale(self, input_scale: torch.Tensor) -> None:
+        """Store the per-input-feature scale (float ``(in_features,)``, finite, > 0) the input is multiplied by."""
+        if getattr(self, "input_scale", None) is None:
+            raise InputError(f"this {type(self).__name__} has no input scale; build it with one")
+        if not isinstance(input_scale, torch.Tensor) or tuple(input_scale.shape) != tuple(self.input_scale.shape):
+            got = tuple(input_scale.shape) if isinstance(input_scale, torch.Tensor) else type(input_scale).__name__
+            raise InputError(f"input_scale must be a tensor of shape {tuple(self.input_scale.shape)} "
+                             f"(one per input feature), got {got}")
+        t = input_scale.detach().float()
+        if not torch.isfinite(t).all() or bool((t <= 0).any()):
+            raise InputError("input_scale must be finite and positive (AWQ's 1 / s)")
+        self.input_scale.copy_(t)
 
     def quantized_weight(self) -> QuantizedTensor:
         """The stored weight as codes and fp32 scales (unpacked)."""
@@ -90,12 +130,32 @@ class QuantModule(nn.Module):
         return QuantizedTensor(codes, scale, self.zero_point, self.global_scale, self.spec)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight a reference forward computes with: ``weight_shape`` in ``dtype``."""
-        return self.quantized_weight().dequantize(dtype)
+        """The weight a reference forward computes with: ``weight_shape`` in ``dtype``.
+
+        Inside ``cached_weights`` the result is computed once per (dtype, device) and reused: do not modify it.
+        """
+        cache = self.__dict__.get(CACHE_ATTR)
+        if cache is None:
+            return self.quantized_weight().dequantize(dtype)
+        key = (dtype, self.qweight.device)
+        if key not in cache:
+            cache[key] = self.quantized_weight().dequantize(dtype)
+        return cache[key]
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight the module applies to its (unquantized) input: ``weight_shape`` in ``dtype``.
+
+        The dequantized weight times ``input_scale`` per input column (computed in float32), or just the
+        dequantized weight when the module has no input scale.
+        """
+        scale = getattr(self, "input_scale", None)
+        if scale is None:
+            return self.dequantized_weight(dtype)
+        return (self.dequantized_weight(torch.float32) * scale[None, :]).to(dtype)  # (out, in) * (1, in)
 
     def storage_bytes(self) -> int:
-        """Bytes of the quantized weight's storage (codes, scales, zero points), excluding bias."""
-        parts = [self.qweight, self.scale, self.zero_point, self.global_scale]
+        """Bytes of the quantized weight's storage (codes, scales, zero points, input scale), excluding bias."""
+        parts = [self.qweight, self.scale, self.zero_point, self.global_scale, getattr(self, "input_scale", None)]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def bits_per_weight(self) -> float:
@@ -128,6 +188,8 @@ class QuantModule(nn.Module):
 
     def _describe(self) -> str:
         s = f"weight={self.spec.name}"
+        if getattr(self, "input_scale", None) is not None:
+            s += ", input_scale"
         if self.act is not None:
             s += f", act={self.act.name}"
         return s

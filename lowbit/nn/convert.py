@@ -92,8 +92,19 @@ def float_weight(m: nn.Module) -> torch.Tensor:
     return m.weight.detach()
 
 
-def to_quantized(m: nn.Module, q: QuantizedTensor, act: ActivationQuant | None = None) -> QuantModule:
-    """A quantized module standing in for the float module ``m``, holding ``q``."""
+def to_quantized(
+    m: nn.Module,
+    q: QuantizedTensor,
+    act: ActivationQuant | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> QuantModule:
+    """A quantized module standing in for the float module ``m``, holding ``q``.
+
+    ``input_scale``: optional float ``(in_features,)`` positive scale a linear multiplies its input by
+    before ``q`` (AWQ's ``1 / s``); linears only.
+    """
+    if input_scale is not None and not (isinstance(m, nn.Linear) or _is_hf_conv1d(m)):
+        raise InputError(f"an input scale (AWQ) applies to linear layers only, not to a {type(m).__name__}")
     if isinstance(m, nn.Embedding):
         if act is not None:
             raise InputError("embeddings take integer ids; activation quantization does not apply")
@@ -105,7 +116,7 @@ def to_quantized(m: nn.Module, q: QuantizedTensor, act: ActivationQuant | None =
     if isinstance(m, nn.Conv1d):
         return QuantConv1d.from_float(m, q, act, _static_padding(m))
     if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
-        return QuantLinear.from_float(float_weight(m), m.bias, q, act)
+        return QuantLinear.from_float(float_weight(m), m.bias, q, act, input_scale)
     raise InputError(f"cannot quantize a {type(m).__name__}; lowbit quantizes {SUPPORTED}")
 
 
@@ -128,7 +139,7 @@ def from_layer_record(rec: dict[str, Any]) -> QuantModule:
     act = None if rec.get("act") is None else ActivationQuant.from_dict(rec["act"])
     c = rec["config"]
     if cls is QuantLinear:
-        return QuantLinear(c["in_features"], c["out_features"], c["bias"], spec, act)
+        return QuantLinear(c["in_features"], c["out_features"], c["bias"], spec, act, bool(c.get("input_scale", False)))
     if cls is QuantEmbedding:
         return QuantEmbedding(c["num_embeddings"], c["embedding_dim"], spec, c.get("padding_idx"))
     padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])

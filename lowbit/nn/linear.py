@@ -12,11 +12,12 @@ from lowbit.spec import ActivationQuant, QuantSpec
 
 
 class QuantLinear(QuantModule):
-    """``y = fq(x) @ dequantize(W).T + b`` with ``W`` stored packed (see ``lowbit.nn.base``).
+    """``y = fq(x * input_scale) @ dequantize(W).T + b`` with ``W`` stored packed (see ``lowbit.nn.base``).
 
-    Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``; weight ``(out_features, in_features)``.
+    Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``; weight ``(out_features, in_features)``;
+    ``input_scale`` float32 ``(in_features,)`` or None (``has_input_scale=False``: no multiplication).
     The weight is dequantized to ``x``'s dtype on each call (the reference path every fast kernel is
-    tested against).
+    tested against), or once per dtype inside ``lowbit.nn.cached_weights``.
     """
 
     def __init__(
@@ -26,10 +27,12 @@ class QuantLinear(QuantModule):
         bias: bool,
         spec: QuantSpec,
         act: ActivationQuant | None = None,
+        has_input_scale: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self._init_storage((self.out_features, self.in_features), spec, act)
+        self._init_storage((self.out_features, self.in_features), spec, act,
+                           self.in_features if has_input_scale else None)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
 
     @classmethod
@@ -39,11 +42,18 @@ class QuantLinear(QuantModule):
         bias: torch.Tensor | None,
         q: QuantizedTensor,
         act: ActivationQuant | None = None,
+        input_scale: torch.Tensor | None = None,
     ) -> "QuantLinear":
-        """Build from a float layer's ``weight`` ``(out, in)`` / ``bias`` and its quantized weight ``q``."""
+        """Build from a float layer's ``weight`` ``(out, in)`` / ``bias`` and its quantized weight ``q``.
+
+        ``input_scale``: optional ``(in,)`` positive scale the input is multiplied by (AWQ's ``1 / s``, with
+        ``q`` quantizing ``W * s``).
+        """
         out_features, in_features = weight.shape
-        m = cls(in_features, out_features, bias is not None, q.spec, act)
+        m = cls(in_features, out_features, bias is not None, q.spec, act, input_scale is not None)
         m.set_quantized_weight(q)
+        if input_scale is not None:
+            m.set_input_scale(input_scale)
         if bias is not None:
             m.bias.data.copy_(bias.detach().float())
         return m
@@ -51,11 +61,14 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)  # (..., in) * (in,)
         return F.linear(self.quantize_input(x), w, b)
 
     def layer_config(self) -> dict:
         """JSON-able constructor arguments (besides spec/act), used by save/load."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "input_scale": self.input_scale is not None}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

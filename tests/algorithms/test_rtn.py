@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from lowbit.algorithms import ALGORITHMS, RTN, make_algorithm, rtn
+from lowbit.algorithms import ALGORITHMS, RTN, make_algorithm, mse_clip_search, rtn
 from lowbit.errors import InputError
 from lowbit.formats import quantize
 from lowbit.spec import QuantSpec
@@ -70,7 +70,7 @@ def test_config_round_trips(cfg):
 
 
 def test_registry():
-    assert set(ALGORITHMS) == {"rtn", "gptq"} and ALGORITHMS["rtn"] is RTN
+    assert set(ALGORITHMS) == {"rtn", "gptq", "awq"} and ALGORITHMS["rtn"] is RTN
     for name, cls in ALGORITHMS.items():
         assert cls.name == name
         assert isinstance(cls().needs_data, bool)
@@ -79,7 +79,7 @@ def test_registry():
     assert make_algorithm({"name": "rtn", "clip_search": True}) == RTN(clip_search=True)
     cfg = RTN(grid=7)
     assert make_algorithm(cfg) is cfg
-    with pytest.raises(InputError, match="unknown algorithm 'gptqq'; known: rtn, gptq"):
+    with pytest.raises(InputError, match=r"unknown algorithm 'gptqq'; known: rtn, gptq, awq \(chains: awq\+rtn"):
         make_algorithm("gptqq")
     with pytest.raises(InputError, match="need a 'name'"):
         make_algorithm({"clip_search": True})
@@ -107,3 +107,26 @@ def test_bad_config(settings, match):
 def test_config_is_frozen():
     with pytest.raises(Exception):
         RTN().grid = 3  # type: ignore[misc]
+
+
+def test_weighted_uses_the_hessian(gen):
+    spec = QuantSpec.parse("int3-g32-asym")
+    w = _laplace((32, 96), gen)
+    X = torch.randn(256, 96, generator=gen) * torch.linspace(0.1, 4.0, 96)
+    H = X.t() @ X / 256
+    cfg = RTN(clip_search=True, weighted=True)
+    got = rtn(w, spec, cfg, hessian=H)
+    assert _same(got, quantize(w, spec, *mse_clip_search(w, spec, hessian=H)))
+    assert _same(rtn(w, spec, cfg, torch.ones(96), hessian=H), got)  # the Hessian wins over importance
+    by_diag = quantize(w, spec, *mse_clip_search(w, spec, importance=torch.diag(H)))
+    assert _same(rtn(w, spec, cfg, torch.diag(H)), by_diag)  # importance alone: as before
+
+    def out_err(q):
+        D = (w - q.dequantize()).double()
+        return float(((D @ H.double()) * D).sum())
+
+    assert out_err(got) <= out_err(rtn(w, spec))
+    with pytest.raises(InputError, match="clip_search"):
+        rtn(w, spec, RTN(), hessian=H)
+    with pytest.raises(InputError, match="Hessian"):
+        rtn(w, spec, cfg)

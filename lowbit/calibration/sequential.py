@@ -1,0 +1,187 @@
+"""Block-sequential calibration: run a model block by block, each block fed the outputs of the blocks
+before it *after* they were quantized (as GPTQ's reference implementation and AWQ do).
+
+    capture   replace every block by a recorder and run the model once per batch: the recorders keep
+              each block's call arguments (masks, position embeddings: shared objects, stored once) and
+              the first block's input hidden states; the last recorder stops the model, so nothing after
+              the blocks (final norm, LM head) runs.
+    per block observe the inputs of its modules (``InputCollector``), let the caller quantize them and
+              swap them in, then run the block again to produce the next block's inputs, in place.
+
+Peak memory is the model plus one set of hidden states (``n_samples x seq_len x hidden`` floats) plus one
+block's working set, whatever the depth. Each block gets the arguments the model passed to *it*, so models
+whose layers differ (Gemma-3's sliding-window and global layers get different masks and rotary tables)
+are handled without knowing their architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.calibration.capture import InputCollector, InputStats, Request, batch_count, batches, run_model
+from lowbit.errors import InputError
+from lowbit.evaluation.memory import rss_bytes
+
+log = logging.getLogger(__name__)
+
+# solve(block index, block name, stats by module name) -> nothing; it swaps quantized modules into the block
+Solve = Callable[[int, str, dict[str, InputStats]], None]
+
+
+@dataclass
+class BlockInputs:
+    """What the blocks are called with, per calibration batch.
+
+    hidden: per batch, the current block's input hidden states ``(B, T, hidden)`` (replaced in place as
+        the runner advances). calls: per block, per batch, the other positional and keyword arguments.
+    """
+
+    hidden: list[torch.Tensor]
+    calls: list[list[tuple[tuple, dict]]]
+    in_kwargs: bool = False  # the hidden states were passed as ``hidden_states=`` rather than first
+    returns_tuple: bool = False
+
+    def run(self, block_index: int, block: nn.Module, b: int) -> torch.Tensor:
+        """Run ``block`` on batch ``b``'s current hidden states; returns the output hidden states."""
+        args, kwargs = self.calls[block_index][b]
+        h = self.hidden[b]
+        out = block(*args, hidden_states=h, **kwargs) if self.in_kwargs else block(h, *args, **kwargs)
+        return _hidden_of(out)
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the model has nothing more to tell us."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for one block during capture: records its call, passes the hidden states through."""
+
+    def __init__(self, index: int, block: nn.Module, inputs: BlockInputs, last: bool) -> None:
+        super().__init__()
+        self.index, self.inputs, self.last = index, inputs, last
+        self.block = [block]  # a list, so the real block is not registered as a child
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        in_kwargs = not args
+        if in_kwargs:
+            if "hidden_states" not in kwargs:
+                raise InputError(f"block {self.index} was called without hidden states (kwargs {sorted(kwargs)})")
+            h = kwargs.pop("hidden_states")
+        else:
+            h, args = args[0], args[1:]
+        if any(_is_cache(a) for a in (*args, *kwargs.values())):
+            raise InputError("the model passed a key/value cache to its blocks during calibration; "
+                             "call it with use_cache=False")
+        self.inputs.calls[self.index].append((args, kwargs))
+        if self.index == 0:
+            self.inputs.hidden.append(h.detach())
+            self.inputs.in_kwargs = in_kwargs
+        if self.last:
+            raise _Stop
+        if self.index == 0:  # learn the real block's output structure once, from one real call
+            out = self.block[0](*args, hidden_states=h, **kwargs) if in_kwargs else self.block[0](h, *args, **kwargs)
+            self.inputs.returns_tuple = isinstance(out, (tuple, list))
+            return out
+        return (h,) if self.inputs.returns_tuple else h
+
+
+def capture_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], data: Any,
+                         progress: bool = True) -> BlockInputs:
+    """Run ``model`` on every batch of ``data`` up to its first block, recording every block's call.
+
+    Raises:
+        InputError: ``data`` holds no batch, or the model never reached its blocks.
+    """
+    inputs = BlockInputs(hidden=[], calls=[[] for _ in blocks])
+    originals = [(name, block) for name, block in blocks]
+    for i, (name, block) in enumerate(blocks):
+        model.set_submodule(name, _Recorder(i, block, inputs, last=i == len(blocks) - 1))
+    try:
+        with torch.inference_mode():
+            for b in tqdm(batches(data), total=batch_count(data), desc="capture", unit="batch",
+                          disable=not progress, leave=False):
+                try:
+                    run_model(model, b)
+                except _Stop:
+                    pass
+                if len(inputs.calls[-1]) != len(inputs.hidden):
+                    raise InputError("the model returned before running all of its blocks "
+                                     f"({blocks[0][0]} .. {blocks[-1][0]}); lowbit cannot run it block by block")
+    finally:
+        for name, block in originals:
+            model.set_submodule(name, block)
+    if not inputs.hidden:
+        raise InputError("the calibration data set is empty: it yielded no batch")
+    return inputs
+
+
+def run_block_sequential(
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    wanted: list[dict[str, Request]],
+    data: Any,
+    solve: Solve,
+    progress: bool = True,
+) -> None:
+    """For each block in order: observe ``wanted[i]`` on its inputs, ``solve`` (quantize and swap), then
+    compute its outputs with the quantized modules as the next block's inputs.
+
+    Args:
+        blocks: from :func:`~lowbit.calibration.blocks.find_blocks`.
+        wanted: per block, the modules (inside it) whose input statistics ``solve`` needs; may be empty.
+        solve: called once per block with the statistics, after observing and before the outputs.
+    """
+    inputs = capture_block_inputs(model, blocks, data, progress)
+    n_tokens = sum(h.shape[0] * h.shape[1] if h.dim() >= 2 else h.shape[0] for h in inputs.hidden)
+    log.info("block-sequential calibration: %d block(s), %d batch(es), %d token(s); hidden states %.0f MB",
+             len(blocks), len(inputs.hidden), n_tokens,
+             sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20)
+    bar = tqdm(blocks, desc="blocks", unit="block", disable=not progress)
+    with torch.inference_mode():
+        for i, (name, _) in enumerate(bar):
+            t0 = time.perf_counter()
+            block = model.get_submodule(name)
+            stats: dict[str, InputStats] = {}
+            if wanted[i]:
+                with InputCollector(wanted[i]) as c:
+                    for b in range(len(inputs.hidden)):
+                        c.new_batch()
+                        inputs.run(i, block, b)
+                stats = c.result(where=f"block {name}'s calibration inputs")
+            solve(i, name, stats)
+            block = model.get_submodule(name)  # solve may have replaced modules inside it
+            if i + 1 < len(blocks):
+                for b in range(len(inputs.hidden)):
+                    inputs.hidden[b] = inputs.run(i, block, b)
+                _check_finite(inputs.hidden, name)
+            dt = time.perf_counter() - t0
+            rss = rss_bytes() / 2**20
+            bar.set_postfix_str(f"{name} {dt:.1f}s rss {rss:.0f}MB")
+            log.info("block %d/%d (%s): %d module(s) observed, %.1f s, RSS %.0f MB",
+                     i + 1, len(blocks), name, len(wanted[i]), dt, rss)
+
+
+def _hidden_of(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InputError(f"a block returned {type(out).__name__}; expected hidden states or a tuple starting with them")
+
+
+def _is_cache(x: Any) -> bool:
+    return x is not None and type(x).__name__.endswith("Cache")
+
+
+def _check_finite(hidden: list[torch.Tensor], name: str) -> None:
+    for b, h in enumerate(hidden):
+        if not torch.isfinite(h).all():
+            raise InputError(f"block {name} produced NaN/Inf hidden states on calibration batch {b} after "
+                             "quantization; try a wider format or more damping")

@@ -1,0 +1,87 @@
+"""``quantize()`` with data-aware algorithms on tiny causal LMs: block-sequential calibration end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit.quantizer as quantizer_module
+from lowbit.errors import InputError
+from lowbit.models import tiny
+from lowbit.nn import QuantEmbedding, QuantLinear
+from lowbit.plan import QuantPlan, Rule
+from lowbit.quantizer import quantize
+
+ARCHS = {"llama": tiny.tiny_llama, "gpt2": tiny.tiny_gpt2, "opt": tiny.tiny_opt, "gemma3": tiny.tiny_gemma3}
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 256, (n, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def _output_error(model: nn.Module, ref_logits: torch.Tensor, test: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return (model(test).logits - ref_logits).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq", {"name": "rtn", "clip_search": True, "weighted": True}])
+def test_data_aware_methods_beat_round_to_nearest_on_the_output(arch, method):
+    model = ARCHS[arch]()
+    calib, test = _ids(16, 0), _ids(4, 1)
+    with torch.inference_mode():
+        ref = model(test).logits
+    rtn = quantize(copy.deepcopy(model), QuantPlan.uniform("int3-g32-asym"), progress=False)
+    q = quantize(copy.deepcopy(model), QuantPlan.uniform("int3-g32-asym", method=method), calib, progress=False)
+    assert _output_error(q, ref, test) < _output_error(rtn, ref, test)
+
+
+def test_sequential_and_one_pass_calibration_both_run_and_differ():
+    model = tiny.tiny_llama()
+    calib = _ids(16, 0)
+    plan = QuantPlan.uniform("int3-g32-asym", method="gptq")
+    seq = quantize(copy.deepcopy(model), plan, calib, progress=False)
+    one = quantize(copy.deepcopy(model), plan, calib, progress=False, sequential=False)
+    name = "model.layers.1.mlp.down_proj"  # block 1 sees block 0's quantized outputs only when sequential
+    a, b = seq.get_submodule(name).dequantized_weight(), one.get_submodule(name).dequantized_weight()
+    assert not torch.equal(a, b)
+    name0 = "model.layers.0.self_attn.q_proj"  # block 0's inputs are the same either way
+    assert torch.equal(seq.get_submodule(name0).dequantized_weight(), one.get_submodule(name0).dequantized_weight())
+
+
+def test_modules_outside_the_blocks_are_quantized_too():
+    """lm_head (data-aware, observed after the blocks) and the embedding (no data) next to GPTQ blocks."""
+    model = tiny.tiny_llama()
+    plan = QuantPlan((Rule("model.embed_tokens", "int8"), Rule("*", "int4-g32-asym", method="gptq")), skip=())
+    quantize(model, plan, _ids(8, 0), progress=False)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith("_proj"))
+
+
+def test_a_failure_in_a_later_block_leaves_the_model_float(monkeypatch):
+    model = tiny.tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    calls = {"n": 0}
+    real = quantizer_module.gptq
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # block 1's second layer: block 0 is already swapped in by then
+            raise InputError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantizer_module, "gptq", failing)
+    with pytest.raises(InputError, match="boom"):
+        quantize(model, QuantPlan.uniform("int4-g32-asym", method="gptq"), _ids(8, 0), progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_data_aware_methods_need_data():
+    with pytest.raises(InputError, match="calibration data"):
+        quantize(tiny.tiny_llama(), QuantPlan.uniform("int4-g32-asym", method="awq+gptq"), progress=False)
