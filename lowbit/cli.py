@@ -238,7 +238,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_schemes(a: argparse.Namespace) -> int:
-    from lowbit.algorithms import ALGORITHMS
+    from lowbit.algorithms import ALGORITHMS, CHAINS
     from lowbit.spec import PRESETS, parse_spec
 
     print("weight formats (--scheme; any FORMAT[-ch|-tensor|-gN|-bRxC][-sym|-asym] also works):")
@@ -248,6 +248,8 @@ def _cmd_schemes(a: argparse.Namespace) -> int:
     print("algorithms (--method):")
     for name, cls in ALGORITHMS.items():
         print(f"  {name:16s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    for name in CHAINS:
+        print(f"  {name:16s} {' then '.join(p.upper() for p in name.split('+'))} (one algorithm's result handed to the next)")
     return 0
 
 

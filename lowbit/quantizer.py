@@ -235,8 +235,8 @@ def _convert(t: Target, s: InputStats | None) -> nn.Module:
     if s is not None and s.act_range is not None:
         qm.set_activation_range(*s.act_range)
     if t.rule.bias_correction:
-        Wq = q.dequantize() if input_scale is None else q.dequantize() * input_scale  # what the layer applies
-        qm.add_to_bias(-bias_correction(Wq - W.float(), s.mean, getattr(t.module, "groups", 1)))
+        dW = qm.effective_weight() - W.float()  # what the layer applies minus the float weight
+        qm.add_to_bias(-bias_correction(dW, s.mean, getattr(t.module, "groups", 1)))
     qm.train(t.module.training)
     return qm
 

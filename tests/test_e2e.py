@@ -14,6 +14,7 @@ values with margin:
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 
@@ -111,8 +112,8 @@ def smollm2_w4(smollm2, tmp_path_factory):
     float_bytes = model_size(lm.model).total_bytes  # fp32 state, the tied embedding / lm_head once
     ppl_float = perplexity(lm.model, lm.tokenizer, PROTOCOL, progress=False).ppl
     plan = QuantPlan.uniform("int4-g128-asym")
-    lowbit.quantize(lm.model, plan, progress=False)  # changes the shared model: it is float no more
-    path = lowbit.save(lm.model, tmp_path_factory.mktemp("smollm2") / "w4", source=lm.source, plan=plan)
+    model = lowbit.quantize(copy.deepcopy(lm.model), plan, progress=False)  # the shared model stays float
+    path = lowbit.save(model, tmp_path_factory.mktemp("smollm2") / "w4", source=lm.source, plan=plan)
     loaded = lowbit.load(path)
     ppl_q = perplexity(loaded, lm.tokenizer, PROTOCOL, progress=False).ppl
     return {"path": path, "loaded": loaded, "float_bytes": float_bytes, "ppl_float": ppl_float, "ppl_q": ppl_q}
@@ -156,3 +157,28 @@ def test_gemma3_loads_generates_and_has_sane_bos_perplexity():
     result = perplexity(model, tok, protocol, progress=False)
     assert result.n_tokens == 2 * 1023
     assert 5.0 < result.ppl < 30.0, result.describe()  # measured 22.3 with BOS; 37.8 without (a lost BOS fails)
+
+
+# ---- data-aware algorithms on SmolLM2 --------------------------------------------------------------------------
+
+
+def test_smollm2_awq_gptq_beats_round_to_nearest_at_3_bits(smollm2, tmp_path):
+    """Block-sequential AWQ + GPTQ on a small calibration set (16 x 256 news tokens), saved and loaded back.
+
+    Measured (2,048 Wikipedia tokens, 512-token windows): float 21.76, int3-g64-asym RTN 61.3,
+    AWQ + GPTQ 33.9 (loaded from disk)."""
+    from lowbit.data import calibration_set
+    from lowbit.nn import cached_weights
+
+    lm = smollm2
+    calib = calibration_set("causal-lm", lm.tokenizer, 16, 256)
+    ppl = {}
+    for method in ("rtn", "awq+gptq"):
+        model = copy.deepcopy(lm.model)
+        plan = QuantPlan.uniform("int3-g64-asym", method=method)
+        lowbit.quantize(model, plan, calib if plan.needs_data else None, progress=False)
+        if method != "rtn":  # the input scales and codes survive the round trip to disk
+            model = lowbit.load(lowbit.save(model, tmp_path / "w3", source=lm.source, plan=plan))
+        with cached_weights(model):
+            ppl[method] = perplexity(model, lm.tokenizer, PROTOCOL, progress=False).ppl
+    assert ppl["awq+gptq"] < 0.8 * ppl["rtn"], ppl

@@ -44,7 +44,8 @@ class AWQ(AlgorithmConfig):
             scaled weight into it.
         clip_grid: ratios tried by that search (``1 - k * max_shrink / clip_grid``).
         max_shrink: how far the clipping search may shrink a range, in ``[0, 1)``.
-        then: None (round to nearest) or a :class:`GPTQ` config: quantize the scaled, clipped weight with GPTQ.
+        then: None (round to nearest) or a :class:`GPTQ` config: quantize the scaled, clipped weight with GPTQ,
+            within the clipped ranges (static groups; GPTQ's own clip search runs only when ``clip`` is off).
     """
 
     grid: int = 20
@@ -116,8 +117,8 @@ def awq(
     if config.clip:
         lo, hi = mse_clip_search(Ws, spec, hessian=Hs, grid=config.clip_grid, max_shrink=config.max_shrink)
         Ws = _clamp_to_tiles(Ws, spec, lo, hi)
-    if config.then is not None:
-        return gptq(Ws, Hs, spec, config.then), s
+    if config.then is not None:  # GPTQ rounds within AWQ's clipped ranges (or searches its own without clip)
+        return gptq(Ws, Hs, spec, config.then, None if lo is None else (lo, hi)), s
     return quantize(Ws, spec, lo, hi), s
 
 

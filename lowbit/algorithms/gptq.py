@@ -27,7 +27,7 @@ import torch
 from lowbit.algorithms.clip_search import mse_clip_search
 from lowbit.algorithms.config import AlgorithmConfig
 from lowbit.errors import InputError
-from lowbit.formats import QuantizedTensor, default_range, quantize
+from lowbit.formats import QuantizedTensor, default_range, grid_shape, quantize
 from lowbit.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -35,21 +35,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GPTQ(AlgorithmConfig):
-    """GPTQ settings.
+    """GPTQ: column-by-column rounding whose errors the remaining columns absorb (Frantar et al. 2023).
 
     Attributes:
         percdamp: dampening added to ``diag(H)``, as a fraction of its mean.
         block_size: columns per lazy batch update.
         act_order: process columns by decreasing ``diag(H)`` (with static group ranges).
         clip_search: choose every tile's range up front by the Hessian-weighted clipping search (static ranges).
+            Both default to on: on SmolLM2-135M at int4-g64-asym (32 x 512 calibration tokens, perplexity over
+            4,096 Wikipedia tokens) plain GPTQ with ranges re-fitted per group as the columns are updated gave
+            27.25, worse than round to nearest (26.66); act-order with static groups 24.70, static clipped
+            ranges alone 25.06, both 24.32.
         grid: ratios tried by that search (``1 - k * max_shrink / grid``, ``k = 0 .. grid - 1``).
         max_shrink: how far the search may shrink a range, in ``[0, 1)``.
     """
 
     percdamp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
-    clip_search: bool = False
+    act_order: bool = True
+    clip_search: bool = True
     grid: int = 20
     max_shrink: float = 0.5
 
@@ -73,12 +77,20 @@ class GPTQ(AlgorithmConfig):
         object.__setattr__(self, "max_shrink", float(self.max_shrink))
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ()) -> QuantizedTensor:
+def gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    config: GPTQ = GPTQ(),
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> QuantizedTensor:
     """Quantize ``W`` (``(rows, cols)`` float) to ``spec`` minimising ``||(W - Q) X^T||^2`` for ``H = X^T X``.
 
     Args:
         W: the weight, lowbit layout ``(out, in)``.
         H: ``(cols, cols)`` symmetric positive semi-definite input second moment.
+        ranges: optional ``(lo, hi)``, float ``(gr, gc)`` each: static tile ranges chosen by the caller (AWQ's
+            clipping search, say); then ``config.clip_search`` is not run.
     Returns:
         the QuantizedTensor; its dequantized value is exactly the ``Q`` the algorithm chose.
     Raises:
@@ -97,8 +109,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    static = config.act_order or config.clip_search or spec.granularity != "group"
-    if config.clip_search:  # (gr, gc): every tile's output-error-optimal range, fixed up front
+    static = config.act_order or config.clip_search or ranges is not None or spec.granularity != "group"
+    if ranges is not None:
+        lo, hi = (r.detach().float().clone() for r in ranges)
+        if tuple(lo.shape) != grid_shape(spec, W.shape) or tuple(hi.shape) != tuple(lo.shape):
+            raise InputError(f"gptq: ranges of shape {tuple(lo.shape)}/{tuple(hi.shape)} do not match the scale "
+                             f"grid {grid_shape(spec, W.shape)} of {spec.name} on a {tuple(W.shape)} weight")
+    elif config.clip_search:  # (gr, gc): every tile's output-error-optimal range, fixed up front
         lo, hi = mse_clip_search(W, spec, hessian=H, grid=config.grid, max_shrink=config.max_shrink)
     else:
         lo, hi = default_range(W, spec)  # (gr, gc): every tile's range from the (dead-zeroed) original weight
@@ -106,8 +123,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ(
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky(H, config.percdamp)  # (cols, cols) upper factor of H^-1
 
-    br, bc = spec.block(rows, cols)
-    col_spec = QuantSpec(spec.format, spec.bits, spec.symmetric, "block", None, (br, 1), spec.scale_format)
+    grid = _ColumnGrid(spec, rows, cols, lo, hi)
+    bc = grid.bc
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, config.block_size):
         i2 = min(i1 + config.block_size, cols)
@@ -117,9 +134,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ(
             g = j // bc
             if not static and j % bc == 0:  # a new group starts: its range from the error-updated weights
                 block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :bc]
-                lo[:, g], hi[:, g] = (t[:, 0] for t in default_range(block, spec.with_(group_size=block.shape[1])))
+                grid.set_range(g, *(t[:, 0] for t in default_range(block, spec.with_(group_size=block.shape[1]))))
             w = W1[:, i]
-            q = quantize(w[:, None], col_spec, lo[:, g:g + 1], hi[:, g:g + 1]).dequantize()[:, 0]
+            q = grid.round(w, g)
             Q[:, i1 + i] = q
             err = (w - q) / U[i1 + i, i1 + i]
             W1[:, i:] -= err[:, None] * U[i1 + i, i1 + i:i2][None, :]
@@ -131,6 +148,45 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQ = GPTQ(
     if drift > 1e-5 * max(Q.abs().max().item(), 1e-12):
         log.warning("gptq: encoding moved the chosen weights by up to %.3g", drift)
     return out
+
+
+class _ColumnGrid:
+    """Rounds one weight column at a time onto the grid of its tile (column group ``g``).
+
+    Integer formats use ``formats.quantize``'s arithmetic (``round(w / scale + zero)``, clamped, then
+    ``(code - zero) * scale``) on per-row tile parameters that ``quantize`` computes once per range: the
+    same numbers as quantizing the column, a few tensor ops instead of a full ``quantize`` call per
+    column (GPTQ visits every column). Other formats call ``quantize`` on the column.
+    """
+
+    def __init__(self, spec: QuantSpec, rows: int, cols: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.spec, self.rows, self.lo, self.hi = spec, rows, lo, hi  # lo, hi: (gr, gc), updated in place
+        self.br, self.bc = spec.block(rows, cols)
+        self.col_spec = QuantSpec(spec.format, spec.bits, spec.symmetric, "block", None, (self.br, 1),
+                                  spec.scale_format)
+        self.fast = spec.format == "int" and not spec.has_global_scale
+        self._params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+    def set_range(self, g: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """New ``(gr,)`` range for tile column ``g``."""
+        self.lo[:, g], self.hi[:, g] = lo, hi
+        self._params.pop(g, None)
+
+    def round(self, w: torch.Tensor, g: int) -> torch.Tensor:
+        """``(rows,)`` column ``w`` of tile column ``g`` -> its quantized value ``(rows,)``."""
+        lo, hi = self.lo[:, g:g + 1], self.hi[:, g:g + 1]  # (gr, 1)
+        if not self.fast:
+            return quantize(w[:, None], self.col_spec, lo, hi).dequantize()[:, 0]
+        if g not in self._params:
+            t = quantize(torch.zeros(self.rows, 1), self.col_spec, lo, hi)  # scale, zero point per tile
+            scale = t.scale[:, 0].repeat_interleave(self.br)[: self.rows]  # (rows,)
+            zero = None if t.zero_point is None else t.zero_point[:, 0].float().repeat_interleave(self.br)[: self.rows]
+            self._params[g] = (scale, torch.where(scale > 0, scale, torch.ones_like(scale)), zero)
+        scale, safe, zero = self._params[g]
+        if zero is not None:
+            return (torch.round(w / safe + zero).clamp(0, 2**self.spec.bits - 1) - zero) * scale
+        half = 2 ** (self.spec.bits - 1)
+        return torch.round(w / safe).clamp(-half, half - 1) * scale
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration.capture import InputCollector, InputStats, Request, batch_count, batches, run_model
 from lowbit.errors import InputError
-from lowbit.evaluation.memory import rss_bytes
+from lowbit.evaluation.memory import release_free_memory, rss_bytes
+from lowbit.nn.cache import cached_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,9 @@ class _Recorder(nn.Module):
             self.inputs.in_kwargs = in_kwargs
         if self.last:
             raise _Stop
-        if self.index == 0:  # learn the real block's output structure once, from one real call
+        if self.index == 0 and len(self.inputs.hidden) == 1:  # the real block's output structure, from one call
             out = self.block[0](*args, hidden_states=h, **kwargs) if in_kwargs else self.block[0](h, *args, **kwargs)
             self.inputs.returns_tuple = isinstance(out, (tuple, list))
-            return out
         return (h,) if self.inputs.returns_tuple else h
 
 
@@ -100,7 +100,7 @@ def capture_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], 
         InputError: ``data`` holds no batch, or the model never reached its blocks.
     """
     inputs = BlockInputs(hidden=[], calls=[[] for _ in blocks])
-    originals = [(name, block) for name, block in blocks]
+    originals = list(blocks)
     for i, (name, block) in enumerate(blocks):
         model.set_submodule(name, _Recorder(i, block, inputs, last=i == len(blocks) - 1))
     try:
@@ -158,9 +158,11 @@ def run_block_sequential(
             solve(i, name, stats)
             block = model.get_submodule(name)  # solve may have replaced modules inside it
             if i + 1 < len(blocks):
-                for b in range(len(inputs.hidden)):
-                    inputs.hidden[b] = inputs.run(i, block, b)
+                with cached_weights(block):  # dequantize each new quantized layer once, not once per batch
+                    for b in range(len(inputs.hidden)):
+                        inputs.hidden[b] = inputs.run(i, block, b)
                 _check_finite(inputs.hidden, name)
+            release_free_memory()
             dt = time.perf_counter() - t0
             rss = rss_bytes() / 2**20
             bar.set_postfix_str(f"{name} {dt:.1f}s rss {rss:.0f}MB")

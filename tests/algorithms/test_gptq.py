@@ -29,11 +29,11 @@ SPECS = ["int4-g32-asym", "int3-g32-asym", "int2-g32-asym", "int4", "int8-tensor
 
 
 @pytest.mark.parametrize("name", SPECS)
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_rtn_on_activation_weighted_error(name, act_order, caplog):
+@pytest.mark.parametrize("act_order,clip_search", [(False, False), (True, False), (False, True), (True, True)])
+def test_gptq_beats_rtn_on_activation_weighted_error(name, act_order, clip_search, caplog):
     spec = QuantSpec.parse(name)
     W, X, H = _problem()
-    q = gptq(W, H, spec, GPTQ(act_order=act_order, block_size=32))
+    q = gptq(W, H, spec, GPTQ(act_order=act_order, clip_search=clip_search, block_size=32))
     Q = q.dequantize()
     assert torch.isfinite(Q).all() and q.spec == spec and q.shape == W.shape
     assert _err(W, Q, X) < _err(W, quantize(W, spec).dequantize(), X)
@@ -44,7 +44,7 @@ def test_gptq_on_the_identity_hessian_is_rtn():
     # with H = I the columns are independent: GPTQ reduces to round-to-nearest
     W, _, _ = _problem()
     spec = QuantSpec.parse("int4-g32-asym")
-    assert torch.equal(gptq(W, torch.eye(W.shape[1]), spec, GPTQ(percdamp=1e-6)).codes, quantize(W, spec).codes)
+    assert torch.equal(gptq(W, torch.eye(W.shape[1]), spec, GPTQ(1e-6, act_order=False, clip_search=False)).codes, quantize(W, spec).codes)
 
 
 def test_two_bit_stays_finite_and_singular_hessians_are_damped():
@@ -115,8 +115,8 @@ def test_clip_search_lowers_the_activation_weighted_error(seed):
     W = _laplace(W.shape, torch.Generator().manual_seed(seed))
     H = X.t() @ X / X.shape[0]
     spec = QuantSpec.parse("int3-g16-asym")
-    plain = _out_err(W, gptq(W, H, spec).dequantize(), H)
-    clipped_q = gptq(W, H, spec, GPTQ(clip_search=True))
+    plain = _out_err(W, gptq(W, H, spec, GPTQ(act_order=False, clip_search=False)).dequantize(), H)
+    clipped_q = gptq(W, H, spec, GPTQ(act_order=False, clip_search=True))
     clipped = _out_err(W, clipped_q.dequantize(), H)
     # measured tr((W-Q) H (W-Q)^T): seed 0: 1236.3 -> 1223.1, 1: 1395.7 -> 1333.0, 2: 1236.4 -> 1207.5,
     # 3: 1196.6 -> 1164.6 (round to nearest: 1518-1774)
@@ -132,3 +132,20 @@ def test_clip_search_config():
     for bad, match in (({"clip_search": 1}, "clip_search"), ({"grid": 0}, "grid"), ({"max_shrink": 1.5}, "max_shrink")):
         with pytest.raises(InputError, match=match):
             GPTQ(**bad)
+
+
+@pytest.mark.parametrize("name", ["int4-g64-asym", "int3-g32", "int4-ch", "int8", "int4-b16x32-asym", "int4-g40-asym"])
+def test_the_integer_column_fast_path_equals_quantize(name):
+    from lowbit.algorithms.gptq import _ColumnGrid
+    from lowbit.formats import default_range
+
+    spec = QuantSpec.parse(name)
+    W, _, _ = _problem()
+    lo, hi = default_range(W, spec)
+    fast = _ColumnGrid(spec, *W.shape, lo.clone(), hi.clone())
+    slow = _ColumnGrid(spec, *W.shape, lo.clone(), hi.clone())
+    slow.fast = False
+    assert fast.fast
+    for j in range(W.shape[1]):
+        w = W[:, j] * 1.3  # also values beyond the range, which must saturate the same way
+        assert torch.equal(fast.round(w, j // fast.bc), slow.round(w, j // slow.bc)), j

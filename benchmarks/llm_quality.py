@@ -1,0 +1,138 @@
+"""Weight-only post-training quantization of language models: perplexity, time and memory by method.
+
+One table, every row measured in this run: for each model, the float model, then for each scheme
+(W4 group 64, W4 group 128, W4 per channel, W3 group 64, W2 group 64; all asymmetric, every linear layer
+but ``lm_head``, embeddings float) each method: round to nearest, round to nearest with the
+Hessian-weighted clipping search, AWQ, GPTQ, and AWQ followed by GPTQ.
+
+Protocol (printed with the table):
+- evaluation: perplexity on the bundled Wikipedia text, first ``--tokens`` tokens, 1024-token
+  non-overlapping windows, BOS by the model's rule (``lowbit.models.default_bos``: SmolLM2 without,
+  Gemma-3 with);
+- calibration (data-aware methods only): ``--calib-samples`` windows of ``--calib-len`` tokens of the
+  bundled *news* text (disjoint from the evaluation text), seed 0, same BOS rule;
+- time: wall time of ``lowbit.quantize`` (block-sequential calibration included), ``--threads`` threads;
+- memory: ``peak x`` = (float model bytes + the largest rise of the process's resident memory during
+  ``quantize``) / float model bytes, i.e. peak memory relative to the float model, as if the float
+  model were the only thing loaded (this script keeps a pristine copy for the next row, which is not
+  counted). Where ``/proc/self/clear_refs`` cannot be written the peak is sampled every 5 ms.
+
+The evaluation runs the quantized modules with their dequantized weights cached (``lowbit.nn.cached_weights``):
+the same numbers as the reference forward, computed once instead of on every call.
+
+    python benchmarks/llm_quality.py                       # everything (several hours on 2 cores)
+    python benchmarks/llm_quality.py --models smollm2-135m --schemes w4g64 w3g64 --json out.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+
+import torch
+
+from lowbit.data import calibration_set
+from lowbit.evaluation import fitting_protocol, model_size, perplexity
+from lowbit.evaluation.memory import PeakRSS
+from lowbit.models import default_bos, load_model
+from lowbit.nn import cached_weights
+from lowbit.plan import QuantPlan
+from lowbit.quantizer import quantize
+
+SCHEMES = {
+    "w4g64": "int4-g64-asym",
+    "w4g128": "int4-g128-asym",
+    "w4ch": "int4-ch-asym",
+    "w3g64": "int3-g64-asym",
+    "w2g64": "int2-g64-asym",
+}
+METHODS = {
+    "rtn": {"name": "rtn"},
+    "rtn+clip": {"name": "rtn", "clip_search": True, "weighted": True},
+    "awq": {"name": "awq"},
+    "gptq": {"name": "gptq"},
+    "awq+gptq": {"name": "awq", "then": {"name": "gptq"}},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), help=f"{', '.join(SCHEMES)} or spec names")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--tokens", type=int, default=16384, help="evaluation token budget")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="append one JSON line per row to this file")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    rows = []
+    print(f"calibration: {a.calib_samples} x {a.calib_len} tokens of news text, seed 0; {a.threads} threads")
+    print(_header(), flush=True)
+    for name in a.models:
+        rows += run_model(name, a)
+    print("\nall rows:")
+    print(_header())
+    for r in rows:
+        print(_line(r))
+
+
+def run_model(name: str, a: argparse.Namespace) -> list[dict]:
+    lm = load_model(name)
+    bos = default_bos(lm)
+    proto = fitting_protocol(lm.model, a.tokens, bos=bos)
+    print(f"# {lm.name}: {proto.describe()}", flush=True)
+    float_bytes = model_size(lm.model).total_bytes
+    base = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl
+    rows = [_emit(a, {"model": name, "scheme": "float", "method": "-", "ppl": base, "vs_float": 1.0,
+                      "seconds": 0.0, "peak_x": 1.0, "protocol": proto.describe()})]
+    calib = None
+    for scheme in a.schemes:
+        spec = SCHEMES.get(scheme, scheme)
+        for method in a.methods:
+            plan = QuantPlan.uniform(spec, METHODS[method])
+            if plan.needs_data and calib is None:
+                calib = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=0, bos=bos)
+            model = copy.deepcopy(lm.model)
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                quantize(model, plan, calib if plan.needs_data else None, progress=False)
+                seconds = time.perf_counter() - t0
+            with cached_weights(model):
+                ppl = perplexity(model, lm.tokenizer, proto, progress=False).ppl
+            peak_x = (float_bytes + max(0, mem.peak - mem.start)) / float_bytes
+            rows.append(_emit(a, {"model": name, "scheme": spec, "method": method, "ppl": ppl,
+                                  "vs_float": ppl / base, "seconds": seconds, "peak_x": peak_x,
+                                  "bits": model_size(model).bits_per_quantized_weight,
+                                  "protocol": proto.describe()}))
+            del model
+    return rows
+
+
+def _emit(a: argparse.Namespace, row: dict) -> dict:
+    print(_line(row), flush=True)
+    if a.json:
+        with open(a.json, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _header() -> str:
+    return (f"{'model':14s} {'scheme':16s} {'method':9s} {'bits/w':>6s} {'ppl':>9s} {'vs float':>8s} "
+            f"{'quant s':>8s} {'peak x':>6s}")
+
+
+def _line(r: dict) -> str:
+    bits = f"{r['bits']:6.3f}" if "bits" in r else f"{32:6d}"
+    return (f"{r['model']:14s} {r['scheme']:16s} {r['method']:9s} {bits} {r['ppl']:9.3f} {r['vs_float']:7.3f}x "
+            f"{r['seconds']:8.1f} {r['peak_x']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
