@@ -15,7 +15,9 @@ Protocol (printed with the table):
 - memory: ``peak x`` = (float model bytes + the largest rise of the process's resident memory during
   ``quantize``) / float model bytes, i.e. peak memory relative to the float model, as if the float
   model were the only thing loaded (this script keeps a pristine copy for the next row, which is not
-  counted). Where ``/proc/self/clear_refs`` cannot be written the peak is sampled every 5 ms.
+  counted). The allocator's free memory is handed back to the system before each row, so memory freed by
+  earlier rows cannot be reused unseen. Where ``/proc/self/clear_refs`` cannot be written the peak is
+  sampled every 5 ms.
 
 The evaluation runs the quantized modules with their dequantized weights cached (``lowbit.nn.cached_weights``):
 the same numbers as the reference forward, computed once instead of on every call.
@@ -36,7 +38,7 @@ import torch
 
 from lowbit.data import calibration_set
 from lowbit.evaluation import fitting_protocol, model_size, perplexity
-from lowbit.evaluation.memory import PeakRSS
+from lowbit.evaluation.memory import PeakRSS, release_free_memory
 from lowbit.models import default_bos, load_model
 from lowbit.nn import cached_weights
 from lowbit.plan import QuantPlan
@@ -100,6 +102,7 @@ def run_model(name: str, a: argparse.Namespace) -> list[dict]:
             if plan.needs_data and calib is None:
                 calib = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=0, bos=bos)
             model = copy.deepcopy(lm.model)
+            release_free_memory()  # memory freed by earlier rows would otherwise be reused unseen
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 quantize(model, plan, calib if plan.needs_data else None, progress=False)

@@ -127,7 +127,9 @@ def _error_weights(importance: torch.Tensor | None, rows: int, cols: int) -> tor
 
 
 class _HessianError:
-    """Per-tile output error ``sum_r e_r^T H_tt e_r`` of an error matrix ``E`` ``(rows, cols)``, in fp64.
+    """Per-tile output error ``sum_r e_r^T H_tt e_r`` of an error matrix ``E`` ``(rows, cols)``.
+
+    Products in float32 (the cost: one pass per candidate range), sums over rows in float64.
 
     The columns are cut into ``ng`` full groups of ``G = bc`` (the tile width) plus a shorter last group of
     ``p`` columns; the diagonal blocks of ``H`` are extracted once: ``(ng, G, G)`` and ``(p, p)``.
@@ -138,7 +140,7 @@ class _HessianError:
             got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
             raise InputError(f"hessian has shape {got}; expected ({cols}, {cols}) = X^T X / n of the layer's "
                              f"{cols} input features")
-        H = hessian.detach().double()
+        H = hessian.detach().float()
         if not torch.isfinite(H).all():
             raise InputError(f"hessian ({cols}, {cols}) holds NaN/Inf; check the calibration data")
         self.rows, self.cols = rows, cols
@@ -153,19 +155,19 @@ class _HessianError:
 
     def row_error(self, E: torch.Tensor) -> torch.Tensor:
         """Whole output error ``sum_r e_r^T H e_r`` of each row of tiles (cross terms included): ``(gr, 1)``."""
-        E = E.double()
-        return self._sum_rows(((E @ self.H) * E).sum(-1, keepdim=True))
+        E = E.float()
+        return self._sum_rows(((E @ self.H) * E).sum(-1, keepdim=True).double())
 
     def __call__(self, E: torch.Tensor) -> torch.Tensor:
-        E = E.double()
+        E = E.float()
         n = self.ng * self.G
         parts = []
         if self.ng:
             Eg = E[:, :n].reshape(self.rows, self.ng, self.G).transpose(0, 1)  # (ng, rows, G)
-            parts.append((torch.bmm(Eg, self.Hb) * Eg).sum(-1).t())  # (rows, ng)
+            parts.append((torch.bmm(Eg, self.Hb) * Eg).sum(-1).t().double())  # (rows, ng)
         if self.p:
             Ep = E[:, n:]  # (rows, p)
-            parts.append(((Ep @ self.Hp) * Ep).sum(-1, keepdim=True))  # (rows, 1)
+            parts.append(((Ep @ self.Hp) * Ep).sum(-1, keepdim=True).double())  # (rows, 1)
         return self._sum_rows(torch.cat(parts, dim=1))  # (rows, gc): per row and column group -> (gr, gc)
 
     def _sum_rows(self, err: torch.Tensor) -> torch.Tensor:

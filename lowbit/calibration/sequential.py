@@ -25,7 +25,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calibration.capture import InputCollector, InputStats, Request, batch_count, batches, run_model
+from lowbit.calibration.capture import (
+    InputCollector,
+    InputStats,
+    Request,
+    StopObserving,
+    batch_count,
+    batches,
+    run_model,
+)
 from lowbit.errors import InputError
 from lowbit.evaluation.memory import release_free_memory, rss_bytes
 from lowbit.nn.cache import cached_weights
@@ -150,10 +158,13 @@ def run_block_sequential(
             block = model.get_submodule(name)
             stats: dict[str, InputStats] = {}
             if wanted[i]:
-                with InputCollector(wanted[i]) as c:
+                with InputCollector(wanted[i], early_stop=True) as c:  # the outputs come from the next pass
                     for b in range(len(inputs.hidden)):
                         c.new_batch()
-                        inputs.run(i, block, b)
+                        try:
+                            inputs.run(i, block, b)
+                        except StopObserving:
+                            pass
                 stats = c.result(where=f"block {name}'s calibration inputs")
             solve(i, name, stats)
             block = model.get_submodule(name)  # solve may have replaced modules inside it

@@ -159,3 +159,12 @@ def test_mean_per_input_channel_for_linear_and_conv(gen):
     assert torch.allclose(stats["conv"].mean, expected, atol=1e-6)
     assert torch.allclose(stats["lin"].mean, expected, atol=1e-6)
     assert stats["conv"].importance is None and stats["conv"].n_rows == 6
+
+
+@pytest.mark.parametrize("d", [5, 384, 577, 1536])
+def test_gram_equals_the_full_product(d):
+    from lowbit.calibration.capture import gram
+
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d))
+    assert torch.allclose(gram(x), x.t() @ x, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(gram(x), gram(x).t(), rtol=1e-5, atol=1e-3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from lowbit.calibration import Request, collect_input_stats
 from lowbit.calibration.blocks import find_blocks
@@ -104,3 +105,51 @@ def test_empty_calibration_set_is_rejected():
     model = tiny.tiny_llama()
     with pytest.raises(InputError, match="empty"):
         capture_block_inputs(model, find_blocks(model), torch.zeros(0, 8, dtype=torch.long), progress=False)
+
+
+class _Block(nn.Module):
+    def __init__(self, twice: bool) -> None:
+        super().__init__()
+        self.up, self.down, self.twice = nn.Linear(8, 16), nn.Linear(16, 8), twice
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        if self.twice:  # the same layer twice in one call: early stop must not cut its second call
+            h = h + torch.relu(self.up(x * 0.5))
+        return x + self.down(h)
+
+
+class _Stack(nn.Module):
+    def __init__(self, twice: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(_Block(twice) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_observing_stops_early_only_when_that_loses_nothing(twice):
+    model = _Stack(twice).eval()
+    data = torch.randn(32, 5, 8, generator=torch.Generator().manual_seed(1))
+    blocks = find_blocks(model)
+    requests = {f"layers.{i}.up": Request(model.layers[i].up, hessian=True) for i in range(3)}
+    whole = collect_input_stats(model, requests, data, progress=False)
+    down_calls = []
+    for _, b in blocks:
+        b.down.register_forward_hook(lambda m, a, o: down_calls.append(1))
+    seen = {}
+    run_block_sequential(model, blocks, [{n: r} for n, r in requests.items()], data,
+                         lambda i, name, stats: seen.update(stats), progress=False)
+    for n in requests:
+        assert seen[n].n_rows == whole[n].n_rows
+        assert torch.allclose(seen[n].hessian, whole[n].hessian, rtol=1e-5, atol=1e-7)
+    n_batches = 4  # 32 samples in batches of 8
+    # capture runs block 0 once (to learn its output type); the observing pass runs `down` only where it must:
+    # on the first batch (to learn the call pattern) when `up` runs once per call, on every batch when it runs
+    # twice; the output pass runs it in blocks 0 and 1
+    observing = (1 if not twice else n_batches) * 3
+    assert len(down_calls) == 1 + observing + n_batches * 2
