@@ -163,7 +163,9 @@ def test_gemma3_loads_generates_and_has_sane_bos_perplexity():
 
 
 def test_smollm2_awq_gptq_beats_round_to_nearest_at_3_bits(smollm2, tmp_path):
-    """Block-sequential AWQ + GPTQ on a small calibration set (16 x 256 news tokens), saved and loaded back."""
+    """Block-sequential AWQ + GPTQ on a small calibration set (16 x 256 news tokens), saved and loaded back.
+
+    Measured (2,048 Wikipedia tokens, 512-token windows): int3-g64-asym RTN 65.84, AWQ + GPTQ 46.29 (0.70x)."""
     from lowbit.data import calibration_set
     from lowbit.nn import cached_weights
 
