@@ -8,7 +8,10 @@ returned; it keeps working as an ``nn.Module`` with the same call signature.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,7 +91,7 @@ def quantize(
     in_block = [[t for t in targets if t.name.startswith(name + ".")] for name, _ in blocks]
     if not any(t.name in requests for ts in in_block for t in ts):
         blocks, in_block = [], []
-    swapped: dict[str, nn.Module] = {}  # name -> the float module it replaced, to undo on failure
+    swapped = _Originals(model)  # the float modules replaced, to put back on failure
     try:
         if not blocks:
             stats = collect_input_stats(model, requests, data, progress) if requests else {}
@@ -100,6 +103,7 @@ def quantize(
 
             def solve(i: int, block_name: str, stats: dict) -> None:
                 _swap(model, [(t, _convert(t, stats.get(t.name))) for t in in_block[i]], swapped)
+                swapped.offload([t.name for t in in_block[i]], f"block{i}")  # done with their float weights
 
             wanted = [{t.name: requests[t.name] for t in ts if t.name in requests} for ts in in_block]
             run_block_sequential(model, blocks, wanted, data, solve, progress)
@@ -108,9 +112,10 @@ def quantize(
                 stats = collect_input_stats(model, rest, data, progress)
                 _swap(model, [(t, _convert(t, stats[t.name])) for t in outside if t.name in rest], swapped)
     except BaseException:
-        for name, original in reversed(list(swapped.items())):  # no half-quantized model
-            model.set_submodule(name, original)
+        swapped.restore()  # no half-quantized model
         raise
+    finally:
+        swapped.close()
     log.info("quantized %d module(s)%s", len(swapped), f" block by block over {len(blocks)} blocks" if blocks else "")
     return model
 
@@ -241,10 +246,89 @@ def _convert(t: Target, s: InputStats | None) -> nn.Module:
     return qm
 
 
-def _swap(model: nn.Module, pairs: list[tuple[Target, nn.Module]], swapped: dict[str, nn.Module]) -> None:
+def _swap(model: nn.Module, pairs: list[tuple[Target, nn.Module]], swapped: "_Originals") -> None:
     for t, qm in pairs:
-        swapped.setdefault(t.name, t.module)
+        swapped.keep(t.name, t.module)
         model.set_submodule(t.name, qm)
+
+
+class _Originals:
+    """The float modules ``quantize`` replaced, so that a failure can put every one of them back.
+
+    Block by block, the float weights of a finished block are needed only for that undo, and holding them
+    would keep a second copy of the model in memory until the end (peak = float model + quantized model +
+    activations). ``offload`` therefore writes them to a temporary safetensors file and empties them in
+    place; ``restore`` reads them back. Tensors the model still uses (a tied embedding) stay in memory.
+    When the temporary directory (``TMPDIR``) cannot be written, the weights stay in memory, with a warning.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules: dict[str, nn.Module] = {}
+        # per file: (file key, module, attribute, is a parameter, dtype, device) of each tensor in it
+        self.files: list[tuple[Path, list[tuple[str, nn.Module, str, bool, torch.dtype, torch.device]]]] = []
+        self._dir: Path | None = None
+        self._disabled = False
+
+    def keep(self, name: str, module: nn.Module) -> None:
+        self.modules.setdefault(name, module)
+
+    def offload(self, names: list[str], tag: str) -> None:
+        if self._disabled or not names:
+            return
+        from safetensors.torch import save_file
+
+        live = {t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        tensors, slots = {}, []
+        for name in names:
+            module = self.modules[name]
+            for kind, table in (("p", module._parameters), ("b", module._buffers)):
+                for key, t in table.items():
+                    if t is None or t.numel() == 0 or t.data_ptr() in live:
+                        continue
+                    tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
+                    slots.append((f"{name}.{key}", module, key, kind == "p", t.dtype, t.device))
+        if not tensors:
+            return
+        try:
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix="lowbit-undo-"))
+            path = self._dir / f"{tag}.safetensors"
+            save_file(tensors, str(path))
+        except OSError as e:
+            log.warning("cannot write the float weights to a temporary file (%s); they stay in memory until "
+                        "quantize() returns", e)
+            self._disabled = True
+            return
+        for _, module, key, is_param, dtype, device in slots:
+            empty = torch.empty(0, dtype=dtype, device=device)
+            if is_param:
+                module._parameters[key].data = empty
+            else:
+                module._buffers[key] = empty
+        self.files.append((path, slots))
+
+    def restore(self) -> None:
+        from safetensors import safe_open
+
+        for path, slots in self.files:
+            with safe_open(str(path), framework="pt") as f:
+                for k, module, key, is_param, dtype, device in slots:
+                    t = f.get_tensor(k).to(device=device, dtype=dtype)
+                    if is_param:
+                        module._parameters[key].data = t
+                    else:
+                        module._buffers[key] = t
+        for name, module in reversed(list(self.modules.items())):
+            self.model.set_submodule(name, module)
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __len__(self) -> int:
+        return len(self.modules)
 
 
 def _bar(targets: list[Target], progress: bool):

@@ -85,3 +85,45 @@ def test_a_failure_in_a_later_block_leaves_the_model_float(monkeypatch):
 def test_data_aware_methods_need_data():
     with pytest.raises(InputError, match="calibration data"):
         quantize(tiny.tiny_llama(), QuantPlan.uniform("int4-g32-asym", method="awq+gptq"), progress=False)
+
+
+def test_finished_blocks_give_up_their_float_weights(tmp_path, monkeypatch):
+    """The float weights of a quantized block are kept (for undo) on disk, not in memory, and the temporary
+    file is gone once quantize() returns."""
+    monkeypatch.setattr(quantizer_module.tempfile, "tempdir", str(tmp_path))
+    model = tiny.tiny_llama()
+    original = model.model.layers[0].self_attn.q_proj
+    quantize(model, QuantPlan.uniform("int4-g32-asym", method="gptq"), _ids(8, 0), progress=False)
+    assert original.weight.numel() == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_weight_shared_with_a_later_block_stays_in_place():
+    model = tiny.tiny_llama()
+    shared = model.model.layers[0].mlp.down_proj.weight
+    model.model.layers[1].mlp.down_proj.weight = shared
+    w = shared.detach().clone()
+    quantize(model, QuantPlan.uniform("int8-ch", method="gptq"), _ids(8, 0), progress=False)
+    q1 = model.model.layers[1].mlp.down_proj.dequantized_weight()
+    assert q1.shape == w.shape and (q1 - w).abs().max() < 0.02 * w.abs().max()
+
+
+def test_undo_keeps_weights_in_memory_when_the_temporary_directory_fails(monkeypatch, caplog):
+    monkeypatch.setattr(quantizer_module.tempfile, "mkdtemp", lambda **kw: (_ for _ in ()).throw(OSError("read-only")))
+    model = tiny.tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    calls = {"n": 0}
+    real = quantizer_module.gptq
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise InputError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantizer_module, "gptq", failing)
+    with caplog.at_level("WARNING"), pytest.raises(InputError, match="boom"):
+        quantize(model, QuantPlan.uniform("int4-g32-asym", method="gptq"), _ids(8, 0), progress=False)
+    assert "stay in memory" in caplog.text
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
