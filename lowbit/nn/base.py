@@ -34,6 +34,7 @@ from lowbit.spec import ActivationQuant, QuantSpec
 # buffers that keep their dtype
 _STORAGE = ("qweight", "scale", "zero_point", "global_scale", "act_lo", "act_hi", "input_scale")
 CACHE_ATTR = "_dequant_cache"  # instance attribute: {(dtype, device): dequantized weight}, see nn.cache
+KERNEL_ATTR = "_kernel"  # instance attribute: the fast path ``(module, x) -> y`` set by lowbit.kernels.use_kernels
 _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8,
                  "fp8_e4m3": torch.uint8}
 
@@ -86,6 +87,7 @@ class QuantModule(nn.Module):
         cache = self.__dict__.get(CACHE_ATTR)
         if cache is not None:
             cache.clear()
+        self.__dict__.pop(KERNEL_ATTR, None)  # packed for the old device; use_kernels again after moving
         super()._apply(fn, recurse)
         for n, t in kept.items():
             applied = self._buffers[n]
@@ -109,6 +111,7 @@ class QuantModule(nn.Module):
         cache = self.__dict__.get(CACHE_ATTR)
         if cache is not None:
             cache.clear()
+        self.__dict__.pop(KERNEL_ATTR, None)  # packed from the old weight
 
     def set_input_scale(self, input_scale: torch.Tensor) -> None:
         """Store the per-input-feature scale (float ``(in_features,)``, finite, > 0) the input is multiplied by."""
@@ -174,6 +177,7 @@ class QuantModule(nn.Module):
             raise ValueError("this module has no static activation quantizer")
         self.act_lo.copy_(lo.reshape(1, 1))
         self.act_hi.copy_(hi.reshape(1, 1))
+        self.__dict__.pop(KERNEL_ATTR, None)  # a kernel may have packed the old range
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize the input on its ``(tokens, features)`` view (identity without ``act``)."""

@@ -8,7 +8,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor
-from lowbit.nn.base import QuantModule
+from lowbit.nn.base import KERNEL_ATTR, QuantModule
 from lowbit.spec import ActivationQuant, QuantSpec
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
@@ -69,6 +69,11 @@ class _QuantConv(QuantModule):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.__dict__.get(KERNEL_ATTR)  # set by lowbit.kernels.use_kernels
+        return self.reference(x) if fast is None else fast(self, x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path (dequantize, then the float convolution), the oracle for every kernel."""
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         if self.input_padding is not None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor
-from lowbit.nn.base import QuantModule
+from lowbit.nn.base import KERNEL_ATTR, QuantModule
 from lowbit.spec import ActivationQuant, QuantSpec
 
 
@@ -16,8 +16,9 @@ class QuantLinear(QuantModule):
 
     Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``; weight ``(out_features, in_features)``;
     ``input_scale`` float32 ``(in_features,)`` or None (``has_input_scale=False``: no multiplication).
-    The weight is dequantized to ``x``'s dtype on each call (the reference path every fast kernel is
-    tested against), or once per dtype inside ``lowbit.nn.cached_weights``.
+    The weight is dequantized to ``x``'s dtype on each call (``reference``, the path every fast kernel is
+    tested against), or once per dtype inside ``lowbit.nn.cached_weights``; after
+    ``lowbit.kernels.use_kernels`` the module runs its kernel instead, where one fits.
     """
 
     def __init__(
@@ -59,6 +60,11 @@ class QuantLinear(QuantModule):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.__dict__.get(KERNEL_ATTR)  # set by lowbit.kernels.use_kernels
+        return self.reference(x) if fast is None else fast(self, x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path (dequantize, then ``F.linear``), the oracle every kernel is tested against."""
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         if self.input_scale is not None:

@@ -1,0 +1,78 @@
+"""8-bit convolution through oneDNN's int8 kernel (``torch.ops.onednn.qconv2d_pointwise``), float output.
+
+For a ``QuantConv2d`` with symmetric 8-bit per-channel (or per-tensor) integer weights and static
+per-tensor 8-bit activations: the input is quantized to uint8 codes with the layer's calibrated scale
+and zero point (computed as the reference path computes them, so the codes are the same), oneDNN convolves
+uint8 x int8 with int32 accumulation and writes ``t * s_o * acc + bias`` as float32 directly, so only
+the final scaling rounds differently from the reference path. Outputs are channels-last float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.formats import quantize
+from lowbit.nn.base import QuantModule
+from lowbit.nn.conv import QuantConv2d
+
+
+def why_not(m: QuantModule) -> str | None:
+    if not isinstance(m, QuantConv2d):
+        return f"a {type(m).__name__}, not a 2-D convolution"
+    spec = m.spec
+    if spec.format != "int" or spec.bits != 8 or not spec.symmetric:
+        return f"weight format {spec.name} is not symmetric 8-bit integer"
+    if spec.granularity not in ("channel", "tensor"):
+        return f"weight granularity {spec.granularity} (needs per channel or per tensor)"
+    if m.act is None or m.act.dynamic:
+        return "needs static (calibrated) per-tensor activation quantization"
+    a = m.act.spec
+    if a.format != "int" or a.bits != 8:
+        return f"activation format {a.name} is not 8-bit integer"
+    if isinstance(m.padding, str):
+        return f"padding={m.padding!r} (needs explicit padding)"
+    if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+        return "this torch build has no oneDNN int8 convolution"
+    return None
+
+
+def _input_qparams(m: QuantConv2d) -> tuple[float, int]:
+    """The activation quantizer's scale and zero point in uint8 codes (symmetric: zero point 128)."""
+    lo, hi = m.act_lo.float(), m.act_hi.float()
+    q = quantize(torch.cat([lo, hi], dim=1), m.act.spec, lo, hi)  # a (1, 2) tensor: one per-tensor tile
+    scale = q.scale if q.global_scale is None else q.scale * q.global_scale
+    zp = 128 if q.zero_point is None else int(q.zero_point.item())
+    return float(scale.item()), zp
+
+
+def pack(m: QuantConv2d) -> dict:
+    q = m.quantized_weight()
+    out = m.out_channels
+    w = (q.codes.to(torch.int16) - 128).to(torch.int8)  # (out, in // groups, kh, kw)
+    w_scale = (q.scale if q.global_scale is None else q.scale * q.global_scale).reshape(-1).float()
+    if w_scale.numel() == 1:
+        w_scale = w_scale.expand(out).contiguous()
+    t, zp = _input_qparams(m)
+    stride, padding, dilation = list(m.stride), list(m.padding), list(m.dilation)
+    packed = torch.ops.onednn.qconv_prepack(w, w_scale, t, zp, stride, padding, dilation, m.groups, None)
+    return {"weight": packed, "w_scale": w_scale, "w_zp": torch.zeros(out, dtype=torch.int64), "x_scale": t,
+            "x_zp": zp, "asymmetric": m.act.spec.has_zero_point}
+
+
+def run(m: QuantConv2d, st: dict, x: torch.Tensor) -> torch.Tensor:
+    """``x`` float ``(N, C, H, W)`` -> float32 ``(N, out, H', W')``, channels-last, cast to ``x``'s dtype."""
+    if m.input_padding is not None:
+        x = F.pad(x, m.input_padding)
+    t, zp = st["x_scale"], st["x_zp"]
+    # the reference quantizer's codes, computed the same way (lowbit.formats.qtensor)
+    if st["asymmetric"]:
+        codes = torch.round(x.float() / t + zp).clamp_(0, 255)
+    else:
+        codes = torch.round(x.float() / t).clamp_(-128, 127).add_(128)
+    codes = codes.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    bias = None if m.bias is None else m.bias.float()
+    y = torch.ops.onednn.qconv2d_pointwise(codes, t, zp, st["weight"], st["w_scale"], st["w_zp"], bias,
+                                           list(m.stride), list(m.padding), list(m.dilation), m.groups,
+                                           1.0, 0, torch.float32, "none", [], "")
+    return y.to(x.dtype)

@@ -1,0 +1,130 @@
+"""The dispatch table: which kernel runs which quantized module, decided once per module, with reasons.
+
+Each :class:`Kernel` says what it can run (``why_not(module)`` returns None, or the reason it cannot) and
+how to prepare a module for it (``pack(module)`` -> the kernel's own copy of the weight, in the layout its
+matrix product reads). ``use_kernels`` walks a model, gives each quantized module the first kernel in
+``KERNELS`` that fits, and returns a :class:`KernelReport` naming, per module, the kernel or the reasons
+every kernel declined. Bias and input scale are read from the module on each call; the weight (and a
+convolution's static activation range) are packed, so ``set_quantized_weight``, ``set_activation_range``
+and moving the module drop its kernel (it falls back to the reference path: call ``use_kernels`` again).
+Loading a state dict into a module with a kernel does not: call ``use_kernels`` after loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowbit.kernels import conv_int8, int4, int8
+from lowbit.nn.base import KERNEL_ATTR, QuantModule
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One fast path: ``why_not(m)`` -> None or a reason; ``pack(m)`` -> state; ``run(m, state, x)`` -> y."""
+
+    name: str
+    summary: str
+    why_not: Callable[[QuantModule], str | None]
+    pack: Callable[[QuantModule], Any]
+    run: Callable[[QuantModule, Any, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What ``use_kernels`` attaches to a module: its kernel and that kernel's copy of the weight."""
+
+    kernel: Kernel
+    state: Any
+
+    def __call__(self, m: QuantModule, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.run(m, self.state, x)
+
+    def nbytes(self) -> int:
+        tensors = self.state.values() if isinstance(self.state, dict) else ()
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+# in order of preference; the first that fits a module runs it
+KERNELS: tuple[Kernel, ...] = (
+    Kernel("int4-weight-bf16", "4-bit integer weights in groups of 32-256 (or per channel), bf16 activations: "
+           "torch's int4 CPU matmul (_weight_int4pack_mm_for_cpu)", int4.why_not, int4.pack, int4.run),
+    Kernel("w8a8-int-mm", "8-bit per-channel weights x 8-bit dynamic per-token (or per-tensor) activations: "
+           "int8 x int8 -> int32 (torch._int_mm, VNNI), exact integer correction terms",
+           int8.w8a8_why_not, int8.w8a8_pack, int8.w8a8_run),
+    Kernel("int8-weight-bf16", "8-bit per-channel integer weights, bf16 activations: torch's int8 CPU matmul "
+           "(_weight_int8pack_mm)", int8.weight_only_why_not, int8.weight_only_pack, int8.weight_only_run),
+    Kernel("conv-int8-onednn", "8-bit per-channel symmetric conv weights x static per-tensor 8-bit activations: "
+           "oneDNN int8 convolution with float output", conv_int8.why_not, conv_int8.pack, conv_int8.run),
+)
+
+
+@dataclass
+class KernelReport:
+    """Per quantized module (by name): the kernel it runs, or None and the reasons each kernel declined."""
+
+    chosen: dict[str, str | None] = field(default_factory=dict)
+    reasons: dict[str, dict[str, str]] = field(default_factory=dict)
+    packed_bytes: int = 0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k in self.chosen.values():
+            out[k or "reference"] = out.get(k or "reference", 0) + 1
+        return out
+
+    def describe(self) -> str:
+        """One line per kernel with its module count, then each reference module with its reasons."""
+        lines = [f"{n} module(s): {k}" for k, n in sorted(self.counts().items())]
+        for name, k in self.chosen.items():
+            if k is None:
+                why = "; ".join(f"{kn}: {r}" for kn, r in self.reasons[name].items())
+                lines.append(f"  {name} stays on the reference path ({why})")
+        return "\n".join(lines)
+
+
+def use_kernels(model: nn.Module, kernels: tuple[Kernel, ...] = KERNELS) -> KernelReport:
+    """Attach to every quantized module of ``model`` the first of ``kernels`` that can run it.
+
+    The kernels hold their own packed copy of each weight (``KernelReport.packed_bytes`` in all); the
+    module's storage is unchanged, so saving and the reference path work as before.
+    """
+    report = KernelReport()
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantModule) or not hasattr(m, "reference"):
+            continue
+        m.__dict__.pop(KERNEL_ATTR, None)
+        reasons = {}
+        for k in kernels:
+            why = why_not_device(m) or k.why_not(m)
+            if why is None:
+                packed = Packed(k, k.pack(m))
+                object.__setattr__(m, KERNEL_ATTR, packed)
+                report.chosen[name] = k.name
+                report.packed_bytes += packed.nbytes()
+                break
+            reasons[k.name] = why
+        else:
+            report.chosen[name] = None
+            report.reasons[name] = reasons
+    return report
+
+
+def release_kernels(model: nn.Module) -> None:
+    """Put every quantized module of ``model`` back on the reference path."""
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            m.__dict__.pop(KERNEL_ATTR, None)
+
+
+def kernel_name(m: nn.Module) -> str | None:
+    """The kernel ``m`` runs, or None (reference path, or not a quantized module)."""
+    packed = m.__dict__.get(KERNEL_ATTR)
+    return None if packed is None else packed.kernel.name
+
+
+def why_not_device(m: QuantModule) -> str | None:
+    return None if m.qweight.device.type == "cpu" else f"its weight is on {m.qweight.device}, kernels are CPU only"

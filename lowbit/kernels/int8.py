@@ -1,0 +1,126 @@
+"""8-bit integer linears: weight-only (torch's int8 CPU matmul) and W8A8 (``torch._int_mm``, VNNI).
+
+lowbit stores 8-bit integer codes as uint8 ``q`` with ``w = (q - zp) * s`` (``zp = 128`` when symmetric).
+Both kernels use the signed codes ``c = q - 128`` (int8), so ``w = (c + o) * s`` with the per-row offset
+``o = 128 - zp`` (zero when symmetric), and add the offset's share separately.
+
+Weight-only (per channel): ``y = (x @ c.T) * s + rowsum(x) * (o * s)``. The product runs in bf16 (torch's
+kernel with unit scales), the scales and the offset term in float32.
+
+W8A8 (per-channel weights, dynamic per-token or per-tensor activations): the activation is quantized by
+lowbit's own quantizer (the same codes as the reference path), ``x = (a + p) * t`` with signed codes ``a``
+and offset ``p = 128 - zx``, and
+
+    sum_k x_k w_nk = t * s_n * (sum_k a_k c_nk + o_n sum_k a_k + p sum_k c_nk + K p o_n)
+
+where the first term is one int8 x int8 -> int32 product and the rest are integer corrections (the weight
+column sums precomputed once): exact in int32, so only the final float scaling rounds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats import quantize
+from lowbit.nn.base import QuantModule
+from lowbit.nn.linear import QuantLinear
+
+
+def _signed_codes(codes: torch.Tensor) -> torch.Tensor:
+    return (codes.to(torch.int16) - 128).to(torch.int8)
+
+
+def _int8_channel_weight(m: QuantModule) -> str | None:
+    if not isinstance(m, QuantLinear):
+        return f"a {type(m).__name__}, not a linear layer"
+    spec = m.spec
+    if spec.format != "int" or spec.bits != 8:
+        return f"weight format {spec.name} is not an 8-bit integer"
+    if spec.granularity != "channel":
+        return f"weight granularity {spec.granularity} (needs per channel)"
+    return None
+
+
+def _weight(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signed codes int8 ``(out, in)``, scale float32 ``(out,)``, offset ``128 - zp`` int32 ``(out,)``."""
+    q = m.quantized_weight()
+    scale = (q.scale if q.global_scale is None else q.scale * q.global_scale).reshape(-1)
+    offset = (128 - q.zero_point.to(torch.int32)).reshape(-1) if q.zero_point is not None \
+        else torch.zeros_like(scale, dtype=torch.int32)
+    return _signed_codes(q.codes).contiguous(), scale.float(), offset
+
+
+# ---- weight-only ----------------------------------------------------------------------------------
+
+
+def weight_only_why_not(m: QuantModule) -> str | None:
+    why = _int8_channel_weight(m)
+    if why is None and m.act is not None:
+        why = f"its activations are quantized ({m.act.name}); this kernel is weight-only"
+    if why is None and m.in_features % 16:  # torch 2.13's kernel reads out of bounds otherwise (it crashes)
+        why = f"in_features {m.in_features} is not a multiple of 16"
+    return why
+
+
+def weight_only_pack(m: QuantLinear) -> dict:
+    c, s, o = _weight(m)
+    st = {"weight": c, "scale": s, "ones": torch.ones(m.out_features, dtype=torch.bfloat16)}
+    if bool(o.any()):
+        st["offset"] = o.float() * s  # (out,)
+    return st
+
+
+def weight_only_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
+    if m.input_scale is not None:
+        x = x * m.input_scale.to(x.dtype)
+    x2 = x.reshape(-1, m.in_features)
+    y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), st["weight"], st["ones"]).float() * st["scale"]
+    if "offset" in st:
+        y = y + x2.float().sum(-1, keepdim=True) * st["offset"]  # (M, 1) * (out,)
+    if m.bias is not None:
+        y = y + m.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+# ---- W8A8 -----------------------------------------------------------------------------------------
+
+
+def w8a8_why_not(m: QuantModule) -> str | None:
+    why = _int8_channel_weight(m)
+    if why is not None:
+        return why
+    act = m.act
+    if act is None:
+        return "its activations are not quantized (W8A8 needs 8-bit activations)"
+    a = act.spec
+    if a.format != "int" or a.bits != 8 or a.granularity not in ("token", "tensor"):
+        return f"activation format {a.name} is not 8-bit integer per token or per tensor"
+    if not act.dynamic:
+        return "static activation ranges (this kernel quantizes each input on the fly)"
+    return None
+
+
+def w8a8_pack(m: QuantLinear) -> dict:
+    c, s, o = _weight(m)
+    return {"weight": c, "scale": s, "offset": o, "colsum": c.to(torch.int32).sum(1),
+            "has_offset": bool(o.any())}
+
+
+def w8a8_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
+    if m.input_scale is not None:
+        x = x * m.input_scale.to(x.dtype)
+    k = m.in_features
+    x2 = x.reshape(-1, k)
+    qx = quantize(x2, m.act.spec)  # codes uint8 (M, in); scale / zero point (M, 1) or (1, 1)
+    a = _signed_codes(qx.codes)
+    acc = torch._int_mm(a, st["weight"].t())  # (M, out) int32
+    if st["has_offset"]:
+        acc += a.to(torch.int32).sum(1, keepdim=True) * st["offset"]
+    if qx.zero_point is not None:
+        p = 128 - qx.zero_point.to(torch.int32)  # (M, 1)
+        acc += p * (st["colsum"] + k * st["offset"])
+    t = qx.scale if qx.global_scale is None else qx.scale * qx.global_scale
+    y = acc.float() * t * st["scale"]
+    if m.bias is not None:
+        y = y + m.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)

@@ -1,0 +1,171 @@
+"""Every kernel against the reference path (``QuantModule.reference``), on odd shapes, plus the dispatch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.formats import quantize as quantize_tensor
+from lowbit.kernels import KERNELS, kernel_name, release_kernels, use_kernels
+from lowbit.nn import QuantConv2d, QuantLinear
+from lowbit.plan import QuantPlan, Rule
+from lowbit.quantizer import quantize
+from lowbit.spec import ActivationQuant, QuantSpec
+
+# bf16 activations / scales inside the weight-only kernels: relative error of a few 2^-8
+BF16_TOL = 2e-2
+
+
+def _linear(out_f: int, in_f: int, spec: str, act: str | None = None, bias: bool = True, seed: int = 0,
+            input_scale: bool = False) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    b = torch.randn(out_f, generator=g) if bias else None
+    q = quantize_tensor(w, QuantSpec.parse(spec))
+    a = None if act is None else ActivationQuant(QuantSpec.parse(act), dynamic=True)
+    s = torch.rand(in_f, generator=g) + 0.5 if input_scale else None
+    return QuantLinear.from_float(w, b, q, a, s)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _x(*shape: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _attach(m: nn.Module) -> str | None:
+    use_kernels(m)
+    return kernel_name(m)
+
+
+@pytest.mark.parametrize("spec,in_f", [("int4-g32-asym", 96), ("int4-g64-asym", 576), ("int4-g128-asym", 576),
+                                       ("int4-g128", 320), ("int4-ch-asym", 192), ("int4-ch", 160),
+                                       ("int4-g256-asym", 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_matches_the_reference(spec, in_f, dtype):
+    m = _linear(48, in_f, spec, input_scale=spec.endswith("asym"))
+    x = _x(3, 5, in_f, dtype=dtype)
+    ref = m.reference(x)
+    assert _attach(m) == "int4-weight-bf16"
+    y = m(x)
+    assert y.shape == ref.shape == (3, 5, 48) and y.dtype == dtype
+    assert _rel(y, ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("spec,out_f,in_f,why", [
+    ("int4-g64-asym", 40, 128, "multiple of 16"),  # torch's kernel needs out_features % 16 == 0
+    ("int4-g48", 32, 96, "no group"),              # 48 is not a multiple of 32, 64, 128 or 256
+    ("int4-ch", 32, 200, "no group"),               # per channel on 200 inputs: no kernel group divides 200
+    ("int3-g64-asym", 32, 128, "not a 4-bit"),
+    ("nf4", 32, 128, "not a 4-bit"),
+])
+def test_shapes_and_formats_no_kernel_fits_stay_on_the_reference_path(spec, out_f, in_f, why):
+    m = _linear(out_f, in_f, spec)
+    report = use_kernels(m)
+    assert report.chosen == {"": None}
+    assert why in report.reasons[""]["int4-weight-bf16"]
+    assert "stays on the reference path" in report.describe()
+    x = _x(2, in_f)
+    assert torch.equal(m(x), m.reference(x))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int8-asym"])
+@pytest.mark.parametrize("in_f", [64, 208])
+def test_int8_weight_only_kernel_matches_the_reference(spec, in_f):
+    m = _linear(33, in_f, spec, input_scale=True)  # odd out_features: this kernel has no restriction
+    x = _x(7, in_f)
+    ref = m.reference(x)
+    assert _attach(m) == "int8-weight-bf16"
+    assert _rel(m(x), ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("wspec", ["int8", "int8-asym"])
+@pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym", "int8-tensor", "int8-tensor-asym"])
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_w8a8_kernel_matches_the_reference_to_float_rounding(wspec, aspec, rows):
+    """Integer accumulation is exact: only the final float scaling differs from the reference."""
+    m = _linear(40, 136, wspec, act=aspec, input_scale=True)
+    x = _x(rows, 136) * 3 + 0.5  # off-centre, so asymmetric zero points matter
+    ref = m.reference(x)
+    assert _attach(m) == "w8a8-int-mm"
+    assert _rel(m(x), ref) < 1e-5
+
+
+def test_int8_weight_only_kernel_declines_inputs_not_a_multiple_of_16():
+    m = _linear(32, 200, "int8")
+    report = use_kernels(m)
+    assert "multiple of 16" in report.reasons[""]["int8-weight-bf16"]
+    x = _x(3, 200)
+    assert torch.equal(m(x), m.reference(x))
+
+
+def test_w8a8_is_not_chosen_for_static_or_non_8_bit_activations():
+    m = _linear(32, 64, "int8", act="int4-token")
+    report = use_kernels(m)
+    assert "not 8-bit integer per token" in report.reasons[""]["w8a8-int-mm"]
+    assert report.chosen[""] is None  # the weight-only int8 kernel declines quantized activations
+
+
+def _conv(c_in: int, c_out: int, k: int, stride: int, groups: int, act: str, padding=None) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, groups=groups)
+    float_model = nn.Sequential(conv)
+    plan = QuantPlan((Rule("*", "int8", act={"spec": act, "dynamic": False, "observer": "minmax"}),))
+    calib = [torch.randn(2, c_in, 13, 11) * 2 + 0.3 for _ in range(2)]
+    q = quantize(copy.deepcopy(float_model), plan, calib, progress=False)
+    if padding is not None:
+        q[0].input_padding = padding
+    return float_model, q
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,groups", [(3, 16, 3, 2, 1), (16, 16, 3, 1, 16), (8, 24, 1, 1, 1),
+                                                        (12, 12, 5, 2, 12)])
+@pytest.mark.parametrize("act", ["int8-tensor-asym", "int8-tensor"])
+def test_int8_conv_kernel_matches_the_reference(c_in, c_out, k, stride, groups, act):
+    _, q = _conv(c_in, c_out, k, stride, groups, act)
+    x = torch.randn(2, c_in, 13, 11) * 2 + 0.3
+    ref = q[0].reference(x)
+    assert _attach(q[0]) == "conv-int8-onednn"
+    y = q(x)
+    assert y.shape == ref.shape and _rel(y, ref) < 1e-5
+
+
+def test_int8_conv_kernel_applies_asymmetric_input_padding():
+    _, q = _conv(4, 8, 3, 2, 1, "int8-tensor-asym", padding=(0, 1, 0, 1))
+    x = torch.randn(1, 4, 12, 12)
+    ref = q[0].reference(x)
+    use_kernels(q)
+    assert _rel(q(x), ref) < 1e-5
+
+
+def test_conv_without_static_activations_stays_on_the_reference_path():
+    conv = nn.Conv2d(4, 8, 3)
+    q = quantize(nn.Sequential(conv), QuantPlan.uniform("int8"), progress=False)
+    report = use_kernels(q)
+    assert "static" in report.reasons["0"]["conv-int8-onednn"]
+
+
+def test_dispatch_report_release_and_invalidation():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48))
+    q = quantize(model, QuantPlan((Rule("0", "int4-g32-asym"), Rule("2", "int8"))), progress=False)
+    report = use_kernels(q)
+    assert report.chosen == {"0": "int4-weight-bf16", "2": "int8-weight-bf16"}
+    assert report.counts() == {"int4-weight-bf16": 1, "int8-weight-bf16": 1}
+    assert report.packed_bytes > 0
+    release_kernels(q)
+    assert kernel_name(q[0]) is None and kernel_name(q[2]) is None
+    use_kernels(q)
+    q[0].set_quantized_weight(q[0].quantized_weight())  # a new weight drops the packed copy
+    assert kernel_name(q[0]) is None and kernel_name(q[2]) == "int8-weight-bf16"
+    q.to(torch.float32)  # any _apply (device moves) drops every kernel
+    assert kernel_name(q[2]) is None
+
+
+def test_kernel_names_are_unique_and_every_kernel_declines_a_float_layer():
+    assert len({k.name for k in KERNELS}) == len(KERNELS)
+    assert all(k.why_not(nn.Linear(4, 4)) for k in KERNELS)  # type: ignore[arg-type]
