@@ -4,6 +4,7 @@
     lowbit quantize MODEL --recipe recipe.yaml --out DIR
     lowbit eval MODEL_OR_DIR [--tokens N] [--window N] [--bos | --no-bos]
     lowbit inspect DIR [--no-reference]
+    lowbit bench [ARTIFACT ...] [--sections matmul decode vision] [--model MODEL] [--formats ...] [--json FILE]
     lowbit schemes
     lowbit demo
 """
@@ -82,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="a folder written by `lowbit quantize`")
     i.add_argument("--no-reference", action="store_true", help="skip SQNR (do not load the float model)")
     i.set_defaults(func=_cmd_inspect)
+
+    b = sub.add_parser("bench", help="speed and memory of quantized models against float on this machine")
+    b.add_argument("artifacts", nargs="*", help="folders written by `lowbit quantize` to add to the decode table")
+    b.add_argument("--sections", nargs="+", default=None, metavar="SECTION",
+                   help="matmul, decode, vision (default: all; only decode when artifacts are given)")
+    b.add_argument("--model", default="smollm2-135m", help="causal LM of the decode table (default smollm2-135m)")
+    b.add_argument("--formats", nargs="+", default=None, help="decode formats: fp32 bf16 int4 int8 w8a8 (default: "
+                   "all; only fp32 when artifacts are given)")
+    b.add_argument("--new-tokens", type=_positive_int, default=128, help="decode: tokens generated (default 128)")
+    b.add_argument("--prompt-tokens", type=_positive_int, default=128, help="decode: prompt length (default 128)")
+    b.add_argument("--quick", action="store_true", help="matmul: only 4096x4096, shorter timing")
+    b.add_argument("--json", default=None, help="also write every number to this JSON file")
+    b.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("schemes", help="list the named weight formats and algorithms")
     s.set_defaults(func=_cmd_schemes)
@@ -234,6 +248,28 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
         ref = load_model_from_source(manifest["source"]).model
     print(format_table(layer_table(model, ref)))
     print(model_size(model).describe())
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    import json
+
+    from lowbit.bench import SECTIONS, run_bench
+    from lowbit.io import read_manifest
+
+    for path in a.artifacts:
+        manifest = read_manifest(path)  # a clear error for a folder that is not a lowbit artifact
+        if manifest.get("source") is None:
+            raise InputError(f"{path} records no model source, so its tokenizer cannot be found")
+    if a.new_tokens < 2:
+        raise InputError(f"--new-tokens must be at least 2 (decode speed is timed after the first), got {a.new_tokens}")
+    sections = tuple(a.sections or (("decode",) if a.artifacts else SECTIONS))
+    formats = tuple(a.formats or (("fp32",) if a.artifacts else ("fp32", "bf16", "int4", "int8", "w8a8")))
+    kw = {"shapes": ((4096, 4096),), "min_time": 0.15} if a.quick else {}
+    out = run_bench(sections, model=a.model, formats=formats, artifacts=tuple(a.artifacts),
+                    new_tokens=a.new_tokens, prompt_tokens=a.prompt_tokens, **kw)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

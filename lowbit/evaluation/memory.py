@@ -26,6 +26,15 @@ def rss_bytes() -> int:
         return 0
 
 
+def anon_rss_bytes() -> int:
+    """Resident anonymous memory of this process in bytes (``RssAnon``: heap and tensors, not the pages of
+    shared libraries or mapped files); 0 where ``/proc`` is missing."""
+    try:
+        return _status_kb("RssAnon")
+    except OSError:
+        return 0
+
+
 def release_free_memory() -> None:
     """Hand memory that is free inside the C allocator back to the system (glibc ``malloc_trim``; a no-op
     elsewhere). Long loops that allocate and free many mid-sized tensors otherwise keep growing in RSS,

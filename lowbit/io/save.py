@@ -69,6 +69,11 @@ def save(
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"save() needs an nn.Module, got {type(model).__name__}")
+    released = [n for n, m in model.named_modules() if getattr(m, "storage_released", False)]
+    if released:
+        more = f" and {len(released) - 1} more" if len(released) > 1 else ""
+        raise InputError(f"cannot save: {released[0]}{more} handed its weight storage to a "
+                         f"kernel (use_kernels(..., keep_reference=False)); save before packing, or load again")
     dest = Path(os.path.abspath(Path(path).expanduser()))
     check_destination(dest, overwrite)
     canonical, tied = distinct_tensors(state_tensors(model))

@@ -8,6 +8,11 @@ every kernel declined. Bias and input scale are read from the module on each cal
 convolution's static activation range) are packed, so ``set_quantized_weight``, ``set_activation_range``
 and moving the module drop its kernel (it falls back to the reference path: call ``use_kernels`` again).
 Loading a state dict into a module with a kernel does not: call ``use_kernels`` after loading.
+
+A kernel that packs its own copy of the weight (``owns_weight``) doubles the weight's memory while the
+module's storage is kept. ``use_kernels(model, keep_reference=False)`` drops that storage
+(``QuantModule.release_storage``): the model then holds each weight once, in the kernel's layout, and the
+reference path, saving and moving it raise a clear error until the model is loaded again.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowbit.kernels import conv_int8, int4, int8
+from lowbit.kernels import conv_int8, embedding, int4, int8
+from lowbit.errors import InputError
 from lowbit.nn.base import KERNEL_ATTR, QuantModule
 
 
@@ -31,6 +37,7 @@ class Kernel:
     why_not: Callable[[QuantModule], str | None]
     pack: Callable[[QuantModule], Any]
     run: Callable[[QuantModule, Any, torch.Tensor], torch.Tensor]
+    owns_weight: bool = True  # pack() makes its own copy of the weight (False: run() reads the module's storage)
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ KERNELS: tuple[Kernel, ...] = (
            "(_weight_int8pack_mm)", int8.weight_only_why_not, int8.weight_only_pack, int8.weight_only_run),
     Kernel("conv-int8-onednn", "8-bit per-channel symmetric conv weights x static per-tensor 8-bit activations: "
            "oneDNN int8 convolution with float output", conv_int8.why_not, conv_int8.pack, conv_int8.run),
+    Kernel("embedding-rows", "quantized embedding of any format with per-row scales: gathers and dequantizes "
+           "only the looked-up rows (exact)", embedding.why_not, embedding.pack, embedding.run, owns_weight=False),
 )
 
 
@@ -86,15 +95,23 @@ class KernelReport:
         return "\n".join(lines)
 
 
-def use_kernels(model: nn.Module, kernels: tuple[Kernel, ...] = KERNELS) -> KernelReport:
+def use_kernels(model: nn.Module, kernels: tuple[Kernel, ...] = KERNELS, *,
+                keep_reference: bool = True) -> KernelReport:
     """Attach to every quantized module of ``model`` the first of ``kernels`` that can run it.
 
-    The kernels hold their own packed copy of each weight (``KernelReport.packed_bytes`` in all); the
-    module's storage is unchanged, so saving and the reference path work as before.
+    Most kernels hold their own packed copy of the weight (``KernelReport.packed_bytes`` in all). With
+    ``keep_reference=True`` the module's storage is unchanged, so saving and the reference path work as
+    before; with False it is dropped where a kernel holds a copy (see the module docstring).
     """
     report = KernelReport()
     for name, m in model.named_modules():
         if not isinstance(m, QuantModule) or not hasattr(m, "reference"):
+            continue
+        if m.storage_released:
+            if kernel_name(m) is None:
+                raise InputError(f"{name}: its weight storage was released and it has no kernel; load the model again")
+            report.chosen[name] = kernel_name(m)
+            report.packed_bytes += m.__dict__[KERNEL_ATTR].nbytes()
             continue
         m.__dict__.pop(KERNEL_ATTR, None)
         reasons = {}
@@ -105,6 +122,8 @@ def use_kernels(model: nn.Module, kernels: tuple[Kernel, ...] = KERNELS) -> Kern
                 object.__setattr__(m, KERNEL_ATTR, packed)
                 report.chosen[name] = k.name
                 report.packed_bytes += packed.nbytes()
+                if not keep_reference and k.owns_weight:
+                    m.release_storage()
                 break
             reasons[k.name] = why
         else:
@@ -114,10 +133,15 @@ def use_kernels(model: nn.Module, kernels: tuple[Kernel, ...] = KERNELS) -> Kern
 
 
 def release_kernels(model: nn.Module) -> None:
-    """Put every quantized module of ``model`` back on the reference path."""
-    for m in model.modules():
-        if isinstance(m, QuantModule):
-            m.__dict__.pop(KERNEL_ATTR, None)
+    """Put every quantized module of ``model`` back on the reference path (none may have released storage)."""
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantModule)]
+    released = [name for name, m in quantized if m.storage_released]
+    if released:
+        more = f" and {len(released) - 1} more" if len(released) > 1 else ""
+        raise InputError(f"{released[0]}{more}: weight storage was handed to the kernel "
+                         f"(use_kernels(..., keep_reference=False)); load the model again for the reference path")
+    for _, m in quantized:
+        m.__dict__.pop(KERNEL_ATTR, None)
 
 
 def kernel_name(m: nn.Module) -> str | None:

@@ -35,6 +35,7 @@ from lowbit.spec import ActivationQuant, QuantSpec
 _STORAGE = ("qweight", "scale", "zero_point", "global_scale", "act_lo", "act_hi", "input_scale")
 CACHE_ATTR = "_dequant_cache"  # instance attribute: {(dtype, device): dequantized weight}, see nn.cache
 KERNEL_ATTR = "_kernel"  # instance attribute: the fast path ``(module, x) -> y`` set by lowbit.kernels.use_kernels
+RELEASED_ATTR = "_storage_released"  # instance attribute: True once the kernel holds the only copy of the weight
 _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8,
                  "fp8_e4m3": torch.uint8}
 
@@ -83,6 +84,7 @@ class QuantModule(nn.Module):
         follows only the device; the bias is cast like any float module's. Forward computes in the
         input's dtype either way.
         """
+        self.require_storage("moving or casting it")
         kept = {n: t for n in _STORAGE if isinstance(t := getattr(self, n, None), torch.Tensor)}
         cache = self.__dict__.get(CACHE_ATTR)
         if cache is not None:
@@ -99,6 +101,7 @@ class QuantModule(nn.Module):
 
     def set_quantized_weight(self, q: QuantizedTensor) -> None:
         """Store ``q`` (its spec and shape must be this module's)."""
+        self.require_storage("storing a new weight")
         if q.spec != self.spec or tuple(q.shape) != self.weight_shape:
             raise ValueError(f"quantized weight {q.spec.name} {tuple(q.shape)} does not fit "
                              f"{self.spec.name} {self.weight_shape}")
@@ -126,8 +129,35 @@ class QuantModule(nn.Module):
             raise InputError("input_scale must be finite and positive (AWQ's 1 / s)")
         self.input_scale.copy_(t)
 
+    def release_storage(self) -> None:
+        """Drop the packed weight (codes, scales, zero points), keeping its shapes' record in ``weight_shape``.
+
+        Called by ``lowbit.kernels.use_kernels(..., keep_reference=False)`` once a kernel holds its own copy, so
+        the weight is not in memory twice. Afterwards only that kernel can run the module: the reference path,
+        saving, moving and storing a new weight raise :class:`InputError`. Load the model again to get them back.
+        """
+        for n in ("qweight", "scale", "zero_point"):
+            t = self._buffers.get(n)
+            if t is not None:
+                self._buffers[n] = t.new_empty(0)
+        cache = self.__dict__.get(CACHE_ATTR)
+        if cache is not None:
+            cache.clear()
+        object.__setattr__(self, RELEASED_ATTR, True)
+
+    @property
+    def storage_released(self) -> bool:
+        return bool(self.__dict__.get(RELEASED_ATTR, False))
+
+    def require_storage(self, what: str) -> None:
+        """Raise a clear :class:`InputError` naming ``what`` when ``release_storage`` has dropped the weight."""
+        if self.storage_released:
+            raise InputError(f"{type(self).__name__} {self.weight_shape}: {what} needs the packed weight, which was "
+                             f"handed to its kernel (use_kernels(..., keep_reference=False)); load the model again")
+
     def quantized_weight(self) -> QuantizedTensor:
         """The stored weight as codes and fp32 scales (unpacked)."""
+        self.require_storage("the reference path (or reading the weight)")
         codes = unpack(self.qweight, self.spec.bits, math.prod(self.weight_shape)).reshape(self.weight_shape)
         scale = decode_scale(self.scale, self.spec.scale_format)
         return QuantizedTensor(codes, scale, self.zero_point, self.global_scale, self.spec)

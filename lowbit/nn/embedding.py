@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats import QuantizedTensor
-from lowbit.nn.base import QuantModule
+from lowbit.nn.base import KERNEL_ATTR, QuantModule
 from lowbit.spec import QuantSpec
 
 
@@ -29,6 +29,11 @@ class QuantEmbedding(QuantModule):
         return m
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        fast = self.__dict__.get(KERNEL_ATTR)  # set by lowbit.kernels.use_kernels
+        return self.reference(ids) if fast is None else fast(self, ids)
+
+    def reference(self, ids: torch.Tensor) -> torch.Tensor:
+        """The reference path: dequantize the whole table, then look up."""
         return F.embedding(ids, self.dequantized_weight(torch.float32), self.padding_idx)
 
     def layer_config(self) -> dict:

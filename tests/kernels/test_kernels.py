@@ -169,3 +169,74 @@ def test_dispatch_report_release_and_invalidation():
 def test_kernel_names_are_unique_and_every_kernel_declines_a_float_layer():
     assert len({k.name for k in KERNELS}) == len(KERNELS)
     assert all(k.why_not(nn.Linear(4, 4)) for k in KERNELS)  # type: ignore[arg-type]
+
+
+# ---- embedding -----------------------------------------------------------------------------------
+
+
+def _embedding(rows: int, dim: int, spec: str):
+    from lowbit.nn import QuantEmbedding
+
+    emb = nn.Embedding(rows, dim)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(rows, dim, generator=torch.Generator().manual_seed(3)))
+    return QuantEmbedding.from_float(emb, quantize_tensor(emb.weight.detach(), QuantSpec.parse(spec)))
+
+
+@pytest.mark.parametrize("spec,dim", [("int4-g64-asym", 192), ("int8", 40), ("int4-g32", 100), ("int2-g64-asym", 64),
+                                      ("nf4", 128), ("int3-g64-asym", 64), ("fp8-e4m3", 24)])
+def test_embedding_kernel_returns_exactly_the_reference_rows(spec, dim):
+    m = _embedding(37, dim, spec)
+    ids = torch.tensor([[0, 36, 5, 5], [17, 2, 0, 31]])
+    ref = m.reference(ids)
+    assert _attach(m) == "embedding-rows"
+    y = m(ids)
+    assert y.shape == (2, 4, dim) and y.dtype == torch.float32
+    assert torch.equal(y, ref)
+    with pytest.raises(IndexError, match=r"\[0, 37\)"):
+        m(torch.tensor([37]))
+
+
+def test_embedding_kernel_declines_rows_that_do_not_start_on_a_byte_and_shared_scales():
+    assert _attach(_embedding(10, 30, "int3-g64-asym")) is None  # 90 bits per row
+    m = _embedding(16, 16, "int8-b8x8")
+    report = use_kernels(m)
+    assert report.chosen[""] is None and "shares scales across rows" in report.reasons[""]["embedding-rows"]
+
+
+# ---- storage release -----------------------------------------------------------------------------
+
+
+def test_keep_reference_false_holds_each_weight_once_and_refuses_what_needs_the_storage(tmp_path):
+    from lowbit.errors import InputError
+    from lowbit.io import save
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48))
+    q = quantize(model, QuantPlan((Rule("0", "int4-g32-asym"), Rule("2", "int8"))), progress=False)
+    x = _x(4, 64)
+    before = q(x)
+    use_kernels(q)
+    fast = q(x)
+    stored = q[0].qweight.numel()
+    report = use_kernels(q, keep_reference=False)
+    assert q[0].storage_released and q[0].qweight.numel() == 0 < stored
+    assert report.chosen == {"0": "int4-weight-bf16", "2": "int8-weight-bf16"}
+    assert torch.equal(q(x), fast)  # the kernels still run, from their own copies
+    assert _rel(q(x), before) < BF16_TOL
+    assert use_kernels(q).chosen == report.chosen  # asking again keeps the kernels it has
+    with pytest.raises(InputError, match="handed to its kernel"):
+        q[0].reference(x)
+    with pytest.raises(InputError, match="moving or casting"):
+        q.to(torch.float32)
+    with pytest.raises(InputError, match="cannot save: 0 and 1 more"):
+        save(q, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="load the model again"):
+        release_kernels(q)
+    assert kernel_name(q[0]) == "int4-weight-bf16"  # nothing was released half way
+
+
+def test_keep_reference_false_keeps_the_storage_of_a_kernel_that_reads_it():
+    m = _embedding(20, 64, "int4-g64-asym")
+    use_kernels(m, keep_reference=False)
+    assert not m.storage_released and torch.equal(m(torch.tensor([3])), m.reference(torch.tensor([3])))

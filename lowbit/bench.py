@@ -1,0 +1,285 @@
+"""``lowbit bench``: how much faster and smaller quantized models run on this machine, against float, in one run.
+
+Sections (each prints one table; every ratio is against fp32 measured in the same run):
+
+* ``matmul``: one linear layer ``y = x @ W.T`` per format (``lowbit.evaluation.speed.MATMUL_FORMATS``) at
+  typical LLM shapes and batch sizes.
+* ``decode``: a causal LM (default SmolLM2-135M) in fp32, bf16 and lowbit's quantized formats: prefill
+  time of a prompt, greedy batch-1 decode tokens/s, the bytes its weights take (parameters, buffers and
+  the kernels' packed copies, each tensor once) and the resident memory it added to the process (total and anonymous).
+  Each format is saved as a lowbit artifact first, then loaded and measured in a fresh process, so the
+  resident memory is that format's alone (round-to-nearest weights: speed does not depend on the algorithm).
+* ``vision``: EfficientNet-Lite0 images/s in fp32 and int8 (per-channel weights, static per-tensor 8-bit
+  activations calibrated on bundled photos, oneDNN int8 convolutions).
+
+Quantized modules run through ``lowbit.kernels.use_kernels(model, keep_reference=False)``; the table names
+the kernels used and how many modules stayed on the reference path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lowbit.errors import InputError
+from lowbit.evaluation.speed import BATCHES, LLM_SHAPES, MATMUL_FORMATS, matmul_times
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("matmul", "decode", "vision")
+
+
+@dataclass(frozen=True)
+class LMFormat:
+    """A format of the decode section: a float dtype, or a plan applied by round to nearest."""
+
+    name: str
+    description: str
+    rules: tuple[tuple[str, str, str | None], ...] = ()  # (pattern, weight spec, dynamic activation spec)
+    dtype: str = "float32"  # what the float parts compute in
+
+
+LM_FORMATS: dict[str, LMFormat] = {f.name: f for f in (
+    LMFormat("fp32", "float32 (the baseline)"),
+    LMFormat("bf16", "bfloat16 weights and activations", dtype="bfloat16"),
+    LMFormat("int4", "every linear incl. lm_head int4-g64-asym, embedding int8",
+             (("*embed_tokens", "int8", None), ("*", "int4-g64-asym", None))),
+    LMFormat("int8", "every linear incl. lm_head int8 per channel (weight-only), embedding int8",
+             (("*embed_tokens", "int8", None), ("*", "int8", None))),
+    LMFormat("w8a8", "every linear incl. lm_head int8 x dynamic per-token int8 activations, embedding int8",
+             (("*embed_tokens", "int8", None), ("*", "int8", "int8-token"))),
+)}
+
+
+def lm_plan(fmt: LMFormat):
+    """The QuantPlan of a quantized decode format (nothing skipped: lm_head and the embedding too)."""
+    from lowbit.plan import QuantPlan, Rule
+    from lowbit.spec import ActivationQuant, QuantSpec
+
+    rules = tuple(Rule(p, w, "rtn", None if a is None else ActivationQuant(QuantSpec.parse(a), dynamic=True))
+                  for p, w, a in fmt.rules)
+    return QuantPlan(rules, skip=())
+
+
+# ---- the whole run -------------------------------------------------------------------------------
+
+
+def run_bench(sections: tuple[str, ...] = SECTIONS, *, model: str = "smollm2-135m", formats: tuple[str, ...] = tuple(LM_FORMATS),
+              artifacts: tuple[str, ...] = (), shapes: tuple[tuple[int, int], ...] = LLM_SHAPES,
+              batches: tuple[int, ...] = BATCHES, matmul_formats: tuple[str, ...] = tuple(MATMUL_FORMATS),
+              prompt_tokens: int = 128, new_tokens: int = 128, vision_batch: int = 8, min_time: float = 0.3,
+              say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure ``sections`` and ``say`` one table per section; return every number (JSON-able)."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise InputError(f"unknown bench section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    bad = [f for f in formats if f not in LM_FORMATS]
+    if bad:
+        raise InputError(f"unknown decode format(s) {bad}; known: {', '.join(LM_FORMATS)}")
+    if "fp32" not in formats and "decode" in sections:
+        formats = ("fp32", *formats)  # every ratio is against fp32 of the same run
+    say(machine_line())
+    out: dict[str, Any] = {"machine": machine_line()}
+    if "matmul" in sections:
+        out["matmul"] = bench_matmul(shapes, batches, matmul_formats, min_time, say)
+    if "decode" in sections:
+        out["decode"] = bench_decode(model, formats, artifacts, prompt_tokens, new_tokens, say)
+    if "vision" in sections:
+        out["vision"] = bench_vision(vision_batch, say)
+    return out
+
+
+def machine_line() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"# {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# ---- matmul --------------------------------------------------------------------------------------
+
+
+def bench_matmul(shapes, batches, formats, min_time, say) -> list[dict]:
+    if "fp32" not in formats:
+        formats = ("fp32", *formats)
+    say("\n## Linear layer y = x @ W.T: median ms per call, and speed-up over fp32 (x)")
+    head = f"{'in x out':>12} {'batch':>5} " + " ".join(f"{f:>9}" for f in formats) + "  " + \
+        " ".join(f"{f + ' x':>10}" for f in formats if f != "fp32")
+    say(head)
+    rows = []
+    for k, n in shapes:
+        for r in matmul_times(k, n, batches, formats, min_time):
+            ms = " ".join(f"{1000 * r.seconds[f]:9.3f}" for f in formats)
+            xs = " ".join(f"{r.speedup(f):9.2f}x" for f in formats if f != "fp32")
+            say(f"{f'{k}x{n}':>12} {r.batch:5d} {ms}  {xs}")
+            rows.append({"in": k, "out": n, "batch": r.batch, "seconds": r.seconds})
+    return rows
+
+
+# ---- decode --------------------------------------------------------------------------------------
+
+
+def bench_decode(model: str, formats, artifacts, prompt_tokens, new_tokens, say) -> list[dict]:
+    from lowbit.io import save
+    from lowbit.models import load_model
+
+    work = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
+    try:
+        jobs: list[tuple[str, str, Path, str]] = []  # (label, description, artifact folder, float dtype)
+        say(f"\n## {model}: decode (batch 1, greedy, {new_tokens} new tokens after a {prompt_tokens}-token prompt)")
+        t0 = time.perf_counter()
+        for name in formats:
+            fmt = LM_FORMATS[name]
+            lm = load_model(model)
+            if fmt.rules:
+                from lowbit.quantizer import quantize
+
+                quantize(lm.model, lm_plan(fmt), None, progress=False)
+            folder = work / name
+            save(lm.model, folder, source=lm.source)
+            jobs.append((name, fmt.description, folder, fmt.dtype))
+            del lm
+        for a in artifacts:
+            jobs.append((Path(a).name, f"saved artifact {a}", Path(a), "float32"))
+        log.info("prepared %d artifacts in %.0f s", len(jobs), time.perf_counter() - t0)
+        say(f"{'format':>10} {'prefill ms':>10} {'tok/s':>8} {'vs fp32':>8} {'weights MB':>10} {'RSS MB':>8} {'anon MB':>8}  kernels")
+        rows, base = [], None
+        for label, desc, folder, dtype in jobs:
+            r = _in_fresh_process({"task": "decode", "folder": str(folder), "dtype": dtype,
+                                   "prompt_tokens": prompt_tokens, "new_tokens": new_tokens})
+            r.update(format=label, description=desc)
+            base = base or r
+            kern = ", ".join(f"{k} {v}" for k, v in sorted(r["kernels"].items())) or "-"
+            say(f"{label:>10} {1000 * r['prefill_seconds']:10.1f} {r['decode_tokens_per_s']:8.1f} "
+                f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:7.2f}x {r['weight_bytes'] / 1e6:10.1f} "
+                f"{r['model_rss_bytes'] / 1e6:8.1f} {r['model_anon_bytes'] / 1e6:8.1f}  {kern}")
+            rows.append(r)
+        say("  weights MB: every distinct parameter and buffer plus the kernels' packed copies; RSS MB: resident "
+            "memory the model added to a fresh process, read after decoding (includes library code first run then); "
+            "anon MB: the part not backed by files (a loaded fp32 artifact is mapped from its file, so it counts there)")
+        for name in formats:
+            say(f"  {name}: {LM_FORMATS[name].description}")
+        return rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def decode_worker(folder: str, dtype: str, prompt_tokens: int, new_tokens: int) -> dict:
+    """In a fresh process: load the artifact, attach kernels, measure memory and decode speed."""
+    import gc
+
+    import lowbit
+    from lowbit.data import token_windows, wikipedia_text
+    from lowbit.evaluation.memory import anon_rss_bytes, release_free_memory, rss_bytes
+    from lowbit.evaluation.speed import decode_speed, weight_bytes
+    from lowbit.io import read_manifest
+    from lowbit.kernels import use_kernels
+    from lowbit.models import load_model
+
+    manifest = read_manifest(folder)
+    tokenizer = load_model(manifest["source"]).tokenizer  # tokenizer only; the float model is dropped
+    gc.collect()
+    release_free_memory()
+    before, before_anon = rss_bytes(), anon_rss_bytes()
+    model = lowbit.load(folder)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    report = use_kernels(model, keep_reference=False)
+    gc.collect()
+    release_free_memory()
+    prompt = token_windows(tokenizer, wikipedia_text(), prompt_tokens, max_tokens=prompt_tokens)[:1]
+    r = decode_speed(model, prompt, new_tokens)
+    gc.collect()
+    release_free_memory()
+    model_rss = rss_bytes() - before  # after decoding, so every weight page has been touched
+    model_anon = anon_rss_bytes() - before_anon
+    return {"prefill_seconds": r.prefill_seconds, "decode_tokens_per_s": r.decode_tokens_per_s,
+            "weight_bytes": weight_bytes(model), "model_rss_bytes": model_rss, "model_anon_bytes": model_anon,
+            "kernels": report.counts(), "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens}
+
+
+# ---- vision --------------------------------------------------------------------------------------
+
+
+def bench_vision(batch: int, say) -> list[dict]:
+    say(f"\n## efficientnet-lite0: images/s (batch {batch}, 224x224)")
+    rows = []
+    for label in ("fp32", "int8"):
+        r = _in_fresh_process({"task": "vision", "format": label, "batch": batch})
+        rows.append({"format": label, **r})
+    say(f"{'format':>10} {'images/s':>9} {'vs fp32':>8}  kernels")
+    for r in rows:
+        kern = ", ".join(f"{k} {v}" for k, v in sorted(r["kernels"].items())) or "-"
+        say(f"{r['format']:>10} {r['images_per_s']:9.1f} {r['images_per_s'] / rows[0]['images_per_s']:7.2f}x  {kern}")
+    say("  int8: every convolution int8 per channel with static per-tensor int8 activations (64 calibration "
+        "crops of bundled photos), classifier int8 weight-only; BatchNorm float")
+    return rows
+
+
+def vision_plan():
+    from lowbit.plan import QuantPlan, Rule
+    from lowbit.spec import ActivationQuant, QuantSpec
+
+    act = ActivationQuant(QuantSpec.parse("int8-tensor"), dynamic=False, observer="minmax")
+    return QuantPlan((Rule("_fc", "int8"), Rule("*", "int8", "rtn", act)), skip=())
+
+
+def vision_worker(fmt: str, batch: int) -> dict:
+    from lowbit.data import calibration_views
+    from lowbit.evaluation.speed import images_per_second
+    from lowbit.kernels import use_kernels
+    from lowbit.models import load_model
+
+    model = load_model("efficientnet-lite0").model
+    counts: dict[str, int] = {}
+    if fmt == "int8":
+        from lowbit.quantizer import quantize
+
+        quantize(model, vision_plan(), list(calibration_views(64).split(8)), progress=False)
+        counts = use_kernels(model, keep_reference=False).counts()
+    return {"images_per_s": images_per_second(model, batch), "kernels": counts}
+
+
+# ---- fresh processes -----------------------------------------------------------------------------
+
+
+def _in_fresh_process(job: dict) -> dict:
+    """Run one measurement in a new Python process (same thread count) and return its JSON result."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    cmd = [sys.executable, "-m", "lowbit.bench", json.dumps(job)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        tail = "\n".join(p.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"bench worker {job['task']} failed (exit {p.returncode}):\n{tail}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _worker_main(arg: str) -> None:
+    job = json.loads(arg)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if job["task"] == "decode":
+        r = decode_worker(job["folder"], job["dtype"], job["prompt_tokens"], job["new_tokens"])
+    elif job["task"] == "vision":
+        r = vision_worker(job["format"], job["batch"])
+    else:
+        raise SystemExit(f"unknown bench task {job['task']!r}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    _worker_main(sys.argv[1])
