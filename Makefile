@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lowbit-installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install bench-deps clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
+
+# packages only the comparison benchmarks need (benchmarks/gguf_llamacpp.py): compiled, so not in `install`
+bench-deps: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -r benchmarks/requirements.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

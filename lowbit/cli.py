@@ -4,6 +4,7 @@
     lowbit quantize MODEL --recipe recipe.yaml --out DIR
     lowbit eval MODEL_OR_DIR [--tokens N] [--window N] [--bos | --no-bos]
     lowbit inspect DIR [--no-reference]
+    lowbit export DIR --format gguf --out FILE [--overwrite]
     lowbit bench [ARTIFACT ...] [--sections matmul decode vision] [--model MODEL] [--formats ...] [--json FILE]
     lowbit schemes
     lowbit demo
@@ -83,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="a folder written by `lowbit quantize`")
     i.add_argument("--no-reference", action="store_true", help="skip SQNR (do not load the float model)")
     i.set_defaults(func=_cmd_inspect)
+
+    x = sub.add_parser("export", help="write a saved quantized folder in a format other runtimes load")
+    x.add_argument("path", help="a folder written by `lowbit quantize`")
+    x.add_argument("--format", required=True, choices=("gguf",), help="gguf (llama.cpp, transformers)")
+    x.add_argument("--out", required=True, help="output file (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
+    x.set_defaults(func=_cmd_export)
 
     b = sub.add_parser("bench", help="speed and memory of quantized models against float on this machine")
     b.add_argument("artifacts", nargs="*", help="folders written by `lowbit quantize` to add to the decode table")
@@ -248,6 +256,18 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
         ref = load_model_from_source(manifest["source"]).model
     print(format_table(layer_table(model, ref)))
     print(model_size(model).describe())
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from lowbit.io import load, read_manifest
+
+    manifest = read_manifest(a.path)
+    model = load(a.path)
+    from lowbit.export import export_gguf
+
+    out = export_gguf(model, manifest.get("source"), a.out, overwrite=a.overwrite)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

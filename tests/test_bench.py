@@ -13,26 +13,32 @@ from lowbit.errors import InputError
 
 def test_decode_and_matmul_tables_on_a_tiny_llm():
     lines: list[str] = []
-    out = run_bench(("matmul", "decode"), model="tiny-llama", formats=("int4", "w8a8"), shapes=((64, 32),),
+    out = run_bench(("matmul", "decode"), model="tiny-llama", formats=("int4",), shapes=((64, 32),),
                     batches=(1,), prompt_tokens=8, new_tokens=3, min_time=0.0, say=lines.append)
     text = "\n".join(lines)
     assert "64x32" in text and "tiny-llama: decode" in text
     rows = {r["format"]: r for r in out["decode"]}
-    assert list(rows) == ["fp32", "int4", "w8a8"]  # fp32 added: every ratio is against it
+    assert list(rows) == ["fp32", "int4"]  # fp32 added: every ratio is against it
     assert rows["fp32"]["kernels"] == {}
     assert rows["int4"]["kernels"] == {"embedding-rows": 1, "int4-weight-bf16": 15}  # 2 x 7 linears + lm_head
-    assert rows["w8a8"]["kernels"] == {"embedding-rows": 1, "w8a8-int-mm": 15}
     assert rows["int4"]["weight_bytes"] < rows["fp32"]["weight_bytes"] / 3
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_seconds"] > 0 for r in rows.values())
     json.dumps(out)  # every number is JSON-able
 
 
-def test_every_quantized_format_quantizes_the_embedding_and_lm_head():
+def test_every_quantized_format_quantizes_the_embedding_and_lm_head_and_runs_on_kernels():
+    from lowbit.kernels import use_kernels
+    from lowbit.models import load_model
+    from lowbit.quantizer import quantize
+
     for f in LM_FORMATS.values():
         if f.rules:
             plan = lm_plan(f)
             assert plan.skip == () and plan.rule_for("model.embed_tokens").weight.name == "int8"
             assert plan.rule_for("lm_head") is not None
+            lm = load_model("tiny-llama")
+            quantize(lm.model, plan, progress=False)
+            assert "reference" not in use_kernels(lm.model).counts()  # every quantized module has a kernel
 
 
 def test_bad_sections_and_formats_are_refused():

@@ -181,3 +181,43 @@ def test_smollm2_awq_gptq_beats_round_to_nearest_at_3_bits(smollm2, tmp_path):
         with cached_weights(model):
             ppl[method] = perplexity(model, lm.tokenizer, PROTOCOL, progress=False).ppl
     assert ppl["awq+gptq"] < 0.8 * ppl["rtn"], ppl
+
+
+# ---- kernels and exports on SmolLM2 ------------------------------------------------------------------------------
+
+
+def _text_ids(lm, n: int) -> torch.Tensor:
+    from lowbit.data import token_windows, wikipedia_text
+
+    return token_windows(lm.tokenizer, wikipedia_text(), n, max_tokens=n)[:1]  # (1, n)
+
+
+def test_smollm2_saved_loaded_and_run_on_kernels_matches_the_reference_path(smollm2, smollm2_w4):
+    from lowbit.kernels import release_kernels, use_kernels
+
+    model, ids = smollm2_w4["loaded"], _text_ids(smollm2, 256)
+    with torch.inference_mode():
+        ref = model(ids).logits
+        report = use_kernels(model)
+        try:
+            fast = model(ids).logits
+        finally:
+            release_kernels(model)
+    assert report.counts() == {"int4-weight-bf16": 210}  # every projection; lm_head and the embedding are float
+    # bf16 activations inside the kernel: logits within 3% (relative L2), the same next token almost everywhere
+    assert float((fast - ref).norm() / ref.norm()) < 0.03
+    assert float((fast.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.95
+
+
+def test_smollm2_gguf_export_loads_in_transformers_with_the_same_logits(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.export import export_gguf
+
+    model = lowbit.quantize(copy.deepcopy(smollm2.model), QuantPlan.uniform("int4-g32"), progress=False)
+    path = export_gguf(model, smollm2.source, tmp_path / "q4_0.gguf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = _text_ids(smollm2, 128)
+    with torch.inference_mode():
+        a, b = model(ids).logits, hf(ids).logits
+    assert float((a - b).abs().max()) < 1e-3 * float(a.abs().max())  # Q4_0 holds lowbit's codes exactly

@@ -1,0 +1,272 @@
+"""GGUF export of lowbit language models, in the block types llama.cpp reads.
+
+lowbit formats that a GGML type represents exactly are written as that type, with lowbit's own codes and
+scales (no requantization):
+
+    lowbit spec        GGML type   block of 32 weights                         exact?
+    int8-g32 (sym)     Q8_0        fp16 d, 32 int8 c: w = c * d                  yes (c = q - 128)
+    int4-g32 (sym)     Q4_0        fp16 d, 16 bytes of 4-bit q: w = (q - 8) * d  yes
+    int4-g32-asym      Q4_1        fp16 d, fp16 m, 16 bytes q: w = q * d + m     m = -zp * s rounded to fp16
+
+Scales must be stored as fp16 (lowbit's default for integers), which is what every type above holds.
+Float tensors (norms, a float embedding) are written as F32. Anything else stops with an
+:class:`InputError` naming the module and the reason: another format or group size, activation
+quantization, or AWQ's per-input-channel scales (GGUF has no place for them; quantize with ``gptq`` or
+``rtn`` for GGUF).
+
+Scope: Llama-architecture models (SmolLM2 and other ``model_type == "llama"`` models with plain RoPE). The
+hyper-parameters are written from the model's config. When the model came from a GGUF file (the bundled
+SmolLM2-135M, or a ``.gguf`` loaded by ``lowbit.load_model``), that file's other metadata (tokenizer, chat
+template, names) is copied, so llama.cpp and transformers tokenize the export exactly as the source;
+without one the file has no tokenizer (transformers loads its weights, llama.cpp refuses it). The attention query and key rows are permuted into llama.cpp's
+rotary layout, which both readers undo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import InputError
+from lowbit.nn import QuantEmbedding, QuantLinear
+from lowbit.nn.base import QuantModule
+from lowbit.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+# (format, bits, symmetric) -> GGML type name, for groups of 32 with fp16 scales
+GGML_TYPES = {("int", 8, True): "Q8_0", ("int", 4, True): "Q4_0", ("int", 4, False): "Q4_1"}
+# copied from the source GGUF: everything but its layout, type and hyper-parameters (written from the config)
+_SKIP_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "llama.")
+
+
+def ggml_type(spec: QuantSpec) -> str | None:
+    """The GGML type that stores ``spec`` exactly (Q4_1: up to fp16 rounding of the offset), or None."""
+    if spec.granularity != "group" or spec.group_size != BLOCK or spec.scale_format != "fp16":
+        return None
+    return GGML_TYPES.get((spec.format, spec.bits, spec.symmetric))
+
+
+def why_not_gguf(name: str, m: QuantModule) -> str | None:
+    """Why module ``name`` cannot be written to GGUF, or None."""
+    t = ggml_type(m.spec)
+    if t is None:
+        kinds = ", ".join(f"{'int%d-g32' % b}{'' if s else '-asym'} -> {t}" for (_, b, s), t in GGML_TYPES.items())
+        return f"{name}: weight format {m.spec.name} has no GGML block type (supported, fp16 scales: {kinds})"
+    if getattr(m, "act", None) is not None:
+        return f"{name}: activation quantization ({m.act.name}) cannot be stored in GGUF (weights only)"
+    if getattr(m, "input_scale", None) is not None:
+        return (f"{name}: has AWQ per-input-channel scales, which GGUF cannot store; quantize with "
+                f"--method gptq or rtn for GGUF export")
+    if m.storage_released:
+        return f"{name}: its weight storage was handed to a kernel; load the model again"
+    return None
+
+
+def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.PathLike, *,
+                overwrite: bool = False) -> Path:
+    """Write ``model`` (a lowbit-quantized or float Llama-architecture causal LM) to the GGUF file ``path``.
+
+    ``source``: the model's source dict (``LoadedModel.source`` or a saved artifact's manifest), which must
+    lead to a GGUF file whose metadata is copied. The file is written beside ``path`` under a temporary
+    name and renamed when complete, so a failure leaves no partial file. Returns the absolute path.
+    """
+    import gguf
+
+    dest = Path(os.path.abspath(Path(path).expanduser()))
+    if dest.exists() and not overwrite:
+        raise InputError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
+    if dest.exists() and dest.is_dir():
+        raise InputError(f"{dest} is a folder; give a .gguf file name")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type != "llama":
+        raise InputError(f"GGUF export supports Llama-architecture causal LMs (model_type 'llama', e.g. SmolLM2); "
+                         f"this model's is {model_type!r}")
+    src = source_gguf(source, required=False)
+    problems = [why for n, m in model.named_modules() if isinstance(m, QuantModule)
+                and (why := why_not_gguf(n, m)) is not None]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"cannot export to GGUF: {problems[0]}{more}")
+
+    reader = gguf.GGUFReader(src) if src is not None else None
+    if reader is None:
+        log.warning("the model's source is not a GGUF file, so the export has no tokenizer: transformers can load "
+                    "its weights, llama.cpp cannot run it")
+    n_blocks = int(config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    tensors = list(_tensors(model, config))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    try:
+        w = gguf.GGUFWriter(tmp, "llama")
+        _write_hparams(w, config)
+        for key, field in (reader.fields.items() if reader is not None else ()):
+            if key.startswith(_SKIP_FIELDS):
+                continue
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+            w.add_key_value(key, field.contents(), vtype, sub)
+        w.add_file_type(_file_type(tensors))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for hf_name, kind, data, shape in tensors:
+            gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise InputError(f"cannot export to GGUF: no llama.cpp tensor name for {hf_name!r}")
+            if kind == "F32":
+                w.add_tensor(gname, data)
+            else:
+                w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[kind])  # shape read from the block bytes
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%d tensors, %.1f MB)", dest, len(tensors), dest.stat().st_size / 1e6)
+    return dest
+
+
+def _write_hparams(w: Any, config: Any) -> None:
+    """llama.cpp's ``llama.*`` hyper-parameters from the model's Hugging Face config."""
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise InputError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not supported (plain RoPE only)")
+    w.add_context_length(int(config.max_position_embeddings))
+    w.add_embedding_length(int(config.hidden_size))
+    w.add_block_count(int(config.num_hidden_layers))
+    w.add_feed_forward_length(int(config.intermediate_size))
+    w.add_rope_dimension_count(head_dim)
+    w.add_head_count(heads)
+    w.add_head_count_kv(int(config.num_key_value_heads))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_rope_freq_base(float(theta))
+    w.add_vocab_size(int(config.vocab_size))
+
+
+def source_gguf(source: dict[str, Any] | None, required: bool = True) -> Path | None:
+    """The GGUF file a model source points to (bundled models with a GGUF, or a ``gguf`` source); None or an
+    :class:`InputError` (``required``) for other sources."""
+    from lowbit.models.registry import BUNDLED_MODELS
+
+    if source is None:
+        if not required:
+            return None
+        raise InputError("GGUF export needs the model's source (its GGUF file gives the tokenizer and metadata)")
+    if source.get("type") == "gguf":
+        p = Path(source["path"])
+        if not p.is_file():
+            raise InputError(f"the model's source GGUF {p} is missing")
+        return p
+    if source.get("type") == "bundled":
+        entry = BUNDLED_MODELS.get(source.get("name"))
+        if entry is not None and entry.gguf is not None:
+            return entry.gguf()
+    if not required:
+        return None
+    raise InputError(f"GGUF export needs a model loaded from a GGUF file (bundled smollm2-135m or a .gguf), "
+                     f"for its tokenizer; this model's source is {source.get('type')!r}")
+
+
+def _tensors(model: nn.Module, config: Any):
+    """(HF state name, GGML type or "F32", numpy data, logical shape (rows, cols)) for every tensor to write."""
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    heads = {"q_proj": int(config.num_attention_heads), "k_proj": int(config.num_key_value_heads)}
+    same_head = _head_repeats_embedding(model)
+    for name, m in quantized.items():
+        if same_head and m is model.lm_head:
+            continue  # llama.cpp computes the output from token_embd when output.weight is absent
+        rows = _rope_rows(name, m.weight_shape[0], heads)
+        yield f"{name}.weight", ggml_type(m.spec), _blocks(m, rows), m.weight_shape
+    seen: set[int] = set()
+    tied_lm_head = _tied_lm_head(model)
+    for key, t in model.state_dict(keep_vars=False).items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in quantized or (tied_lm_head and key == "lm_head.weight"):
+            continue
+        if "rotary_emb" in key or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        arr = t.detach().float()
+        rows = _rope_rows(owner, arr.shape[0], heads) if arr.dim() == 2 else None
+        if rows is not None:
+            arr = arr[rows]
+        yield key, "F32", arr.contiguous().numpy(), tuple(arr.shape)
+
+
+def _tied_lm_head(model: nn.Module) -> bool:
+    head = getattr(model, "lm_head", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return (isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding)
+            and head.weight.data_ptr() == emb.weight.data_ptr())
+
+
+def _head_repeats_embedding(model: nn.Module) -> bool:
+    """True when a quantized lm_head holds exactly the quantized embedding (a tied model quantized alike)."""
+    head = getattr(model, "lm_head", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not (isinstance(head, QuantLinear) and isinstance(emb, QuantEmbedding) and head.spec == emb.spec):
+        return False
+    if head.bias is not None or head.input_scale is not None or head.weight_shape != emb.weight_shape:
+        return False
+    same = [torch.equal(a, b) for a, b in ((head.qweight, emb.qweight), (head.scale, emb.scale))]
+    if head.zero_point is not None:
+        same.append(emb.zero_point is not None and torch.equal(head.zero_point, emb.zero_point))
+    return all(same)
+
+
+def _rope_rows(name: str, rows: int, heads: dict[str, int]) -> torch.Tensor | None:
+    """llama.cpp's row order of a query/key projection: per head, the two rotary halves interleaved."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf not in heads:
+        return None
+    n = heads[leaf]
+    return torch.arange(rows).reshape(n, 2, rows // n // 2).transpose(1, 2).reshape(-1)
+
+
+def _blocks(m: QuantModule, rows: torch.Tensor | None) -> np.ndarray:
+    """The module's weight as GGML blocks: uint8 ``(out, in / 32 * block bytes)``."""
+    q = m.quantized_weight()
+    codes, scale, zp = q.codes, q.scale, q.zero_point  # (out, in) uint8, (out, in/32) float32, uint8 or None
+    if rows is not None:
+        codes, scale = codes[rows], scale[rows]
+        zp = None if zp is None else zp[rows]
+    out, k = codes.shape
+    nb = k // BLOCK
+    c = codes.reshape(out, nb, BLOCK).numpy()
+    d = scale.numpy().astype(np.float16).reshape(out, nb, 1).view(np.uint8)  # (out, nb, 2)
+    kind = ggml_type(m.spec)
+    if kind == "Q8_0":
+        qs = (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+        parts = [d, qs]
+    else:
+        qs = (c[..., :16] | (c[..., 16:] << 4)).astype(np.uint8)  # byte j: weight j (low), weight j + 16 (high)
+        parts = [d, qs]
+        if kind == "Q4_1":
+            mins = (-(zp.float() * scale)).numpy().astype(np.float16).reshape(out, nb, 1).view(np.uint8)
+            parts = [d, mins, qs]
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out, -1))
+
+
+def _file_type(tensors) -> int:
+    """GGUF ``general.file_type`` for the most common block type (llama.cpp's LLAMA_FTYPE numbering)."""
+    counts: dict[str, int] = {}
+    for _, kind, data, _ in tensors:
+        if kind != "F32":
+            counts[kind] = counts.get(kind, 0) + data.size
+    if not counts:
+        return 0  # ALL_F32
+    return {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[max(counts, key=counts.get)]
