@@ -152,17 +152,10 @@ def images_per_second(model: nn.Module, batch: int = 8, size: int = 224, min_tim
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer of ``model`` plus the kernels' packed copies."""
+    """Bytes of ``model``'s state (tied tensors once, ``lowbit.evaluation.model_size``) plus the kernels' packed
+    copies of the weights (after ``use_kernels(..., keep_reference=False)`` the only copies)."""
+    from lowbit.evaluation.size import model_size
     from lowbit.nn.base import KERNEL_ATTR
 
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen and t.numel():
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    for m in model.modules():
-        packed = m.__dict__.get(KERNEL_ATTR)
-        if packed is not None:
-            total += packed.nbytes()
-    return total
+    packed = sum(p.nbytes() for m in model.modules() if (p := m.__dict__.get(KERNEL_ATTR)) is not None)
+    return model_size(model).total_bytes + packed
