@@ -75,7 +75,8 @@ def lm_plan(fmt: LMFormat):
 # ---- the whole run -------------------------------------------------------------------------------
 
 
-def run_bench(sections: tuple[str, ...] = SECTIONS, *, model: str = "smollm2-135m", formats: tuple[str, ...] = tuple(LM_FORMATS),
+def run_bench(sections: tuple[str, ...] = SECTIONS, *, model: str = "smollm2-135m",
+              formats: tuple[str, ...] = tuple(LM_FORMATS),
               artifacts: tuple[str, ...] = (), shapes: tuple[tuple[int, int], ...] = LLM_SHAPES,
               batches: tuple[int, ...] = BATCHES, matmul_formats: tuple[str, ...] = tuple(MATMUL_FORMATS),
               prompt_tokens: int = 128, new_tokens: int = 128, vision_batch: int = 8, min_time: float = 0.3,
@@ -156,7 +157,8 @@ def bench_decode(model: str, formats, artifacts, prompt_tokens, new_tokens, say)
         for a in artifacts:
             jobs.append((Path(a).name, f"saved artifact {a}", Path(a), "float32"))
         log.info("prepared %d artifacts in %.0f s", len(jobs), time.perf_counter() - t0)
-        say(f"{'format':>10} {'prefill ms':>10} {'tok/s':>8} {'vs fp32':>8} {'weights MB':>10} {'RSS MB':>8} {'anon MB':>8}  kernels")
+        say(f"{'format':>10} {'prefill ms':>10} {'tok/s':>8} {'vs fp32':>8} {'weights MB':>10} {'RSS MB':>8} "
+            f"{'anon MB':>8}  kernels")
         rows, base = [], None
         for label, desc, folder, dtype in jobs:
             r = _in_fresh_process({"task": "decode", "folder": str(folder), "dtype": dtype,
@@ -170,7 +172,8 @@ def bench_decode(model: str, formats, artifacts, prompt_tokens, new_tokens, say)
             rows.append(r)
         say("  weights MB: every distinct parameter and buffer plus the kernels' packed copies; RSS MB: resident "
             "memory the model added to a fresh process, read after decoding (includes library code first run then); "
-            "anon MB: the part not backed by files (a loaded fp32 artifact is mapped from its file, so it counts there)")
+            "anon MB: the part not backed by files (a loaded fp32 artifact is mapped from its file, so it counts "
+            "there)")
         for name in formats:
             say(f"  {name}: {LM_FORMATS[name].description}")
         return rows

@@ -18,8 +18,8 @@ Scope: Llama-architecture models (SmolLM2 and other ``model_type == "llama"`` mo
 hyper-parameters are written from the model's config. When the model came from a GGUF file (the bundled
 SmolLM2-135M, or a ``.gguf`` loaded by ``lowbit.load_model``), that file's other metadata (tokenizer, chat
 template, names) is copied, so llama.cpp and transformers tokenize the export exactly as the source;
-without one the file has no tokenizer (transformers loads its weights, llama.cpp refuses it). The attention query and key rows are permuted into llama.cpp's
-rotary layout, which both readers undo.
+without one the file has no tokenizer (transformers loads its weights, llama.cpp refuses it). The attention
+query and key rows are permuted into llama.cpp's rotary layout, which both readers undo.
 """
 
 from __future__ import annotations
