@@ -62,19 +62,24 @@ def test_modules_outside_the_blocks_are_quantized_too():
     assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith("_proj"))
 
 
-def test_a_failure_in_a_later_block_leaves_the_model_float(monkeypatch):
-    model = tiny.tiny_llama()
-    before = copy.deepcopy(model.state_dict())
+def _fail_in_block_1(monkeypatch) -> None:
+    """Make GPTQ raise on its 9th call: block 1's second layer, when block 0 is already swapped in."""
     calls = {"n": 0}
     real = quantizer_module.gptq
 
     def failing(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 9:  # block 1's second layer: block 0 is already swapped in by then
+        if calls["n"] == 9:
             raise InputError("boom")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(quantizer_module, "gptq", failing)
+
+
+def test_a_failure_in_a_later_block_leaves_the_model_float(monkeypatch):
+    model = tiny.tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    _fail_in_block_1(monkeypatch)
     with pytest.raises(InputError, match="boom"):
         quantize(model, QuantPlan.uniform("int4-g32-asym", method="gptq"), _ids(8, 0), progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
@@ -112,16 +117,7 @@ def test_undo_keeps_weights_in_memory_when_the_temporary_directory_fails(monkeyp
     monkeypatch.setattr(quantizer_module.tempfile, "mkdtemp", lambda **kw: (_ for _ in ()).throw(OSError("read-only")))
     model = tiny.tiny_llama()
     before = copy.deepcopy(model.state_dict())
-    calls = {"n": 0}
-    real = quantizer_module.gptq
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise InputError("boom")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(quantizer_module, "gptq", failing)
+    _fail_in_block_1(monkeypatch)
     with caplog.at_level("WARNING"), pytest.raises(InputError, match="boom"):
         quantize(model, QuantPlan.uniform("int4-g32-asym", method="gptq"), _ids(8, 0), progress=False)
     assert "stay in memory" in caplog.text

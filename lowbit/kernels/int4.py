@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels.checks import int_linear_why_not
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
 from lowbit.spec import QuantSpec
@@ -33,13 +34,10 @@ def kernel_group(spec: QuantSpec, in_features: int) -> int | None:
 
 
 def why_not(m: QuantModule) -> str | None:
-    if not isinstance(m, QuantLinear):
-        return f"a {type(m).__name__}, not a linear layer"
+    why = int_linear_why_not(m, 4, ("group", "channel"))
+    if why is not None:
+        return why
     spec = m.spec
-    if spec.format != "int" or spec.bits != 4:
-        return f"weight format {spec.name} is not a 4-bit integer"
-    if spec.granularity not in ("group", "channel"):
-        return f"weight granularity {spec.granularity} (needs groups or per channel)"
     if m.act is not None:
         return f"its activations are quantized ({m.act.name}); this kernel is weight-only"
     if m.out_features % 16:

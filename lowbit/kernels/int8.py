@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats import quantize
+from lowbit.kernels.checks import int_linear_why_not
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
 
@@ -31,14 +32,7 @@ def _signed_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_channel_weight(m: QuantModule) -> str | None:
-    if not isinstance(m, QuantLinear):
-        return f"a {type(m).__name__}, not a linear layer"
-    spec = m.spec
-    if spec.format != "int" or spec.bits != 8:
-        return f"weight format {spec.name} is not an 8-bit integer"
-    if spec.granularity != "channel":
-        return f"weight granularity {spec.granularity} (needs per channel)"
-    return None
+    return int_linear_why_not(m, 8, ("channel",))
 
 
 def _weight(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
