@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lowbit.bench import LM_FORMATS, lm_plan, run_bench
 from lowbit.cli import main
@@ -52,3 +53,29 @@ def test_cli_bench_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
     assert str(tmp_path) in capsys.readouterr().err
     assert main(["bench", "--new-tokens", "1", "--sections", "decode"]) == 2
+
+
+def test_float_baseline_folds_batchnorm_into_convolution_subclasses_exactly():
+    from torch import nn
+
+    from lowbit.bench import _fold_batchnorm
+
+    class SamePad(nn.Conv2d):  # a subclass with its own forward, as EfficientNet's "same"-padding convolution
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SamePad(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1),
+                          nn.BatchNorm2d(4))
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    folded = _fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, SamePad) for m in folded.modules())
+    x = torch.randn(2, 3, 15, 15)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model itself is unchanged

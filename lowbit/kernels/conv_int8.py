@@ -60,8 +60,8 @@ def pack(m: QuantConv2d) -> dict:
             "x_zp": zp, "asymmetric": m.act.spec.has_zero_point}
 
 
-def run(m: QuantConv2d, st: dict, x: torch.Tensor) -> torch.Tensor:
-    """``x`` float ``(N, C, H, W)`` -> float32 ``(N, out, H', W')``, channels-last, cast to ``x``'s dtype."""
+def input_codes(m: QuantConv2d, st: dict, x: torch.Tensor) -> torch.Tensor:
+    """Float ``x`` -> the uint8 codes of the layer's input quantizer, padded as the layer pads, channels-last."""
     if m.input_padding is not None:
         x = F.pad(x, m.input_padding)
     t, zp = st["x_scale"], st["x_zp"]
@@ -70,9 +70,29 @@ def run(m: QuantConv2d, st: dict, x: torch.Tensor) -> torch.Tensor:
         codes = torch.round(x.float() / t + zp).clamp_(0, 255)
     else:
         codes = torch.round(x.float() / t).clamp_(-128, 127).add_(128)
-    codes = codes.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    return codes.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+
+
+def pad_codes(m: QuantConv2d, st: dict, codes: torch.Tensor) -> torch.Tensor:
+    """Input codes produced elsewhere (the previous int8 layer), padded with the code of 0.0 as the layer pads."""
+    if m.input_padding is not None:
+        codes = F.pad(codes, m.input_padding, value=st["x_zp"])
+    return codes.contiguous(memory_format=torch.channels_last)
+
+
+def conv_codes(m: QuantConv2d, st: dict, codes: torch.Tensor, *, w_scale: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, output: tuple[float, int, torch.dtype] = (1.0, 0, torch.float32),
+               post: tuple[str, list] = ("none", [])) -> torch.Tensor:
+    """oneDNN's int8 convolution of uint8 ``codes``: ``post(t * s_w * acc + bias)`` as float32, or requantized
+    to uint8 with ``output = (scale, zero_point, torch.uint8)``. ``post``: ``("relu", [])`` or
+    ``("hardtanh", [lo, hi])`` fused into the kernel; ``w_scale`` and ``bias`` default to the layer's own."""
+    w_scale = st["w_scale"] if w_scale is None else w_scale
+    return torch.ops.onednn.qconv2d_pointwise(codes, st["x_scale"], st["x_zp"], st["weight"], w_scale, st["w_zp"],
+                                              bias, list(m.stride), list(m.padding), list(m.dilation), m.groups,
+                                              output[0], output[1], output[2], post[0], post[1], "")
+
+
+def run(m: QuantConv2d, st: dict, x: torch.Tensor) -> torch.Tensor:
+    """``x`` float ``(N, C, H, W)`` -> float32 ``(N, out, H', W')``, channels-last, cast to ``x``'s dtype."""
     bias = None if m.bias is None else m.bias.float()
-    y = torch.ops.onednn.qconv2d_pointwise(codes, t, zp, st["weight"], st["w_scale"], st["w_zp"], bias,
-                                           list(m.stride), list(m.padding), list(m.dilation), m.groups,
-                                           1.0, 0, torch.float32, "none", [], "")
-    return y.to(x.dtype)
+    return conv_codes(m, st, input_codes(m, st, x), bias=bias).to(x.dtype)

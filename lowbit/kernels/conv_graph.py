@@ -1,0 +1,204 @@
+"""Int8 convolution chains for CNNs: BatchNorm folded into the int8 convolution before it, the activation
+fused into that convolution's output, and the output written directly as the next convolution's input codes.
+
+``use_kernels`` gives each convolution the oneDNN int8 kernel (``conv-int8-onednn``), which takes float in
+and gives float out: between two of them the model still runs BatchNorm, the activation and a quantize pass
+in float, over the whole activation tensor each. :func:`int8_conv_graph` traces the model (``torch.fx``,
+lowbit's quantized modules as leaves) and rewrites, for every such convolution ``A``:
+
+* ``A -> BatchNorm2d`` (eval mode, running statistics, ``A``'s only user): the BatchNorm becomes part of
+  ``A``'s per-channel weight scale and bias (``c = gamma / sqrt(var + eps)``: ``s_w * c``, ``c * b + beta -
+  c * mean``). Exact in real arithmetic: the int8 codes do not change, only the float factors oneDNN applies
+  to the int32 accumulator.
+* then ``-> ReLU / ReLU6 / Hardtanh`` (the only user): fused into the kernel (oneDNN post-op).
+* then ``-> B``, another int8 convolution that is the only user: ``A`` writes uint8 codes with ``B``'s input
+  scale and zero point (``round(y / t_B) + zp_B``, saturated: exactly ``B``'s own input quantizer), and ``B``
+  reads them without a float round trip; ``B``'s input padding pads with the code of 0.0.
+
+What remains float: the first convolution's input, the outputs that feed anything else (a residual add,
+pooling, the classifier) and every module that is not part of such a pattern. The result is a
+``torch.fx.GraphModule`` that shares the model's modules (their kernels' packed weights are not copied);
+the model itself is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import InputError
+from lowbit.kernels import conv_int8
+from lowbit.kernels.dispatch import kernel_name
+from lowbit.nn.base import KERNEL_ATTR, QuantModule
+from lowbit.nn.conv import QuantConv2d
+
+log = logging.getLogger(__name__)
+
+KERNEL = "conv-int8-onednn"
+_ACT_FUNCTIONS = {F.relu: ("relu", []), torch.relu: ("relu", []), F.relu6: ("hardtanh", [0.0, 6.0])}
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QuantModule) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class ConvGraphReport:
+    """What :func:`int8_conv_graph` fused: BatchNorms folded (their names), activations fused into a
+    convolution, and int8 links (convolution pairs that pass uint8 codes), each as ``(producer, consumer)``."""
+
+    folded: list[str] = field(default_factory=list)
+    activations: int = 0
+    links: list[tuple[str, str]] = field(default_factory=list)
+    convs: int = 0
+
+    def describe(self) -> str:
+        return (f"{self.convs} int8 convolution(s): {len(self.folded)} BatchNorm(s) folded, {self.activations} "
+                f"activation(s) fused, {len(self.links)} int8-to-int8 link(s)")
+
+
+class FusedInt8Conv(nn.Module):
+    """An int8 convolution with its folded BatchNorm, fused activation and requantized output (see module doc)."""
+
+    def __init__(self, conv: QuantConv2d, fold: nn.BatchNorm2d | None, post: tuple[str, list],
+                 out_q: tuple[float, int] | None, codes_in: bool) -> None:
+        super().__init__()
+        self.conv = conv
+        st = conv.__dict__[KERNEL_ATTR].state
+        w_scale = st["w_scale"].clone()
+        bias = conv.bias.detach().float().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        if fold is not None:
+            c = fold.weight.detach().float() / torch.sqrt(fold.running_var.float() + fold.eps) \
+                if fold.affine else 1.0 / torch.sqrt(fold.running_var.float() + fold.eps)
+            beta = fold.bias.detach().float() if fold.affine else torch.zeros_like(c)
+            w_scale = w_scale * c
+            bias = bias * c + beta - c * fold.running_mean.float()
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("fused_bias", bias)
+        self.post, self.out_q, self.codes_in = post, out_q, codes_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.conv
+        packed = m.__dict__.get(KERNEL_ATTR)
+        if packed is None or packed.kernel.name != KERNEL:
+            raise InputError("a convolution of this int8 graph lost its int8 kernel (release_kernels, a new weight "
+                             "or a move); run use_kernels and int8_conv_graph again")
+        st = packed.state
+        if self.codes_in:
+            if x.dtype != torch.uint8:
+                raise InputError(f"{type(self).__name__} expected uint8 codes from the previous int8 layer, got {x.dtype}")
+            codes = conv_int8.pad_codes(m, st, x)
+        else:
+            codes = conv_int8.input_codes(m, st, x)
+        output = (1.0, 0, torch.float32) if self.out_q is None else (self.out_q[0], self.out_q[1], torch.uint8)
+        y = conv_int8.conv_codes(m, st, codes, w_scale=self.w_scale, bias=self.fused_bias, output=output,
+                                 post=self.post)
+        return y if self.out_q is not None or x.dtype == torch.uint8 else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"post={self.post[0]}, out={'uint8' if self.out_q else 'float'}, codes_in={self.codes_in}"
+
+
+def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
+    """A traced copy of ``model`` whose int8 convolutions are fused into chains (see the module docstring).
+
+    Call after ``lowbit.kernels.use_kernels(model)``: only convolutions on the ``conv-int8-onednn`` kernel
+    take part. The model must be in eval mode.
+
+    Raises:
+        InputError: the model is in training mode or ``torch.fx`` cannot trace it (data-dependent control
+            flow); the message carries the tracer's reason.
+    """
+    if model.training:
+        raise InputError("int8_conv_graph needs the model in eval mode (BatchNorm folding uses running statistics)")
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:
+        raise InputError(f"torch.fx cannot trace {type(model).__name__}, so its convolutions cannot be chained: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    gm = fx.GraphModule(model, graph)
+    modules = dict(gm.named_modules())
+    report = ConvGraphReport()
+
+    def module(n: fx.Node) -> nn.Module | None:
+        return modules.get(n.target) if n.op == "call_module" else None
+
+    def is_int8_conv(n: fx.Node) -> bool:
+        m = module(n)
+        return isinstance(m, QuantConv2d) and kernel_name(m) == KERNEL
+
+    plans: dict[fx.Node, dict] = {}
+    consumers: set[fx.Node] = set()
+    for n in graph.nodes:
+        if not is_int8_conv(n):
+            continue
+        report.convs += 1
+        plan = {"chain": [], "fold": None, "post": ("none", []), "next": None}
+        cur = n
+        users = list(cur.users)
+        bn = module(users[0]) if len(users) == 1 else None
+        if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None \
+                and not bn.training and users[0].args[0] is cur:
+            plan["fold"], cur = (users[0].target, bn), users[0]
+            plan["chain"].append(cur)
+        users = list(cur.users)
+        post = _post_op(users[0], modules) if len(users) == 1 and users[0].args and users[0].args[0] is cur \
+            else None
+        if post is not None:
+            plan["post"], cur = post, users[0]
+            plan["chain"].append(cur)
+        users = list(cur.users)
+        if len(users) == 1 and is_int8_conv(users[0]) and users[0].args[0] is cur and len(users[0].args) == 1 \
+                and not users[0].kwargs:
+            plan["next"] = users[0]
+            consumers.add(users[0])
+        plans[n] = plan
+    for n, plan in plans.items():
+        if plan["fold"] is None and plan["post"][0] == "none" and plan["next"] is None and n not in consumers:
+            continue  # nothing to gain: keep the module's own kernel call
+        conv = module(n)
+        out_q = None
+        if plan["next"] is not None:
+            nst = module(plan["next"]).__dict__[KERNEL_ATTR].state
+            out_q = (float(nst["x_scale"]), int(nst["x_zp"]))
+            report.links.append((n.target, plan["next"].target))
+        fused = FusedInt8Conv(conv, None if plan["fold"] is None else plan["fold"][1], plan["post"], out_q,
+                              codes_in=n in consumers)
+        if plan["fold"] is not None:
+            report.folded.append(plan["fold"][0])
+        report.activations += plan["post"][0] != "none"
+        name = "int8_" + n.target.replace(".", "_")
+        gm.add_submodule(name, fused)
+        last = plan["chain"][-1] if plan["chain"] else n
+        with graph.inserting_after(last):
+            new = graph.call_module(name, n.args, n.kwargs)
+        last.replace_all_uses_with(new)
+        for old in reversed([n, *plan["chain"]]):
+            graph.erase_node(old)
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    log.info("int8 conv graph: %s", report.describe())
+    return gm.eval(), report
+
+
+def _post_op(n: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, list] | None:
+    """The oneDNN post-op computing node ``n`` (an activation of its first argument), or None."""
+    if n.op == "call_module":
+        m = modules.get(n.target)
+        if isinstance(m, nn.ReLU6):
+            return ("hardtanh", [0.0, 6.0])
+        if isinstance(m, nn.ReLU):
+            return ("relu", [])
+        if isinstance(m, nn.Hardtanh):
+            return ("hardtanh", [float(m.min_val), float(m.max_val)])
+        return None
+    if n.op == "call_function" and n.target in _ACT_FUNCTIONS and len(n.args) == 1 and not n.kwargs:
+        return _ACT_FUNCTIONS[n.target]
+    return None

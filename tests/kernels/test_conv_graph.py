@@ -1,0 +1,126 @@
+"""int8_conv_graph: BatchNorm folding, fused activations and uint8 links between int8 convolutions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.errors import InputError
+from lowbit.kernels import use_kernels
+from lowbit.kernels.conv_graph import FusedInt8Conv, int8_conv_graph
+from lowbit.plan import QuantPlan, Rule
+from lowbit.quantizer import quantize
+
+
+class _Net(nn.Module):
+    """stem conv-BN-ReLU6 -> depthwise conv-BN-ReLU -> pointwise conv-BN, + a residual branch, pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.dw, self.bn1 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16)
+        self.pw, self.bn2 = nn.Conv2d(16, 16, 1, bias=True), nn.BatchNorm2d(16)
+        self.act6, self.act = nn.ReLU6(), nn.ReLU()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.act6(self.bn0(self.stem(x)))
+        y = self.act(self.bn1(self.dw(x)))
+        y = self.bn2(self.pw(y)) + x  # the stem's output has two users: it stays float
+        return self.head(y.mean((2, 3)))
+
+
+def _model(act: str = "int8-tensor", seed: int = 0):
+    torch.manual_seed(seed)
+    net = _Net()
+    for bn in (net.bn0, net.bn1, net.bn2):  # non-trivial statistics, some negative gains
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.05, 2.0)
+        bn.weight.data.uniform_(-1.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    net.eval()
+    plan = QuantPlan((Rule("head", "int8"), Rule("*", "int8", act={"spec": act, "dynamic": False,
+                                                                   "observer": "minmax"})))
+    calib = [torch.randn(4, 3, 20, 20, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    return quantize(net, plan, calib, progress=False)
+
+
+def _x(seed: int = 7) -> torch.Tensor:
+    return torch.randn(3, 3, 20, 20, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("act", ["int8-tensor", "int8-tensor-asym"])
+def test_fused_graph_matches_the_reference_model(act):
+    q = _model(act)
+    x = _x()
+    with torch.no_grad():
+        ref = q(x)  # reference path: dequantize, float BatchNorm and activations
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    assert report.convs == 3 and sorted(report.folded) == ["bn0", "bn1", "bn2"] and report.activations == 2
+    assert report.links == [("dw", "pw")]  # stem -> dw is not linked: the stem's output feeds the residual too
+    fused = {n: type(m).__name__ for n, m in gm.named_children()}
+    assert list(fused.values()).count("FusedInt8Conv") == 3
+    with torch.no_grad():
+        y = gm(x)
+    # exact in real arithmetic; float rounding can move a requantized code across a rounding boundary
+    assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    with torch.no_grad():
+        assert torch.equal(q(x), q(x))  # the model itself is unchanged and still runs its kernels
+
+
+def test_link_writes_the_consumers_own_input_codes():
+    q = _model()
+    use_kernels(q)
+    gm, _ = int8_conv_graph(q)
+    x = _x(3)
+    seen = {}
+    pw_fused = next(m for m in gm.modules() if isinstance(m, FusedInt8Conv) and m.conv is q.pw)
+    h = pw_fused.register_forward_pre_hook(lambda m, a: seen.__setitem__("codes", a[0]))
+    with torch.no_grad():
+        gm(x)
+        y = q.act(q.bn1(q.dw.reference(q.act6(q.bn0(q.stem.reference(x))))))  # the float input of pw
+    h.remove()
+    codes = seen["codes"]
+    assert codes.dtype == torch.uint8
+    from lowbit.kernels import conv_int8
+    from lowbit.nn.base import KERNEL_ATTR
+
+    own = conv_int8.input_codes(q.pw, q.pw.__dict__[KERNEL_ATTR].state, y)
+    diff = (codes.int() - own.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+
+
+def test_a_conv_without_bn_or_next_conv_is_left_to_its_kernel_and_training_mode_is_refused():
+    q = quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()).eval(),
+                 QuantPlan((Rule("*", "int8", act={"spec": "int8-tensor", "dynamic": False}),)),
+                 [torch.randn(2, 3, 8, 8)], progress=False)
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    assert report.convs == 1 and not report.folded and not report.links
+    assert not any(isinstance(m, FusedInt8Conv) for m in gm.modules())
+    q.train()
+    with pytest.raises(InputError, match="eval mode"):
+        int8_conv_graph(q)
+
+
+def test_convs_without_the_int8_kernel_are_not_touched():
+    q = _model()
+    gm, report = int8_conv_graph(copy.deepcopy(q))  # no use_kernels: every conv is on the reference path
+    assert report.convs == 0 and not any(isinstance(m, FusedInt8Conv) for m in gm.modules())
+    with torch.no_grad():
+        assert torch.allclose(gm(_x()), q(_x()))
+
+
+def test_the_graph_refuses_to_run_once_its_kernels_are_released():
+    from lowbit.kernels import release_kernels
+
+    q = _model()
+    use_kernels(q)
+    gm, _ = int8_conv_graph(q)
+    release_kernels(q)
+    with pytest.raises(InputError, match="lost its int8 kernel"):
+        gm(_x())
