@@ -4,7 +4,7 @@
     lowbit quantize MODEL --recipe recipe.yaml --out DIR
     lowbit eval MODEL_OR_DIR [--tokens N] [--window N] [--bos | --no-bos]
     lowbit inspect DIR [--no-reference]
-    lowbit export DIR --format gguf --out FILE [--overwrite]
+    lowbit export DIR --format onnx|gguf --out FILE [--overwrite]
     lowbit bench [ARTIFACT ...] [--sections matmul decode vision] [--model MODEL] [--formats ...] [--json FILE]
     lowbit schemes
     lowbit demo
@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a saved quantized folder in a format other runtimes load")
     x.add_argument("path", help="a folder written by `lowbit quantize`")
-    x.add_argument("--format", required=True, choices=("gguf",), help="gguf (llama.cpp, transformers)")
+    x.add_argument("--format", required=True, choices=("onnx", "gguf"),
+                   help="onnx (QDQ, checked in onnxruntime) or gguf (llama.cpp, transformers)")
     x.add_argument("--out", required=True, help="output file (written atomically)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
     x.set_defaults(func=_cmd_export)
@@ -264,10 +265,20 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     manifest = read_manifest(a.path)
     model = load(a.path)
-    from lowbit.export import export_gguf
+    if a.format == "gguf":
+        from lowbit.export import export_gguf
 
-    out = export_gguf(model, manifest.get("source"), a.out, overwrite=a.overwrite)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        out = export_gguf(model, manifest.get("source"), a.out, overwrite=a.overwrite)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    from lowbit.export.onnx import check_onnx, default_inputs, export_onnx
+    from lowbit.models.registry import load_tokenizer
+
+    check_onnx(model)  # refuse before reading data or tracing
+    tokenizer = load_tokenizer(manifest["source"]) if manifest.get("source") is not None else None
+    example, check, kind = default_inputs(model, tokenizer)
+    report = export_onnx(model, a.out, example, kind=kind, overwrite=a.overwrite, check=check)
+    print(f"wrote {report.describe()}")
     return 0
 
 

@@ -93,6 +93,31 @@ def test_cli_quantize_and_inspect_efficientnet(capsys, tmp_path):
     assert min(sqnr) > 25.0 and sorted(sqnr)[len(sqnr) // 2] > 35.0  # int8 per channel: ~40 dB typical
 
 
+def test_efficientnet_w8a8_int8_graph_and_onnx_agree_with_lowbit(effnet_views, tmp_path):
+    """W8A8 (static activations): the fused int8 graph and the ONNX file in onnxruntime against lowbit's
+    reference path on every fourth evaluation view (55)."""
+    from lowbit.bench import vision_plan
+    from lowbit.data import calibration_views
+    from lowbit.export.onnx import export_onnx, onnxruntime_session
+    from lowbit.kernels import int8_conv_graph, use_kernels
+
+    images, float_logits = effnet_views[0][::4].contiguous(), effnet_views[1][::4]
+    model = lowbit.load_model("efficientnet-lite0").model
+    lowbit.quantize(model, vision_plan(), list(calibration_views(64).split(8)), progress=False)
+    ref = classifier_logits(model, images, progress=False).argmax(-1)
+    r = export_onnx(model, tmp_path / "effnet.onnx", images[:2], kind="image-classifier", check=images[:8])
+    assert r.rel_diff < 0.1 and r.quantized_modules == 50, r.describe()  # activation-code ties: see export_onnx
+    s = onnxruntime_session(r.path)
+    got = torch.from_numpy(s.run(None, {"pixel_values": images.numpy()})[0]).argmax(-1)
+    use_kernels(model)
+    fast, report = int8_conv_graph(model)
+    assert len(report.folded) == 49 and len(report.links) == 34, report.describe()
+    fused = classifier_logits(fast, images, progress=False).argmax(-1)
+    agree = {k: float((v == ref).float().mean()) for k, v in (("onnx", got), ("graph", fused))}
+    assert agree["onnx"] >= 0.94 and agree["graph"] >= 0.94, agree  # both measured 98.2% (54 of 55)
+    assert float((fused == float_logits.argmax(-1)).float().mean()) >= 0.88  # measured 92.7%
+
+
 # ---- SmolLM2-135M ------------------------------------------------------------------------------------------------
 
 
