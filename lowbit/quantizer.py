@@ -101,12 +101,17 @@ def quantize(
             outside = [t for t in targets if t.name not in inside]
             _swap(model, [(t, _convert(t, None)) for t in outside if t.name not in requests], swapped)
 
-            def solve(i: int, block_name: str, stats: dict) -> None:
-                _swap(model, [(t, _convert(t, stats.get(t.name))) for t in in_block[i]], swapped)
-                swapped.offload([t.name for t in in_block[i]], f"block{i}")  # done with their float weights
+            done: set[str] = set()
+
+            def solve(i: int, block_name: str, stats: dict) -> None:  # once per block, or per stage of one
+                now = [t for t in in_block[i] if t.name not in done and (t.name in stats or t.name not in requests)]
+                _swap(model, [(t, _convert(t, stats.get(t.name))) for t in now], swapped)
+                done.update(t.name for t in now)
+                swapped.offload([t.name for t in now], f"block{i}-{len(done)}")  # done with their float weights
 
             wanted = [{t.name: requests[t.name] for t in ts if t.name in requests} for ts in in_block]
-            run_block_sequential(model, blocks, wanted, data, solve, progress)
+            staged = any(_true_sequential(t.rule.method) for ts in in_block for t in ts)
+            run_block_sequential(model, blocks, wanted, data, solve, progress, true_sequential=staged)
             rest = {t.name: requests[t.name] for t in outside if t.name in requests}
             if rest:
                 stats = collect_input_stats(model, rest, data, progress)
@@ -118,6 +123,15 @@ def quantize(
         swapped.close()
     log.info("quantized %d module(s)%s", len(swapped), f" block by block over {len(blocks)} blocks" if blocks else "")
     return model
+
+
+def _true_sequential(method: Any) -> bool:
+    """Whether ``method`` (or the algorithm it hands over to, as AWQ's ``then``) asks for staged blocks."""
+    while method is not None:
+        if getattr(method, "true_sequential", False):
+            return True
+        method = getattr(method, "then", None)
+    return False
 
 
 def quantize_weight(

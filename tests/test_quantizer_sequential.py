@@ -123,3 +123,51 @@ def test_undo_keeps_weights_in_memory_when_the_temporary_directory_fails(monkeyp
     assert "stay in memory" in caplog.text
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+    ("gpt2", [["c_attn"], ["c_proj"], ["c_fc"], ["c_proj"]]),
+    ("opt", [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]]),
+])
+def test_true_sequential_stages_follow_the_block_and_its_shared_inputs(arch, expected, monkeypatch):
+    from lowbit.calibration import sequential
+
+    seen = []
+    original = sequential.block_stages
+    monkeypatch.setattr(sequential, "block_stages", lambda *a: seen.append(original(*a)) or seen[-1])
+    quantize(ARCHS[arch](), QuantPlan.uniform("int4-g32-asym", {"name": "gptq", "true_sequential": True}),
+             _ids(4, 0), progress=False)
+    assert len(seen) == 2  # one per block
+    assert [[n.rsplit(".", 1)[1] for n in stage] for stage in seen[0]] == expected
+
+
+def test_true_sequential_observes_each_stage_after_the_stages_before_it_are_quantized(monkeypatch):
+    """The o_proj Hessian of block 0 must be the one seen with q/k/v already quantized (and nothing else)."""
+    from lowbit.calibration import collect_input_stats
+    from lowbit.calibration.capture import Request
+
+    model, calib = tiny.tiny_llama(), _ids(8, 0)
+    seen: dict[str, torch.Tensor] = {}
+    original_convert = quantizer_module._convert
+
+    def convert(t, stats):  # records the Hessian each module was solved with
+        if stats is not None:
+            seen[t.name] = stats.hessian.clone()
+        return original_convert(t, stats)
+
+    monkeypatch.setattr(quantizer_module, "_convert", convert)
+    gptq_ts = {"name": "gptq", "true_sequential": True}
+    staged = quantize(copy.deepcopy(model), QuantPlan.uniform("int4-g32-asym", gptq_ts), calib, progress=False)
+    # reference: q/k/v of block 0 quantized alone (from float inputs), then o_proj observed in one whole pass
+    ref = copy.deepcopy(model)
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    quantize(ref, QuantPlan([Rule(n, "int4-g32-asym", gptq_ts) for n in qkv]), calib, progress=False)
+    for n in qkv:
+        assert torch.equal(ref.get_submodule(n).dequantized_weight(), staged.get_submodule(n).dequantized_weight())
+    o = "model.layers.0.self_attn.o_proj"
+    stats = collect_input_stats(ref, {o: Request(ref.get_submodule(o), hessian=True)}, calib, progress=False)
+    assert torch.allclose(seen[o], stats[o].hessian, rtol=1e-4, atol=1e-6)
+    staged_o = seen.pop(o)
+    quantize(copy.deepcopy(model), QuantPlan.uniform("int4-g32-asym", "gptq"), calib, progress=False)
+    assert not torch.allclose(seen[o], staged_o, rtol=1e-4, atol=1e-6)  # without stages: float q/k/v inputs

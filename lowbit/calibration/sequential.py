@@ -7,6 +7,10 @@ before it *after* they were quantized (as GPTQ's reference implementation and AW
               the blocks (final norm, LM head) runs.
     per block observe the inputs of its modules (``InputCollector``), let the caller quantize them and
               swap them in, then run the block again to produce the next block's inputs, in place.
+              With ``true_sequential`` a block is solved in stages instead: its modules grouped by the
+              input they share, in call order (attention projections, output projection, MLP in/gate,
+              MLP out for a Llama layer), each stage observed with the stages before it already quantized
+              (the "true sequential" option of GPTQ's reference code). It costs a partial block pass per stage.
 
 Peak memory is the model plus one set of hidden states (``n_samples x seq_len x hidden`` floats) plus one
 block's working set, whatever the depth. Each block gets the arguments the model passed to *it*, so models
@@ -40,7 +44,8 @@ from lowbit.nn.cache import cached_weights
 
 log = logging.getLogger(__name__)
 
-# solve(block index, block name, stats by module name) -> nothing; it swaps quantized modules into the block
+# solve(block index, block name, stats by module name) -> nothing; it swaps the quantized modules of those names
+# into the block (called once per block, or once per stage with true_sequential)
 Solve = Callable[[int, str, dict[str, InputStats]], None]
 
 
@@ -137,6 +142,7 @@ def run_block_sequential(
     data: Any,
     solve: Solve,
     progress: bool = True,
+    true_sequential: bool = False,
 ) -> None:
     """For each block in order: observe ``wanted[i]`` on its inputs, ``solve`` (quantize and swap), then
     compute its outputs with the quantized modules as the next block's inputs.
@@ -144,7 +150,8 @@ def run_block_sequential(
     Args:
         blocks: from :func:`~lowbit.calibration.blocks.find_blocks`.
         wanted: per block, the modules (inside it) whose input statistics ``solve`` needs; may be empty.
-        solve: called once per block with the statistics, after observing and before the outputs.
+        solve: called with the statistics after observing and before the outputs: once per block, or with
+            ``true_sequential`` once per stage of the block (:func:`block_stages`), with that stage's modules.
     """
     inputs = capture_block_inputs(model, blocks, data, progress)
     n_tokens = sum(h.shape[0] * h.shape[1] if h.dim() >= 2 else h.shape[0] for h in inputs.hidden)
@@ -156,17 +163,13 @@ def run_block_sequential(
         for i, (name, _) in enumerate(bar):
             t0 = time.perf_counter()
             block = model.get_submodule(name)
-            stats: dict[str, InputStats] = {}
-            if wanted[i]:
-                with InputCollector(wanted[i], early_stop=True) as c:  # the outputs come from the next pass
-                    for b in range(len(inputs.hidden)):
-                        c.new_batch()
-                        try:
-                            inputs.run(i, block, b)
-                        except StopObserving:
-                            pass
-                stats = c.result(where=f"block {name}'s calibration inputs")
-            solve(i, name, stats)
+            stages = block_stages(inputs, i, block, wanted[i]) if true_sequential and wanted[i] else [list(wanted[i])]
+            for k, stage in enumerate(stages):
+                stats: dict[str, InputStats] = {}
+                if stage:
+                    where = f"block {name}'s calibration inputs" + (f" (stage {k + 1})" if len(stages) > 1 else "")
+                    stats = _observe(inputs, i, block, {n: wanted[i][n] for n in stage}, where)
+                solve(i, name, stats)
             block = model.get_submodule(name)  # solve may have replaced modules inside it
             if i + 1 < len(blocks):
                 with cached_weights(block):  # dequantize each new quantized layer once, not once per batch
@@ -179,6 +182,55 @@ def run_block_sequential(
             bar.set_postfix_str(f"{name} {dt:.1f}s rss {rss:.0f}MB")
             log.info("block %d/%d (%s): %d module(s) observed, %.1f s, RSS %.0f MB",
                      i + 1, len(blocks), name, len(wanted[i]), dt, rss)
+
+
+def _observe(inputs: BlockInputs, i: int, block: nn.Module, wanted: dict[str, Request], where: str
+             ) -> dict[str, InputStats]:
+    with InputCollector(wanted, early_stop=True) as c:  # the outputs come from a later pass
+        for b in range(len(inputs.hidden)):
+            c.new_batch()
+            try:
+                inputs.run(i, block, b)
+            except StopObserving:
+                pass
+    return c.result(where=where)
+
+
+def block_stages(inputs: BlockInputs, i: int, block: nn.Module, wanted: dict[str, Request]) -> list[list[str]]:
+    """The modules of ``wanted`` in stages: in the order they first run on batch 0, consecutive modules fed
+    the same input tensor together (a Llama layer: q/k/v, o, gate/up, down). Modules that did not run on
+    batch 0 form a last stage (observing them then reports the problem)."""
+    order: list[str] = []
+    keys: dict[str, tuple] = {}
+    alive: list[torch.Tensor] = []  # keep each input alive so its id cannot be reused during the call
+
+    def hook_for(n: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            if n not in keys and args and isinstance(args[0], torch.Tensor):
+                x = args[0]
+                alive.append(x)
+                order.append(n)
+                keys[n] = (id(x), x.data_ptr(), tuple(x.shape))
+                if len(order) == len(wanted):
+                    raise StopObserving
+        return hook
+
+    handles = [r.module.register_forward_pre_hook(hook_for(n)) for n, r in wanted.items()]
+    try:
+        inputs.run(i, block, 0)
+    except StopObserving:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    for n in order:
+        if stages and keys[stages[-1][-1]] == keys[n]:
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+    rest = [n for n in wanted if n not in keys]
+    return stages + ([rest] if rest else [])
 
 
 def _hidden_of(out: Any) -> torch.Tensor:
