@@ -3,7 +3,9 @@
 One table, every row measured in this run: for each model, the float model, then for each scheme
 (W4 group 64, W4 group 128, W4 per channel, W3 group 64, W2 group 64; all asymmetric, every linear layer
 but ``lm_head``, embeddings float) each method: round to nearest, round to nearest with the
-Hessian-weighted clipping search, AWQ, GPTQ, and AWQ followed by GPTQ.
+Hessian-weighted clipping search, AWQ, GPTQ, AWQ followed by GPTQ, and the last two with GPTQ solved
+true-sequentially inside each block with damping 0.1 (``gptq-seq``, ``recipes/w3-gptq-sequential.yaml``;
+``awq+gptq-seq``, ``recipes/w4-awq-gptq.yaml``).
 
 Protocol (printed with the table):
 - evaluation: perplexity on the bundled Wikipedia text, first ``--tokens`` tokens, 1024-token
@@ -24,6 +26,12 @@ the same numbers as the reference forward, computed once instead of on every cal
 
     python benchmarks/llm_quality.py                       # everything (several hours on 2 cores)
     python benchmarks/llm_quality.py --models smollm2-135m --schemes w4g64 w3g64 --json out.jsonl
+    python benchmarks/llm_quality.py --json grid.jsonl --resume   # continue an interrupted run
+
+With ``--resume`` the rows already in the ``--json`` file are kept and not measured again, but only if they
+were measured by the same code (git commit, no uncommitted changes to ``lowbit/`` or this script) with the
+same protocol, calibration set, thread count and torch version: the file's rows then form one run, measured
+in several sittings. A file from other code or settings is refused.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import argparse
 import copy
 import json
 import logging
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,6 +67,8 @@ METHODS = {
     "awq": {"name": "awq"},
     "gptq": {"name": "gptq"},
     "awq+gptq": {"name": "awq", "then": {"name": "gptq"}},
+    "gptq-seq": {"name": "gptq", "true_sequential": True, "percdamp": 0.1},
+    "awq+gptq-seq": {"name": "awq", "then": {"name": "gptq", "true_sequential": True, "percdamp": 0.1}},
 }
 
 
@@ -70,12 +82,18 @@ def main() -> None:
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="append one JSON line per row to this file")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --json (same code and settings)")
     a = p.parse_args()
+    if a.resume and not a.json:
+        p.error("--resume needs --json FILE")
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    a.run = run_key(a)
+    a.done = previous_rows(a.json, a.run) if a.resume else {}
 
     rows = []
-    print(f"calibration: {a.calib_samples} x {a.calib_len} tokens of news text, seed 0; {a.threads} threads")
+    print(f"calibration: {a.calib_samples} x {a.calib_len} tokens of news text, seed 0; {a.threads} threads; "
+          f"code {a.run['code']}" + (f"; {len(a.done)} row(s) from {a.json}" if a.done else ""))
     print(_header(), flush=True)
     for name in a.models:
         rows += run_model(name, a)
@@ -91,13 +109,22 @@ def run_model(name: str, a: argparse.Namespace) -> list[dict]:
     proto = fitting_protocol(lm.model, a.tokens, bos=bos)
     print(f"# {lm.name}: {proto.describe()}", flush=True)
     float_bytes = model_size(lm.model).total_bytes
-    base = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl
-    rows = [_emit(a, {"model": name, "scheme": "float", "method": "-", "ppl": base, "vs_float": 1.0,
-                      "seconds": 0.0, "peak_x": 1.0, "protocol": proto.describe()})]
+    row = a.done.get((name, "float", "-"))
+    if row is None:
+        base = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl
+        row = _emit(a, {"model": name, "scheme": "float", "method": "-", "ppl": base, "vs_float": 1.0,
+                        "seconds": 0.0, "peak_x": 1.0, "protocol": proto.describe()})
+    else:
+        print(_line(row) + "  (earlier sitting)", flush=True)
+    rows, base = [row], row["ppl"]
     calib = None
     for scheme in a.schemes:
         spec = SCHEMES.get(scheme, scheme)
         for method in a.methods:
+            if (name, spec, method) in a.done:
+                rows.append(a.done[(name, spec, method)])
+                print(_line(rows[-1]) + "  (earlier sitting)", flush=True)
+                continue
             plan = QuantPlan.uniform(spec, METHODS[method])
             if plan.needs_data and calib is None:
                 calib = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=0, bos=bos)
@@ -118,7 +145,46 @@ def run_model(name: str, a: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_key(a: argparse.Namespace) -> dict:
+    """What must match for rows of two sittings to belong to one run: code, settings, torch."""
+    return {"code": _code_version(), "tokens": a.tokens, "calib": f"{a.calib_samples}x{a.calib_len}",
+            "threads": a.threads, "torch": torch.__version__}
+
+
+def _code_version() -> str:
+    """The git commit, with ``+changes`` when ``lowbit/`` or this script differ from it (``unknown`` outside git)."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowbit", "benchmarks/llm_quality.py"],
+                               cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def previous_rows(path: str, run: dict) -> dict[tuple[str, str, str], dict]:
+    """Rows of ``path`` by (model, scheme, method); every row must carry ``run`` (else SystemExit)."""
+    if not Path(path).exists():
+        return {}
+    if run["code"] == "unknown" or run["code"].endswith("+changes"):
+        raise SystemExit(f"--resume needs committed code (this is {run['code']}): rows of two sittings could "
+                         "otherwise come from different code")
+    rows = {}
+    for i, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        row = json.loads(text)
+        if row.get("run") != run:
+            raise SystemExit(f"{path}, line {i}: measured by {row.get('run')}, not by this run {run}; "
+                             "use another --json file")
+        rows[(row["model"], row["scheme"], row["method"])] = row
+    return rows
+
+
 def _emit(a: argparse.Namespace, row: dict) -> dict:
+    row["run"] = a.run
     print(_line(row), flush=True)
     if a.json:
         with open(a.json, "a", encoding="utf-8") as f:
