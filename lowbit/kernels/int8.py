@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import InputError
 from lowbit.formats import quantize
+from lowbit.formats.elements import element_max
+from lowbit.formats.scales import round_scale
 from lowbit.kernels.checks import int_linear_why_not
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
+from lowbit.spec import QuantSpec
 
 
 def _signed_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -105,16 +109,33 @@ def w8a8_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
         x = x * m.input_scale.to(x.dtype)
     k = m.in_features
     x2 = x.reshape(-1, k)
-    qx = quantize(x2, m.act.spec)  # codes uint8 (M, in); scale / zero point (M, 1) or (1, 1)
-    a = _signed_codes(qx.codes)
+    if m.act.spec.has_zero_point:
+        qx = quantize(x2, m.act.spec)  # codes uint8 (M, in); scale / zero point (M, 1) or (1, 1)
+        a = _signed_codes(qx.codes)
+        t = qx.scale if qx.global_scale is None else qx.scale * qx.global_scale
+    else:
+        a, t = symmetric_codes(x2, m.act.spec)
     acc = torch._int_mm(a, st["weight"].t())  # (M, out) int32
     if st["has_offset"]:
         acc += a.to(torch.int32).sum(1, keepdim=True) * st["offset"]
-    if qx.zero_point is not None:
+    if m.act.spec.has_zero_point:
         p = 128 - qx.zero_point.to(torch.int32)  # (M, 1)
         acc += p * (st["colsum"] + k * st["offset"])
-    t = qx.scale if qx.global_scale is None else qx.scale * qx.global_scale
-    y = acc.float() * t * st["scale"]
+    y = acc.float().mul_(t).mul_(st["scale"])
     if m.bias is not None:
-        y = y + m.bias.float()
+        y += m.bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+def symmetric_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes of ``x`` ``(M, K)`` per token or per tensor, as signed int8, and the scale
+    ``(M, 1)`` or ``(1, 1)`` float32: the same codes and scale as ``lowbit.formats.quantize`` (its scale
+    rule and rounding), in fewer passes over ``x``; it is the hot path of every W8A8 product."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True) if spec.granularity == "token" else xf.abs().amax().reshape(1, 1)
+    if not bool(torch.isfinite(amax).all()):
+        raise InputError(f"activation of shape {tuple(x.shape)} holds NaN/Inf value(s)")
+    emax = element_max(spec.format, spec.bits)
+    scale = round_scale(amax / emax, spec.scale_format, emax)  # (M, 1) or (1, 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(xf / safe).clamp_(-128, 127).to(torch.int8), scale

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowbit.errors import InputError
 from lowbit.formats import quantize as quantize_tensor
 from lowbit.kernels import KERNELS, kernel_name, release_kernels, use_kernels
 from lowbit.nn import QuantConv2d, QuantLinear
@@ -208,7 +209,6 @@ def test_embedding_kernel_declines_rows_that_do_not_start_on_a_byte_and_shared_s
 
 
 def test_keep_reference_false_holds_each_weight_once_and_refuses_what_needs_the_storage(tmp_path):
-    from lowbit.errors import InputError
     from lowbit.io import save
 
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48))
@@ -240,3 +240,20 @@ def test_keep_reference_false_keeps_the_storage_of_a_kernel_that_reads_it():
     m = _embedding(20, 64, "int4-g64-asym")
     use_kernels(m, keep_reference=False)
     assert not m.storage_released and torch.equal(m(torch.tensor([3])), m.reference(torch.tensor([3])))
+
+
+@pytest.mark.parametrize("aspec", ["int8-token", "int8-tensor", "int8-token-sfp32", "int8-token-sbf16"])
+def test_w8a8_activation_codes_are_lowbits_own(aspec):
+    """The kernel's one-pass symmetric quantizer gives the codes and scales of ``lowbit.formats.quantize``."""
+    from lowbit.kernels.int8 import symmetric_codes
+
+    spec = QuantSpec.parse(aspec)
+    x = _x(37, 136) * 5
+    x[3] = 0.0  # an all-zero token: scale 0, codes 0
+    x[5, 7] = 1e-30  # a tiny one: the scale format's smallest step
+    codes, scale = symmetric_codes(x, spec)
+    q = quantize_tensor(x, spec)
+    assert torch.equal(codes.to(torch.int16) + 128, q.codes.to(torch.int16))
+    assert torch.equal(scale, q.scale.reshape(scale.shape).float())
+    with pytest.raises(InputError, match="NaN"):
+        symmetric_codes(torch.full((2, 8), float("nan")), spec)
