@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("artifacts", nargs="*", help="folders written by `lowbit quantize` to add to the decode table")
     b.add_argument("--sections", nargs="+", default=None, metavar="SECTION",
                    help="matmul, decode, vision (default: all; only decode when artifacts are given)")
-    b.add_argument("--model", default="smollm2-135m", help="causal LM of the decode table (default smollm2-135m)")
+    b.add_argument("--model", default=None, help="causal LM of the decode table's float rows (default: the "
+                   "artifacts' source model, else smollm2-135m)")
     b.add_argument("--formats", nargs="+", default=None, help="decode formats: fp32 bf16 int4 int8 w8a8 (default: "
                    "all; only fp32 when artifacts are given)")
     b.add_argument("--new-tokens", type=_positive_int, default=128, help="decode: tokens generated (default 128)")
@@ -288,16 +289,28 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     from lowbit.bench import SECTIONS, run_bench
     from lowbit.io import read_manifest
 
+    sources = {}
     for path in a.artifacts:
         manifest = read_manifest(path)  # a clear error for a folder that is not a lowbit artifact
         if manifest.get("source") is None:
             raise InputError(f"{path} records no model source, so its tokenizer cannot be found")
+        src = manifest["source"]
+        sources[path] = str(src.get("name") if src.get("type") == "bundled" else src.get("path"))
+    model = a.model
+    if model is None:  # the float baseline is the model the artifacts were made from
+        if len(set(sources.values())) > 1:
+            raise InputError("the artifacts come from different models (" + ", ".join(
+                f"{p}: {src}" for p, src in sources.items()) + "); pass --model to choose the float baseline")
+        model = next(iter(sources.values()), "smollm2-135m")
+    elif any(src != model for src in sources.values()):
+        log.warning("--model %s is not the source of every artifact (%s): ratios compare different models",
+                    model, ", ".join(f"{p}: {src}" for p, src in sources.items()))
     if a.new_tokens < 2:
         raise InputError(f"--new-tokens must be at least 2 (decode speed is timed after the first), got {a.new_tokens}")
     sections = tuple(a.sections or (("decode",) if a.artifacts else SECTIONS))
     formats = tuple(a.formats or (("fp32",) if a.artifacts else ("fp32", "bf16", "int4", "int8", "w8a8")))
     kw = {"shapes": ((4096, 4096),), "min_time": 0.15} if a.quick else {}
-    out = run_bench(sections, model=a.model, formats=formats, artifacts=tuple(a.artifacts),
+    out = run_bench(sections, model=model, formats=formats, artifacts=tuple(a.artifacts),
                     new_tokens=a.new_tokens, prompt_tokens=a.prompt_tokens, **kw)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -55,6 +55,24 @@ def test_cli_bench_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):
     assert main(["bench", "--new-tokens", "1", "--sections", "decode"]) == 2
 
 
+def test_cli_bench_takes_the_float_baseline_from_the_artifacts_source(tmp_path, monkeypatch, capsys):
+    import lowbit.bench
+    from lowbit.io import save
+    from lowbit.models import load_model
+
+    for name in ("tiny-llama", "tiny-gpt2"):
+        lm = load_model(name)
+        save(lm.model, tmp_path / name, source=lm.source)
+    seen = []
+    monkeypatch.setattr(lowbit.bench, "run_bench", lambda sections, **kw: seen.append(kw["model"]) or {})
+    assert main(["bench", str(tmp_path / "tiny-llama")]) == 0
+    assert seen == ["tiny-llama"]  # not the default smollm2-135m
+    assert main(["bench", str(tmp_path / "tiny-llama"), str(tmp_path / "tiny-gpt2")]) == 2
+    assert "different models" in capsys.readouterr().err and len(seen) == 1
+    assert main(["bench", str(tmp_path / "tiny-llama"), str(tmp_path / "tiny-gpt2"), "--model", "tiny-opt"]) == 0
+    assert seen[-1] == "tiny-opt"
+
+
 def test_float_baseline_folds_batchnorm_into_convolution_subclasses_exactly():
     from torch import nn
 
