@@ -138,4 +138,4 @@ def symmetric_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     emax = element_max(spec.format, spec.bits)
     scale = round_scale(amax / emax, spec.scale_format, emax)  # (M, 1) or (1, 1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(xf / safe).clamp_(-128, 127).to(torch.int8), scale
+    return xf.div(safe).round_().clamp_(-128, 127).to(torch.int8), scale
