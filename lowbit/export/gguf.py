@@ -89,7 +89,8 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
     model_type = getattr(config, "model_type", None)
     if model_type != "llama":
         raise InputError(f"GGUF export supports Llama-architecture causal LMs (model_type 'llama', e.g. SmolLM2); "
-                         f"this model's is {model_type!r}")
+                         + (f"this model's is {model_type!r}" if model_type is not None
+                            else f"this {type(model).__name__} has no Hugging Face config"))
     src = source_gguf(source, required=False)
     problems = [why for n, m in model.named_modules() if isinstance(m, QuantModule)
                 and (why := why_not_gguf(n, m)) is not None]

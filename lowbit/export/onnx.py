@@ -236,7 +236,7 @@ def _quiet_exporter() -> Iterator[None]:
     import warnings
     from contextlib import redirect_stdout
 
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
     buf = io.StringIO()
     try:
