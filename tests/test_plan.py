@@ -203,3 +203,20 @@ def test_bundled_recipes_parse_and_round_trip():
     for path in recipes:
         plan = QuantPlan.load(path)
         assert QuantPlan.from_yaml(plan.to_yaml()) == plan
+
+
+def test_recipes_are_the_plans_their_measurements_used():
+    """The README's numbers for these recipes come from the benchmarks' own plans: keep them the same."""
+    import importlib.util
+    from pathlib import Path
+
+    from lowbit.bench import vision_plan
+
+    root = Path(__file__).resolve().parents[1]
+    assert QuantPlan.load(root / "recipes/cnn-w8a8-static.yaml") == vision_plan()
+    spec = importlib.util.spec_from_file_location("llm_quality", root / "benchmarks/llm_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for recipe, scheme, method in (("w3-gptq-sequential.yaml", "int3-g64-asym", "gptq-seq"),
+                                   ("w4-awq-gptq.yaml", "int4-g128-asym", "awq+gptq-seq")):
+        assert QuantPlan.load(root / "recipes" / recipe) == QuantPlan.uniform(scheme, bench.METHODS[method]), recipe
