@@ -29,7 +29,7 @@ the same numbers as the reference forward, computed once instead of on every cal
     python benchmarks/llm_quality.py --json grid.jsonl --resume   # continue an interrupted run
 
 With ``--resume`` the rows already in the ``--json`` file are kept and not measured again, but only if they
-were measured by the same code (git commit, no uncommitted changes to ``lowbit/`` or this script) with the
+were measured by the same code (git's hashes of ``lowbit/`` and of this script, no uncommitted changes) with the
 same protocol, calibration set, thread count and torch version: the file's rows then form one run, measured
 in several sittings. A file from other code or settings is refused.
 """
@@ -152,16 +152,21 @@ def run_key(a: argparse.Namespace) -> dict:
 
 
 def _code_version() -> str:
-    """The git commit, with ``+changes`` when ``lowbit/`` or this script differ from it (``unknown`` outside git)."""
+    """What the numbers depend on: git's hashes of ``lowbit/`` and of this script as committed (so commits that
+    touch neither, such as documentation, keep the same version), with ``+changes`` when the working tree
+    differs from them; ``unknown`` outside git."""
     here = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowbit", "benchmarks/llm_quality.py"],
-                               cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        version = git("rev-parse", "--short=12", "HEAD:lowbit") + "-" + git("rev-parse", "--short=12",
+                                                                           "HEAD:benchmarks/llm_quality.py")
+        dirty = git("status", "--porcelain", "--", "lowbit", "benchmarks/llm_quality.py")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return commit + ("+changes" if dirty else "")
+    return version + ("+changes" if dirty else "")
 
 
 def previous_rows(path: str, run: dict) -> dict[tuple[str, str, str], dict]:
