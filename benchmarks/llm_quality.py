@@ -15,11 +15,12 @@ Protocol (printed with the table):
   bundled *news* text (disjoint from the evaluation text), seed 0, same BOS rule;
 - time: wall time of ``lowbit.quantize`` (block-sequential calibration included), ``--threads`` threads;
 - memory: ``peak x`` = (float model bytes + the largest rise of the process's resident memory during
-  ``quantize``) / float model bytes, i.e. peak memory relative to the float model, as if the float
-  model were the only thing loaded (this script keeps a pristine copy for the next row, which is not
-  counted). The allocator's free memory is handed back to the system before each row, so memory freed by
-  earlier rows cannot be reused unseen. Where ``/proc/self/clear_refs`` cannot be written the peak is
-  sampled every 5 ms.
+  ``quantize``) / float model bytes, i.e. peak memory relative to the float model. Where
+  ``/proc/self/clear_refs`` cannot be written the peak is sampled every 5 ms.
+- isolation: each quantized row runs in a fresh Python process (this script with ``--row``), as a
+  ``lowbit quantize`` command would, so no row depends on the rows before it. In one long process the C
+  allocator keeps memory that earlier rows freed, in pieces that later rows cannot always reuse: GPTQ's
+  peak at W4 g64 measured 1.71x the float model as a process's first row and 2.42x as its fourth.
 
 The evaluation runs the quantized modules with their dequantized weights cached (``lowbit.nn.cached_weights``):
 the same numbers as the reference forward, computed once instead of on every call.
@@ -37,10 +38,12 @@ in several sittings. A file from other code or settings is refused.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
+import os
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +51,7 @@ import torch
 
 from lowbit.data import calibration_set
 from lowbit.evaluation import fitting_protocol, model_size, perplexity
+from lowbit.errors import InputError
 from lowbit.evaluation.memory import PeakRSS, release_free_memory
 from lowbit.models import default_bos, load_model
 from lowbit.nn import cached_weights
@@ -83,11 +87,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="append one JSON line per row to this file")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json (same code and settings)")
+    p.add_argument("--row", nargs=3, metavar=("MODEL", "SPEC", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--row-out", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.resume and not a.json:
         p.error("--resume needs --json FILE")
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if a.row:
+        Path(a.row_out).write_text(json.dumps(measure_row(*a.row, a)), encoding="utf-8")
+        return
+    for scheme in a.schemes:  # a bad scheme fails here, not hours into the run
+        for method in a.methods:
+            try:
+                QuantPlan.uniform(SCHEMES.get(scheme, scheme), METHODS[method])
+            except InputError as e:
+                p.error(f"--schemes {scheme}: {e}")
     a.run = run_key(a)
     a.done = previous_rows(a.json, a.run) if a.resume else {}
 
@@ -108,7 +123,6 @@ def run_model(name: str, a: argparse.Namespace) -> list[dict]:
     bos = default_bos(lm)
     proto = fitting_protocol(lm.model, a.tokens, bos=bos)
     print(f"# {lm.name}: {proto.describe()}", flush=True)
-    float_bytes = model_size(lm.model).total_bytes
     row = a.done.get((name, "float", "-"))
     if row is None:
         base = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl
@@ -117,7 +131,6 @@ def run_model(name: str, a: argparse.Namespace) -> list[dict]:
     else:
         print(_line(row) + "  (earlier sitting)", flush=True)
     rows, base = [row], row["ppl"]
-    calib = None
     for scheme in a.schemes:
         spec = SCHEMES.get(scheme, scheme)
         for method in a.methods:
@@ -125,24 +138,49 @@ def run_model(name: str, a: argparse.Namespace) -> list[dict]:
                 rows.append(a.done[(name, spec, method)])
                 print(_line(rows[-1]) + "  (earlier sitting)", flush=True)
                 continue
-            plan = QuantPlan.uniform(spec, METHODS[method])
-            if plan.needs_data and calib is None:
-                calib = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=0, bos=bos)
-            model = copy.deepcopy(lm.model)
-            release_free_memory()  # memory freed by earlier rows would otherwise be reused unseen
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                quantize(model, plan, calib if plan.needs_data else None, progress=False)
-                seconds = time.perf_counter() - t0
-            with cached_weights(model):
-                ppl = perplexity(model, lm.tokenizer, proto, progress=False).ppl
-            peak_x = (float_bytes + max(0, mem.peak - mem.start)) / float_bytes
-            rows.append(_emit(a, {"model": name, "scheme": spec, "method": method, "ppl": ppl,
-                                  "vs_float": ppl / base, "seconds": seconds, "peak_x": peak_x,
-                                  "bits": model_size(model).bits_per_quantized_weight,
-                                  "protocol": proto.describe()}))
-            del model
+            r = _row_in_new_process(name, spec, method, a)
+            rows.append(_emit(a, {"model": name, "scheme": spec, "method": method, "ppl": r["ppl"],
+                                  "vs_float": r["ppl"] / base, "seconds": r["seconds"], "peak_x": r["peak_x"],
+                                  "bits": r["bits"], "protocol": proto.describe()}))
     return rows
+
+
+def _row_in_new_process(name: str, spec: str, method: str, a: argparse.Namespace) -> dict:
+    """``measure_row`` in a fresh interpreter running this script (its progress goes to our stderr)."""
+    fd, out = tempfile.mkstemp(prefix="lowbit-row-", suffix=".json")
+    os.close(fd)
+    try:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name, spec, method, "--row-out", out,
+               "--tokens", str(a.tokens), "--calib-samples", str(a.calib_samples), "--calib-len",
+               str(a.calib_len), "--threads", str(a.threads)]
+        done = subprocess.run(cmd, stdout=sys.stderr)
+        if done.returncode != 0:
+            raise SystemExit(f"row {name} {spec} {method} failed (exit {done.returncode}); its error is above")
+        return json.loads(Path(out).read_text(encoding="utf-8"))
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def measure_row(name: str, spec: str, method: str, a: argparse.Namespace) -> dict:
+    """Load ``name``, quantize it with ``method`` at ``spec`` and evaluate it: perplexity, ``quantize`` time,
+    peak memory relative to the float model, bits per quantized weight."""
+    lm = load_model(name)
+    bos = default_bos(lm)
+    proto = fitting_protocol(lm.model, a.tokens, bos=bos)
+    plan = QuantPlan.uniform(spec, METHODS[method])
+    calib = None
+    if plan.needs_data:
+        calib = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=0, bos=bos)
+    float_bytes = model_size(lm.model).total_bytes
+    release_free_memory()
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        quantize(lm.model, plan, calib, progress=False)
+        seconds = time.perf_counter() - t0
+    with cached_weights(lm.model):
+        ppl = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl
+    return {"ppl": ppl, "seconds": seconds, "peak_x": (float_bytes + max(0, mem.peak - mem.start)) / float_bytes,
+            "bits": model_size(lm.model).bits_per_quantized_weight}
 
 
 def run_key(a: argparse.Namespace) -> dict:
