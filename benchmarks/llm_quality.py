@@ -19,8 +19,9 @@ Protocol (printed with the table):
   ``/proc/self/clear_refs`` cannot be written the peak is sampled every 5 ms.
 - isolation: each quantized row runs in a fresh Python process (this script with ``--row``), as a
   ``lowbit quantize`` command would, so no row depends on the rows before it. In one long process the C
-  allocator keeps memory that earlier rows freed, in pieces that later rows cannot always reuse: GPTQ's
-  peak at W4 g64 measured 1.71x the float model as a process's first row and 2.42x as its fourth.
+  allocator keeps memory that earlier rows freed, in pieces that later rows cannot always reuse: with the
+  same code, GPTQ's peak at W4 g64 measured 2.42x the float model as a process's fourth row and 2.15x in a
+  process of its own.
 
 The evaluation runs the quantized modules with their dequantized weights cached (``lowbit.nn.cached_weights``):
 the same numbers as the reference forward, computed once instead of on every call.

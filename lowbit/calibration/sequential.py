@@ -13,9 +13,13 @@ before it *after* they were quantized (as GPTQ's reference implementation and AW
               (the "true sequential" option of GPTQ's reference code). It costs a partial block pass per stage.
 
 Peak memory is the model plus one set of hidden states (``n_samples x seq_len x hidden`` floats) plus one
-block's working set, whatever the depth. Each block gets the arguments the model passed to *it*, so models
-whose layers differ (Gemma-3's sliding-window and global layers get different masks and rotary tables)
-are handled without knowing their architecture.
+block's working set, whatever the depth. Memory the C allocator holds free is handed back after each
+observing pass and each solve, so the pass's activations and the solver's scratch are not resident at once
+(GPTQ W4 on SmolLM2-135M: peak 1.91x -> 1.76x the float model, no measurable time cost).
+
+Each block gets the arguments the model passed to *it*, so models whose layers differ (Gemma-3's
+sliding-window and global layers get different masks and rotary tables) are handled without knowing their
+architecture.
 """
 
 from __future__ import annotations
@@ -169,7 +173,10 @@ def run_block_sequential(
                 if stage:
                     where = f"block {name}'s calibration inputs" + (f" (stage {k + 1})" if len(stages) > 1 else "")
                     stats = _observe(inputs, i, block, {n: wanted[i][n] for n in stage}, where)
+                    release_free_memory()  # the pass's activations, so the solver does not stack on them
                 solve(i, name, stats)
+                del stats
+                release_free_memory()  # the solver's scratch, before the next pass allocates its own
             block = model.get_submodule(name)  # solve may have replaced modules inside it
             if i + 1 < len(blocks):
                 with cached_weights(block):  # dequantize each new quantized layer once, not once per batch
