@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration import Request, batches, collect_input_stats, run_model
+from lowbit.calibration.capture import BATCH_SIZE, BATCH_TOKENS, batch_count, tensor_batch_size
 from lowbit.errors import InputError
 from lowbit.spec import ActivationQuant
 
@@ -34,6 +35,21 @@ def test_batches_split_a_tensor_along_its_first_dim():
     assert [p.shape[0] for p in parts] == [3, 3, 1]
     assert torch.equal(torch.cat(parts), x)
     assert list(batches(None)) == []
+
+
+def test_token_ids_are_batched_by_tokens_and_other_tensors_by_rows():
+    ids = torch.zeros(128, 512, dtype=torch.long)
+    assert tensor_batch_size(ids) == BATCH_TOKENS // 512
+    parts = list(batches(ids))
+    assert len(parts) == batch_count(ids) == 128 * 512 // BATCH_TOKENS
+    assert all(p.shape == (BATCH_TOKENS // 512, 512) for p in parts)
+    long_rows = torch.zeros(3, 4 * BATCH_TOKENS, dtype=torch.long)
+    assert [p.shape[0] for p in batches(long_rows)] == [1, 1, 1]  # never less than one whole sequence
+    images = torch.zeros(20, 3, 8, 8)
+    assert [p.shape[0] for p in batches(images)] == [BATCH_SIZE, BATCH_SIZE, 20 - 2 * BATCH_SIZE]
+    features = torch.zeros(20, 512)  # float rows are features, not token ids
+    assert batch_count(features) == -(-20 // BATCH_SIZE)
+    assert batch_count(ids, batch_size=64) == 2
 
 
 def test_batches_pass_other_iterables_through():
