@@ -100,6 +100,7 @@ def test_efficientnet_w8a8_int8_graph_and_onnx_agree_with_lowbit(effnet_views, t
     from lowbit.data import calibration_views
     from lowbit.export.onnx import export_onnx, onnxruntime_session
     from lowbit.kernels import int8_conv_graph, use_kernels
+    from lowbit.kernels.cpu_features import has_vnni
 
     images, float_logits = effnet_views[0][::4].contiguous(), effnet_views[1][::4]
     model = lowbit.load_model("efficientnet-lite0").model
@@ -109,12 +110,15 @@ def test_efficientnet_w8a8_int8_graph_and_onnx_agree_with_lowbit(effnet_views, t
     assert r.rel_diff < 0.1 and r.quantized_modules == 50, r.describe()  # activation-code ties: see export_onnx
     s = onnxruntime_session(r.path)
     got = torch.from_numpy(s.run(None, {"pixel_values": images.numpy()})[0]).argmax(-1)
+    assert float((got == ref).float().mean()) >= 0.94  # measured 98.2% (54 of 55)
     use_kernels(model)
     fast, report = int8_conv_graph(model)
+    if not has_vnni():  # oneDNN's int8 convolution is not exact without VNNI: nothing is fused, each says why
+        assert not report.folded and len(report.declined) == 49, report.describe()
+        return
     assert len(report.folded) == 49 and len(report.links) == 34, report.describe()
     fused = classifier_logits(fast, images, progress=False).argmax(-1)
-    agree = {k: float((v == ref).float().mean()) for k, v in (("onnx", got), ("graph", fused))}
-    assert agree["onnx"] >= 0.94 and agree["graph"] >= 0.94, agree  # both measured 98.2% (54 of 55)
+    assert float((fused == ref).float().mean()) >= 0.94  # measured 98.2% (54 of 55)
     assert float((fused == float_logits.argmax(-1)).float().mean()) >= 0.88  # measured 92.7%
 
 

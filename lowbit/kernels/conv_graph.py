@@ -18,7 +18,8 @@ lowbit's quantized modules as leaves) and rewrites, for every such convolution `
 What remains float: the first convolution's input, the outputs that feed anything else (a residual add,
 pooling, the classifier) and every module that is not part of such a pattern. The result is a
 ``torch.fx.GraphModule`` that shares the model's modules (their kernels' packed weights are not copied);
-the model itself is left as it was.
+the model itself is left as it was. Convolutions that take no part are listed in the report with the reason
+(not on the int8 kernel, or a CPU without VNNI, where that kernel is not exact: ``cpu_features``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.kernels import conv_int8
+from lowbit.kernels import conv_int8, cpu_features
 from lowbit.kernels.dispatch import kernel_name
 from lowbit.nn.base import KERNEL_ATTR, QuantModule
 from lowbit.nn.conv import QuantConv2d
@@ -51,16 +52,25 @@ class _Tracer(fx.Tracer):
 @dataclass
 class ConvGraphReport:
     """What :func:`int8_conv_graph` fused: BatchNorms folded (their names), activations fused into a
-    convolution, and int8 links (convolution pairs that pass uint8 codes), each as ``(producer, consumer)``."""
+    convolution, and int8 links (convolution pairs that pass uint8 codes), each as ``(producer, consumer)``;
+    ``declined``: each quantized convolution left out, with the reason."""
 
     folded: list[str] = field(default_factory=list)
     activations: int = 0
     links: list[tuple[str, str]] = field(default_factory=list)
     convs: int = 0
+    declined: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
-        return (f"{self.convs} int8 convolution(s): {len(self.folded)} BatchNorm(s) folded, {self.activations} "
+        text = (f"{self.convs} int8 convolution(s): {len(self.folded)} BatchNorm(s) folded, {self.activations} "
                 f"activation(s) fused, {len(self.links)} int8-to-int8 link(s)")
+        reasons: dict[str, list[str]] = {}
+        for name, why in self.declined.items():
+            reasons.setdefault(why, []).append(name)
+        for why, names in reasons.items():
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            text += f"; not chained: {names[0]}{more} ({why})"
+        return text
 
 
 class FusedInt8Conv(nn.Module):
@@ -109,7 +119,8 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
     """A traced copy of ``model`` whose int8 convolutions are fused into chains (see the module docstring).
 
     Call after ``lowbit.kernels.use_kernels(model)``: only convolutions on the ``conv-int8-onednn`` kernel
-    take part. The model must be in eval mode.
+    take part, and none on a CPU without VNNI (the report's ``declined`` says why). The model must be in eval
+    mode.
 
     Raises:
         InputError: the model is in training mode or ``torch.fx`` cannot trace it (data-dependent control
@@ -129,13 +140,16 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
     def module(n: fx.Node) -> nn.Module | None:
         return modules.get(n.target) if n.op == "call_module" else None
 
+    why_not = {n: _why_not_fused(m) for n in graph.nodes if isinstance(m := module(n), QuantConv2d)}
+
     def is_int8_conv(n: fx.Node) -> bool:
-        m = module(n)
-        return isinstance(m, QuantConv2d) and kernel_name(m) == KERNEL
+        return n in why_not and why_not[n] is None
 
     plans: dict[fx.Node, dict] = {}
     consumers: set[fx.Node] = set()
     for n in graph.nodes:
+        if n in why_not and why_not[n] is not None:
+            report.declined[n.target] = why_not[n]
         if not is_int8_conv(n):
             continue
         report.convs += 1
@@ -184,8 +198,18 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
     graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    log.info("int8 conv graph: %s", report.describe())
+    (log.warning if report.declined and not report.convs else log.info)("int8 conv graph: %s", report.describe())
     return gm.eval(), report
+
+
+def _why_not_fused(m: QuantConv2d) -> str | None:
+    """None if ``m`` runs the int8 kernel on a CPU where it is exact, else why it stays out of the graph."""
+    if not cpu_features.has_vnni():  # checked here too: a kernel attached elsewhere must not be chained
+        return cpu_features.NO_VNNI
+    if kernel_name(m) != KERNEL:
+        return conv_int8.why_not(m) or f"it runs {kernel_name(m) or 'the reference path'}, not {KERNEL} " \
+                                       f"(call use_kernels first)"
+    return None
 
 
 def _post_op(n: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, list] | None:

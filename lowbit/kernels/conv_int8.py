@@ -5,6 +5,9 @@ per-tensor 8-bit activations: the input is quantized to uint8 codes with the lay
 and zero point (computed as the reference path computes them, so the codes are the same), oneDNN convolves
 uint8 x int8 with int32 accumulation and writes ``t * s_o * acc + bias`` as float32 directly, so only
 the final scaling rounds differently from the reference path. Outputs are channels-last float32.
+
+Exact only on CPUs with VNNI (or AMX-INT8); elsewhere oneDNN's 16-bit saturating sums make it wrong, so
+``why_not`` declines there (``lowbit.kernels.cpu_features``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats import quantize
+from lowbit.kernels import cpu_features
 from lowbit.nn.base import QuantModule
 from lowbit.nn.conv import QuantConv2d
 
@@ -34,6 +38,8 @@ def why_not(m: QuantModule) -> str | None:
         return f"padding={m.padding!r} (needs explicit padding)"
     if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         return "this torch build has no oneDNN int8 convolution"
+    if not cpu_features.has_vnni():
+        return cpu_features.NO_VNNI
     return None
 
 

@@ -65,7 +65,8 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("int8-weight-bf16", "8-bit per-channel integer weights, bf16 activations: torch's int8 CPU matmul "
            "(_weight_int8pack_mm)", int8.weight_only_why_not, int8.weight_only_pack, int8.weight_only_run),
     Kernel("conv-int8-onednn", "8-bit per-channel symmetric conv weights x static per-tensor 8-bit activations: "
-           "oneDNN int8 convolution with float output", conv_int8.why_not, conv_int8.pack, conv_int8.run),
+           "oneDNN int8 convolution with float output (CPUs with VNNI or AMX only)",
+           conv_int8.why_not, conv_int8.pack, conv_int8.run),
     Kernel("embedding-rows", "quantized embedding of any format with per-row scales: gathers and dequantizes "
            "only the looked-up rows (exact)", embedding.why_not, embedding.pack, embedding.run, owns_weight=False),
 )

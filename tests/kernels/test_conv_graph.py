@@ -9,10 +9,21 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.kernels import use_kernels
+from lowbit.kernels import cpu_features, use_kernels
 from lowbit.kernels.conv_graph import FusedInt8Conv, int8_conv_graph
 from lowbit.plan import QuantPlan, Rule
 from lowbit.quantizer import quantize
+
+# numerics of the oneDNN int8 convolution: only where it is exact (and chosen); elsewhere it is declined
+needs_vnni = pytest.mark.skipif(not cpu_features.has_vnni(), reason="needs a CPU with VNNI (avx512_vnni / avx_vnni "
+                                "/ amx_int8): without it oneDNN's int8 convolution saturates 16-bit sums and "
+                                "the dispatch declines it")
+
+
+@pytest.fixture
+def pretend_vnni(monkeypatch):
+    """Dispatch as on a CPU with VNNI, to test how the graph is built (not its numbers) on any CPU."""
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: True)
 
 
 class _Net(nn.Module):
@@ -52,6 +63,18 @@ def _x(seed: int = 7) -> torch.Tensor:
     return torch.randn(3, 3, 20, 20, generator=torch.Generator().manual_seed(seed))
 
 
+def test_graph_folds_fuses_and_links_the_int8_convolutions(pretend_vnni):
+    q = _model()
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    assert report.convs == 3 and sorted(report.folded) == ["bn0", "bn1", "bn2"] and report.activations == 2
+    assert report.links == [("dw", "pw")]  # stem -> dw is not linked: the stem's output feeds the residual too
+    assert report.declined == {}
+    fused = {n: type(m).__name__ for n, m in gm.named_children()}
+    assert list(fused.values()).count("FusedInt8Conv") == 3
+
+
+@needs_vnni
 @pytest.mark.parametrize("act", ["int8-tensor", "int8-tensor-asym"])
 def test_fused_graph_matches_the_reference_model(act):
     q = _model(act)
@@ -60,10 +83,7 @@ def test_fused_graph_matches_the_reference_model(act):
         ref = q(x)  # reference path: dequantize, float BatchNorm and activations
     use_kernels(q)
     gm, report = int8_conv_graph(q)
-    assert report.convs == 3 and sorted(report.folded) == ["bn0", "bn1", "bn2"] and report.activations == 2
-    assert report.links == [("dw", "pw")]  # stem -> dw is not linked: the stem's output feeds the residual too
-    fused = {n: type(m).__name__ for n, m in gm.named_children()}
-    assert list(fused.values()).count("FusedInt8Conv") == 3
+    assert report.convs == 3 and len(report.links) == 1
     with torch.no_grad():
         y = gm(x)
     # exact in real arithmetic; float rounding can move a requantized code across a rounding boundary
@@ -72,6 +92,7 @@ def test_fused_graph_matches_the_reference_model(act):
         assert torch.equal(q(x), q(x))  # the model itself is unchanged and still runs its kernels
 
 
+@needs_vnni
 def test_link_writes_the_consumers_own_input_codes():
     q = _model()
     use_kernels(q)
@@ -94,7 +115,7 @@ def test_link_writes_the_consumers_own_input_codes():
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
 
 
-def test_a_conv_without_bn_or_next_conv_is_left_to_its_kernel_and_training_mode_is_refused():
+def test_a_conv_without_bn_or_next_conv_is_left_to_its_kernel_and_training_mode_is_refused(pretend_vnni):
     q = quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()).eval(),
                  QuantPlan((Rule("*", "int8", act={"spec": "int8-tensor", "dynamic": False}),)),
                  [torch.randn(2, 3, 8, 8)], progress=False)
@@ -111,11 +132,12 @@ def test_convs_without_the_int8_kernel_are_not_touched():
     q = _model()
     gm, report = int8_conv_graph(copy.deepcopy(q))  # no use_kernels: every conv is on the reference path
     assert report.convs == 0 and not any(isinstance(m, FusedInt8Conv) for m in gm.modules())
+    assert sorted(report.declined) == ["dw", "pw", "stem"]
     with torch.no_grad():
         assert torch.allclose(gm(_x()), q(_x()))
 
 
-def test_the_graph_refuses_to_run_once_its_kernels_are_released():
+def test_the_graph_refuses_to_run_once_its_kernels_are_released(pretend_vnni):
     from lowbit.kernels import release_kernels
 
     q = _model()
@@ -124,3 +146,33 @@ def test_the_graph_refuses_to_run_once_its_kernels_are_released():
     release_kernels(q)
     with pytest.raises(InputError, match="lost its int8 kernel"):
         gm(_x())
+
+
+def test_without_vnni_no_convolution_is_given_the_int8_kernel_or_chained(monkeypatch):
+    """On a CPU without VNNI (as detected; monkeypatched so this runs everywhere) the dispatch declines the
+    oneDNN int8 convolution with the reason, and int8_conv_graph builds nothing and says why."""
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    q = _model()
+    x = _x()
+    kernels = use_kernels(q)
+    assert kernels.chosen["stem"] is None and kernels.chosen["head"] == "int8-weight-bf16"
+    why = kernels.reasons["stem"]["conv-int8-onednn"]
+    assert "no VNNI" in why and "saturat" in why and "reference path" in why
+    assert "stem stays on the reference path" in kernels.describe()
+    gm, report = int8_conv_graph(q)
+    assert report.convs == 0 and not any(isinstance(m, FusedInt8Conv) for m in gm.modules())
+    assert report.declined == {"stem": cpu_features.NO_VNNI, "dw": cpu_features.NO_VNNI, "pw": cpu_features.NO_VNNI}
+    assert "no VNNI" in report.describe() and "stem and 2 more" in report.describe()
+    with torch.no_grad():
+        assert torch.equal(gm(x), q(x))  # the convolutions on the reference path, the head on its kernel
+
+
+def test_int8_conv_graph_never_chains_a_kernel_attached_while_vnni_was_assumed(monkeypatch):
+    """The graph checks the CPU itself: a convolution that holds the int8 kernel is still left unchained."""
+    q = _model()
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: True)
+    use_kernels(q)
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    gm, report = int8_conv_graph(q)
+    assert report.convs == 0 and set(report.declined.values()) == {cpu_features.NO_VNNI}
+    assert not any(isinstance(m, FusedInt8Conv) for m in gm.modules())

@@ -10,7 +10,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.formats import quantize as quantize_tensor
-from lowbit.kernels import KERNELS, kernel_name, release_kernels, use_kernels
+from lowbit.kernels import KERNELS, cpu_features, kernel_name, release_kernels, use_kernels
 from lowbit.nn import QuantConv2d, QuantLinear
 from lowbit.plan import QuantPlan, Rule
 from lowbit.quantizer import quantize
@@ -18,6 +18,11 @@ from lowbit.spec import ActivationQuant, QuantSpec
 
 # bf16 activations / scales inside the weight-only kernels: relative error of a few 2^-8
 BF16_TOL = 2e-2
+
+# numerics of the oneDNN int8 convolution: only where it is exact (and chosen); elsewhere it is declined
+needs_vnni = pytest.mark.skipif(not cpu_features.has_vnni(), reason="needs a CPU with VNNI (avx512_vnni / avx_vnni "
+                                "/ amx_int8): without it oneDNN's int8 convolution saturates 16-bit sums and "
+                                "the dispatch declines it")
 
 
 def _linear(out_f: int, in_f: int, spec: str, act: str | None = None, bias: bool = True, seed: int = 0,
@@ -124,6 +129,7 @@ def _conv(c_in: int, c_out: int, k: int, stride: int, groups: int, act: str, pad
     return float_model, q
 
 
+@needs_vnni
 @pytest.mark.parametrize("c_in,c_out,k,stride,groups", [(3, 16, 3, 2, 1), (16, 16, 3, 1, 16), (8, 24, 1, 1, 1),
                                                         (12, 12, 5, 2, 12)])
 @pytest.mark.parametrize("act", ["int8-tensor-asym", "int8-tensor"])
@@ -136,12 +142,46 @@ def test_int8_conv_kernel_matches_the_reference(c_in, c_out, k, stride, groups, 
     assert y.shape == ref.shape and _rel(y, ref) < 1e-5
 
 
+@needs_vnni
 def test_int8_conv_kernel_applies_asymmetric_input_padding():
     _, q = _conv(4, 8, 3, 2, 1, "int8-tensor-asym", padding=(0, 1, 0, 1))
     x = torch.randn(1, 4, 12, 12)
     ref = q[0].reference(x)
-    use_kernels(q)
+    assert _attach(q[0]) == "conv-int8-onednn"
     assert _rel(q(x), ref) < 1e-5
+
+
+def test_int8_conv_kernel_is_chosen_only_on_a_cpu_with_vnni(monkeypatch):
+    """Without VNNI oneDNN sums u8 x s8 products pairwise in saturating int16 (wrong for full-range codes):
+    the dispatch declines with that reason and the layer keeps the reference path. Detection monkeypatched,
+    so both sides run on every CPU."""
+    _, q = _conv(8, 24, 1, 1, 1, "int8-tensor")
+    x = torch.randn(2, 8, 13, 11) * 2 + 0.3
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    report = use_kernels(q)
+    assert report.chosen == {"0": None}
+    why = report.reasons["0"]["conv-int8-onednn"]
+    assert why == cpu_features.NO_VNNI and "no VNNI" in why and "saturat" in why
+    assert "0 stays on the reference path (" in report.describe() and "no VNNI" in report.describe()
+    assert torch.equal(q(x), q[0].reference(x))
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: True)
+    assert use_kernels(q).chosen == {"0": "conv-int8-onednn"}
+
+
+def test_the_linear_kernels_do_not_depend_on_vnni(monkeypatch):
+    """torch._int_mm and the weight-only kernels are exact (to their float rounding) without VNNI too."""
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    for spec, act, kernel in (("int8", "int8-token", "w8a8-int-mm"), ("int8", None, "int8-weight-bf16"),
+                              ("int4-g32-asym", None, "int4-weight-bf16")):
+        assert _attach(_linear(32, 64, spec, act=act)) == kernel
+
+
+@pytest.mark.parametrize("flags,vnni", [({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512bw"}, False),
+                                        ({"avx2", "avx512f", "avx512_vnni"}, True), ({"avx2", "avx_vnni"}, True),
+                                        ({"avx512_vnni", "amx_tile", "amx_int8"}, True)])
+def test_vnni_is_read_from_the_cpu_flags(monkeypatch, flags, vnni):
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags))
+    assert cpu_features.has_vnni() is vnni
 
 
 def test_conv_without_static_activations_stays_on_the_reference_path():
