@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowbit.errors import InputError
+from lowbit.errors import InputError, LowbitError
 from lowbit.evaluation.speed import BATCHES, LLM_SHAPES, MATMUL_FORMATS, matmul_times
 
 log = logging.getLogger(__name__)
@@ -311,25 +311,46 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _in_fresh_process(job: dict) -> dict:
-    """Run one measurement in a new Python process (same thread count) and return its JSON result."""
+    """Run one measurement in a new Python process (same thread count) and return its JSON result.
+
+    Raises:
+        InputError: the worker stopped on bad input (a damaged artifact, say); its message is passed on.
+        LowbitError: the worker failed otherwise; the message holds the end of its error output.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "lowbit.bench", json.dumps(job)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        tail = "\n".join(p.stderr.strip().splitlines()[-8:])
-        raise RuntimeError(f"bench worker {job['task']} failed (exit {p.returncode}):\n{tail}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    lines = p.stdout.strip().splitlines()
+    last = _json_line(lines[-1]) if lines else None
+    what = f"bench worker {job['task']}" + (f" on {job['folder']}" if "folder" in job else "")
+    if p.returncode == 0 and isinstance(last, dict) and "error" not in last:
+        return last
+    if isinstance(last, dict) and "error" in last:  # the worker caught a lowbit error and reported it
+        raise InputError(f"{what}: {last['error']}")
+    tail = "\n".join(p.stderr.strip().splitlines()[-8:]) or "(no error output)"
+    raise LowbitError(f"{what} failed (exit {p.returncode}):\n{tail}")
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def _worker_main(arg: str) -> None:
     job = json.loads(arg)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    if job["task"] == "decode":
-        r = decode_worker(job["folder"], job["dtype"], job["prompt_tokens"], job["new_tokens"])
-    elif job["task"] == "vision":
-        r = vision_worker(job["format"], job["batch"])
-    else:
-        raise SystemExit(f"unknown bench task {job['task']!r}")
+    try:
+        if job["task"] == "decode":
+            r = decode_worker(job["folder"], job["dtype"], job["prompt_tokens"], job["new_tokens"])
+        elif job["task"] == "vision":
+            r = vision_worker(job["format"], job["batch"])
+        else:
+            raise InputError(f"unknown bench task {job['task']!r}")
+    except InputError as e:  # bad input: one JSON line the parent turns back into an InputError
+        print(json.dumps({"error": str(e)}))
+        raise SystemExit(2) from None
     print(json.dumps(r))
 
 

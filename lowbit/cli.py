@@ -61,11 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration samples when the plan needs "
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
     q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
-    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    q.add_argument("--seed", type=_seed, default=0, help="calibration sampling seed (0 to 2**64 - 1)")
     q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float "
                    "(default: lm_head type:Embedding)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
+    q.add_argument("--no-resume", action="store_true", help="ignore (and replace) the finished blocks an "
+                   "interrupted run of this command kept in .NAME.lowbit-resume next to --out")
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model or a saved quantized folder")
@@ -129,6 +131,17 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _seed(text: str) -> int:
+    """A seed torch's generator takes as given: 0 to 2**64 - 1 (it would read -1 as 2**64 - 1)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= n < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**64 - 1, got {n}")
+    return n
+
+
 def _progress() -> bool:
     """Progress bars only on a terminal: redirected to a log file they are thousands of carriage returns."""
     return sys.stderr.isatty()
@@ -139,6 +152,7 @@ def _progress() -> bool:
 
 def _cmd_quantize(a: argparse.Namespace) -> int:
     from lowbit import QuantPlan, load_model, quantize, save
+    from lowbit.calibration.checkpoint import resume_folder, resume_scope
     from lowbit.evaluation import model_size
     from lowbit.io import check_destination
     from lowbit.plan import DEFAULT_SKIP
@@ -156,20 +170,22 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         skip = DEFAULT_SKIP if a.skip is None else tuple(a.skip)
         plan = QuantPlan.uniform(a.scheme, method, a.act, skip, a.bias_correction)
     # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
-    check_destination(a.out, a.overwrite)
-    lm = load_model(a.model)
-    data = None
-    if plan.needs_data:
-        from lowbit.data import calibration_set
-        from lowbit.models import default_bos
+    check_destination(a.out, a.overwrite, inputs=(a.model,))  # also refuses --out inside the model's folder
+    # finished blocks are kept next to --out until the artifact is saved, so that a killed run resumes
+    with resume_scope(resume_folder(a.out), fresh=a.no_resume) as resume:
+        lm = load_model(a.model)
+        data = None
+        if plan.needs_data:
+            from lowbit.data import calibration_set
+            from lowbit.models import default_bos
 
-        data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=a.seed,
-                               bos=lm.kind == "causal-lm" and default_bos(lm))
-        print(f"calibration set: {tuple(data.shape)} (seed {a.seed})")
-    t0 = time.perf_counter()
-    quantize(lm.model, plan, data, progress=_progress())
-    dt = time.perf_counter() - t0
-    out = save(lm.model, a.out, source=lm.source, plan=plan, overwrite=a.overwrite)
+            data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=a.seed,
+                                   bos=lm.kind == "causal-lm" and default_bos(lm))
+            print(f"calibration set: {tuple(data.shape)} (seed {a.seed})")
+        t0 = time.perf_counter()
+        quantize(lm.model, plan, data, progress=_progress(), checkpoint=resume)
+        dt = time.perf_counter() - t0
+        out = save(lm.model, a.out, source=lm.source, plan=plan, overwrite=a.overwrite)
     print(f"quantized {lm.name} in {dt:.1f} s -> {out}")
     print(model_size(lm.model).describe())
     return 0
@@ -233,8 +249,8 @@ def _load_target(path: str):
         manifest = read_manifest(p)
         if manifest.get("source") is None:
             raise InputError(f"{p} records no model source; evaluate it from Python with lowbit.load(path, model=...)")
+        model = load(p)  # verify the artifact first: its source is followed only once the files check out
         ref = load_model_from_source(manifest["source"])
-        model = load(p)
         return model, ref.model, ref.kind, ref.tokenizer, f"{ref.name} [{p}]"
     lm = load_model(path)
     return lm.model, None, lm.kind, lm.tokenizer, lm.name
@@ -262,8 +278,9 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from lowbit.io import load, read_manifest
+    from lowbit.io import check_destination, load, read_manifest
 
+    check_destination(a.out, a.overwrite, file=True, inputs=(a.path,))  # before loading or tracing anything
     manifest = read_manifest(a.path)
     model = load(a.path)
     if a.format == "gguf":
@@ -287,7 +304,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     import json
 
     from lowbit.bench import SECTIONS, run_bench
-    from lowbit.io import read_manifest
+    from lowbit.io import check_destination, read_manifest
+    from lowbit.io.atomic import atomic_file
 
     sources = {}
     for path in a.artifacts:
@@ -307,13 +325,15 @@ def _cmd_bench(a: argparse.Namespace) -> int:
                     model, ", ".join(f"{p}: {src}" for p, src in sources.items()))
     if a.new_tokens < 2:
         raise InputError(f"--new-tokens must be at least 2 (decode speed is timed after the first), got {a.new_tokens}")
+    json_path = None if a.json is None else check_destination(a.json, True, file=True)  # not after the run
     sections = tuple(a.sections or (("decode",) if a.artifacts else SECTIONS))
     formats = tuple(a.formats or (("fp32",) if a.artifacts else ("fp32", "bf16", "int4", "int8", "w8a8")))
     kw = {"shapes": ((4096, 4096),), "min_time": 0.15} if a.quick else {}
     out = run_bench(sections, model=model, formats=formats, artifacts=tuple(a.artifacts),
                     new_tokens=a.new_tokens, prompt_tokens=a.prompt_tokens, **kw)
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1))
+    if json_path is not None:
+        with atomic_file(json_path) as tmp:
+            tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
     return 0
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from lowbit.errors import InputError
 from lowbit.spec import ActivationQuant, QuantSpec, parse_spec
 
 DEFAULT_SKIP = ("lm_head", "type:Embedding")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few rules; anything larger is the wrong file (or /dev/zero)
 
 
 def _match(pattern: str, name: str, module: Any = None) -> bool:
@@ -185,21 +187,58 @@ class QuantPlan:
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "recipe") -> "QuantPlan":
+        if len(text) > MAX_RECIPE_BYTES:
+            raise InputError(f"{where} is {len(text)} characters, more than a recipe can be ({MAX_RECIPE_BYTES}); "
+                             f"a recipe is a short list of rules")
         try:
             d = yaml.safe_load(text)
+            return cls.from_dict(d, where)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise InputError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-        return cls.from_dict(d, where)
+        except RecursionError:  # PyYAML composes nested lists and mappings recursively
+            raise InputError(f"{where} is nested too deeply to be a recipe (a recipe is a mapping of rules, a few "
+                             f"levels deep)") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QuantPlan":
-        """Read a YAML recipe file."""
+        """Read a YAML recipe file (UTF-8, at most ``MAX_RECIPE_BYTES``)."""
         p = Path(path)
-        if not p.is_file():
-            raise InputError(f"recipe file {p} does not exist")
-        return cls.from_yaml(p.read_text(encoding="utf-8"), where=f"recipe {p}")
+        return cls.from_yaml(_read_recipe(p), where=f"recipe {p}")
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+        """Write the plan as a YAML recipe, atomically (an existing regular file is replaced)."""
+        from lowbit.io.atomic import atomic_file  # lazy: lowbit.io imports this module
+        from lowbit.io.save import check_destination
+
+        with atomic_file(check_destination(path, True, file=True)) as tmp:
+            tmp.write_text(self.to_yaml(), encoding="utf-8")
+
+
+def _read_recipe(p: Path) -> str:
+    """The text of recipe file ``p``; InputError naming ``p`` for a missing path, a folder, a device or fifo
+    (never opened: a fifo would block, /dev/zero never ends), a file too large, or bytes that are not UTF-8."""
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"recipe file {p} does not exist") from None
+    except OSError as e:
+        raise InputError(f"recipe file {p} cannot be read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"recipe {p} is a folder; pass the YAML recipe file inside it")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"recipe {p} is not a regular file (a device, fifo or socket); pass a YAML recipe file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)  # capped: the file may grow, or be a link to something endless
+    except OSError as e:
+        raise InputError(f"recipe file {p} cannot be read: {e.strerror or e}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise InputError(f"recipe {p} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a short list of "
+                         f"rules: is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"recipe {p} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         f"save it as UTF-8") from None

@@ -7,11 +7,11 @@ returned; it keeps working as an ``nn.Module`` with the same call signature.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import shutil
+import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +24,14 @@ from lowbit.algorithms.gptq import gptq
 from lowbit.algorithms.rtn import rtn
 from lowbit.calibration import InputStats, Request, collect_input_stats
 from lowbit.calibration.blocks import find_blocks
+from lowbit.calibration.checkpoint import BlockCheckpoint
+from lowbit.calibration.fingerprint import run_key
 from lowbit.calibration.sequential import run_block_sequential
+from lowbit.calibration.undo import UndoStore, remove_stale_folders
+from lowbit.checks import check_materialized
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, as_matrix_shape
+from lowbit.formats.qtensor import scale_storage_issue
 from lowbit.nn.convert import (
     SUPPORTED,
     float_weight,
@@ -59,6 +64,7 @@ def quantize(
     *,
     progress: bool = True,
     sequential: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place according to ``plan`` and return it.
 
@@ -75,10 +81,19 @@ def quantize(
             activations statically or its algorithm needs data.
         progress: show progress bars.
         sequential: set False to observe every layer in one pass of the float model instead.
+        checkpoint: a folder in which each block calibrated block by block is kept as soon as it is
+            quantized; a later call with the same model, plan and data reuses the blocks found there
+            (verified) and gives the same result, bit for bit (``lowbit.calibration.checkpoint``). The folder
+            is left in place when this returns or raises: delete it once the result is saved
+            (``lowbit.calibration.checkpoint.remove_checkpoint``). None: no checkpoint.
     Raises:
         InputError: the plan selects nothing or an unsupported module, a spec does not fit a layer, a weight
-            holds NaN/Inf, or data is missing or empty when needed. The model is unchanged then.
+            holds NaN/Inf, data is missing or empty when needed, or ``checkpoint`` holds files lowbit did
+            not write. The model is unchanged then.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"quantize() needs an nn.Module, got {type(model).__name__}")
+    check_materialized(model)
     if isinstance(plan, (str, QuantSpec)):
         plan = QuantPlan.uniform(plan)
     targets = prepare(model, plan)
@@ -91,7 +106,10 @@ def quantize(
     in_block = [[t for t in targets if t.name.startswith(name + ".")] for name, _ in blocks]
     if not any(t.name in requests for ts in in_block for t in ts):
         blocks, in_block = [], []
-    swapped = _Originals(model)  # the float modules replaced, to put back on failure
+    store = _checkpoint(checkpoint, model, plan, data, blocks, in_block)
+    if blocks:  # float weights will go to a temporary folder: first delete those killed runs left behind
+        remove_stale_folders(tempfile.gettempdir())
+    swapped = UndoStore(model)  # the float modules replaced, to put back on failure
     try:
         if not blocks:
             stats = collect_input_stats(model, requests, data, progress) if requests else {}
@@ -103,15 +121,21 @@ def quantize(
 
             done: set[str] = set()
 
-            def solve(i: int, block_name: str, stats: dict) -> None:  # once per block, or per stage of one
-                now = [t for t in in_block[i] if t.name not in done and (t.name in stats or t.name not in requests)]
-                _swap(model, [(t, _convert(t, stats.get(t.name))) for t in now], swapped)
+            def solve(i: int, block_name: str, stats: dict, stored: dict | None = None) -> None:
+                # once per block, or per stage of one; stored: the whole block's modules, from the checkpoint
+                if stored is not None:
+                    now, pairs = in_block[i], [(t, stored[t.name]) for t in in_block[i]]
+                else:
+                    now = [t for t in in_block[i] if t.name not in done and (t.name in stats or t.name not in requests)]
+                    pairs = [(t, _convert(t, stats.get(t.name))) for t in now]
+                _swap(model, pairs, swapped)
                 done.update(t.name for t in now)
                 swapped.offload([t.name for t in now], f"block{i}-{len(done)}")  # done with their float weights
 
             wanted = [{t.name: requests[t.name] for t in ts if t.name in requests} for ts in in_block]
             staged = any(_true_sequential(t.rule.method) for ts in in_block for t in ts)
-            run_block_sequential(model, blocks, wanted, data, solve, progress, true_sequential=staged)
+            run_block_sequential(model, blocks, wanted, data, solve, progress, true_sequential=staged,
+                                 checkpoint=store)
             rest = {t.name: requests[t.name] for t in outside if t.name in requests}
             if rest:
                 stats = collect_input_stats(model, rest, data, progress)
@@ -123,6 +147,18 @@ def quantize(
         swapped.close()
     log.info("quantized %d module(s)%s", len(swapped), f" block by block over {len(blocks)} blocks" if blocks else "")
     return model
+
+
+def _checkpoint(folder: str | os.PathLike | None, model: nn.Module, plan: QuantPlan, data: Any,
+                blocks: list[tuple[str, nn.Module]], in_block: list[list[Target]]) -> BlockCheckpoint | None:
+    """This run's checkpoint in ``folder``; None when none is asked for or no layer is solved block by block."""
+    if folder is None:
+        return None
+    if not blocks:
+        log.debug("checkpoint %s not used: no layer is calibrated block by block", folder)
+        return None
+    layout = [(name, [t.name for t in ts]) for (name, _), ts in zip(blocks, in_block)]
+    return BlockCheckpoint(folder, run_key(model, plan.to_dict(), data), layout)
 
 
 def _true_sequential(method: Any) -> bool:
@@ -160,6 +196,8 @@ def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
     targets = select_targets(model, plan)
     for t in targets:
         check_fits(t.name, float_weight(t.module), t.rule.weight)
+        check_finite_params(t.name, t.module)
+    targets = [_fit_scale_storage(t) for t in targets]
     _log_partial_groups(targets)
     return targets
 
@@ -213,6 +251,40 @@ def check_fits(name: str, weight: torch.Tensor, spec: QuantSpec) -> None:
         raise InputError(f"module {name!r}: weight {tuple(weight.shape)} holds {bad} NaN/Inf value(s)")
 
 
+def check_finite_params(name: str, module: nn.Module) -> None:
+    """Raise a clear InputError if any float parameter or buffer of ``module`` other than its weight (the bias,
+    a norm's gain folded into it) holds NaN/Inf: it would pass into the quantized layer and every output."""
+    for key, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+        if key != "weight" and t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(f"module {name!r}: {key} {tuple(t.shape)} holds {bad} NaN/Inf value(s)")
+
+
+# where a layer's scales do not fit its scale storage, the storage they are moved to (the same element format)
+_WIDER_SCALES = {"fp16": "fp32", "bf16": "fp32"}
+
+
+def _fit_scale_storage(t: Target) -> Target:
+    """``t`` itself, or ``t`` with fp32 scales where its weight's scales would underflow or overflow the
+    rule's scale storage (fp16 holds 6.1e-5 .. 65504: weights near 1e-6 would round to all zeros at any
+    width, weights near 1e7 saturate), with a warning naming the layer. Raises InputError when no wider
+    storage exists (``e8m0`` outside 2^-127 .. 2^127)."""
+    spec = t.rule.weight
+    # checked on the weight's own ranges; a clipping search shrinks a range at most 2x (max_shrink 0.5), and a
+    # scale it pushes below the smallest normal is clamped up to it: that tile's grid is then at most 2x coarser
+    issue = scale_storage_issue(float_weight(t.module), spec)
+    if issue is None:
+        return t
+    wider = _WIDER_SCALES.get(spec.scale_format)
+    if wider is None:
+        raise InputError(f"module {t.name!r}: {issue}; this format has no wider scale storage: quantize this layer "
+                         f"with another spec or keep it in float")
+    new = spec.with_(scale_format=wider)
+    log.warning("module %r: %s; storing its scales as %s (%s instead of %s)", t.name, issue, wider, new.name,
+                spec.name)
+    return Target(t.name, t.module, dataclasses.replace(t.rule, weight=new))
+
+
 def _log_partial_groups(targets: list[Target]) -> None:
     """One line saying which layers end each row with a shorter group (it gets its own scale)."""
     partial: dict[tuple[int, int], list[str]] = {}
@@ -260,89 +332,10 @@ def _convert(t: Target, s: InputStats | None) -> nn.Module:
     return qm
 
 
-def _swap(model: nn.Module, pairs: list[tuple[Target, nn.Module]], swapped: "_Originals") -> None:
+def _swap(model: nn.Module, pairs: list[tuple[Target, nn.Module]], swapped: UndoStore) -> None:
     for t, qm in pairs:
         swapped.keep(t.name, t.module)
         model.set_submodule(t.name, qm)
-
-
-class _Originals:
-    """The float modules ``quantize`` replaced, so that a failure can put every one of them back.
-
-    Block by block, the float weights of a finished block are needed only for that undo, and holding them
-    would keep a second copy of the model in memory until the end (peak = float model + quantized model +
-    activations). ``offload`` therefore writes them to a temporary safetensors file and empties them in
-    place; ``restore`` reads them back. Tensors the model still uses (a tied embedding) stay in memory.
-    When the temporary directory (``TMPDIR``) cannot be written, the weights stay in memory, with a warning.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.modules: dict[str, nn.Module] = {}
-        # per file: (file key, module, attribute, is a parameter, dtype, device) of each tensor in it
-        self.files: list[tuple[Path, list[tuple[str, nn.Module, str, bool, torch.dtype, torch.device]]]] = []
-        self._dir: Path | None = None
-        self._disabled = False
-
-    def keep(self, name: str, module: nn.Module) -> None:
-        self.modules.setdefault(name, module)
-
-    def offload(self, names: list[str], tag: str) -> None:
-        if self._disabled or not names:
-            return
-        from safetensors.torch import save_file
-
-        live = {t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
-        tensors, slots = {}, []
-        for name in names:
-            module = self.modules[name]
-            for kind, table in (("p", module._parameters), ("b", module._buffers)):
-                for key, t in table.items():
-                    if t is None or t.numel() == 0 or t.data_ptr() in live:
-                        continue
-                    tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
-                    slots.append((f"{name}.{key}", module, key, kind == "p", t.dtype, t.device))
-        if not tensors:
-            return
-        try:
-            if self._dir is None:
-                self._dir = Path(tempfile.mkdtemp(prefix="lowbit-undo-"))
-            path = self._dir / f"{tag}.safetensors"
-            save_file(tensors, str(path))
-        except OSError as e:
-            log.warning("cannot write the float weights to a temporary file (%s); they stay in memory until "
-                        "quantize() returns", e)
-            self._disabled = True
-            return
-        for _, module, key, is_param, dtype, device in slots:
-            empty = torch.empty(0, dtype=dtype, device=device)
-            if is_param:
-                module._parameters[key].data = empty
-            else:
-                module._buffers[key] = empty
-        self.files.append((path, slots))
-
-    def restore(self) -> None:
-        from safetensors import safe_open
-
-        for path, slots in self.files:
-            with safe_open(str(path), framework="pt") as f:
-                for k, module, key, is_param, dtype, device in slots:
-                    t = f.get_tensor(k).to(device=device, dtype=dtype)
-                    if is_param:
-                        module._parameters[key].data = t
-                    else:
-                        module._buffers[key] = t
-        for name, module in reversed(list(self.modules.items())):
-            self.model.set_submodule(name, module)
-
-    def close(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def __len__(self) -> int:
-        return len(self.modules)
 
 
 def _bar(targets: list[Target], progress: bool):

@@ -67,6 +67,7 @@ class QuantSpec:
     scale_format: str = "fp16"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.format not in FORMATS:
             raise InputError(f"unknown number format {self.format!r}; expected one of {', '.join(FORMATS)}")
         if self.format == "int":
@@ -144,17 +145,36 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+        if not isinstance(d, dict):
+            raise InputError(f"a QuantSpec is a mapping of its fields, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
             raise InputError(f"unknown QuantSpec field(s) {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
-        if d.get("block_shape") is not None:
+        if isinstance(d.get("block_shape"), list):
             d["block_shape"] = tuple(d["block_shape"])
         return cls(**d)
 
     def with_(self, **changes: Any) -> "QuantSpec":
         return replace(self, **changes)
+
+
+def _check_types(spec: QuantSpec) -> None:
+    """Field types first (a spec may come from a file): names are strings, flags booleans, sizes integers."""
+    for f in ("format", "granularity", "scale_format"):
+        if not isinstance(getattr(spec, f), str):
+            raise InputError(f"QuantSpec {f} must be a string, got {getattr(spec, f)!r}")
+    if not isinstance(spec.symmetric, bool):
+        raise InputError(f"QuantSpec symmetric must be true or false, got {spec.symmetric!r}")
+    for f in ("bits", "group_size"):
+        v = getattr(spec, f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise InputError(f"QuantSpec {f} must be an integer or null, got {v!r}")
+    bs = spec.block_shape
+    if bs is not None and not (isinstance(bs, (tuple, list)) and len(bs) == 2
+                               and all(isinstance(b, int) and not isinstance(b, bool) for b in bs)):
+        raise InputError(f"QuantSpec block_shape must be two integers (rows, cols) or null, got {bs!r}")
 
 
 # ---- named presets and the compact grammar -------------------------------------------------------
@@ -311,7 +331,9 @@ class ActivationQuant:
             object.__setattr__(self, "spec", parse_spec(self.spec))
         if not isinstance(self.dynamic, bool):
             raise InputError(f"activation 'dynamic' must be true or false, got {self.dynamic!r}")
-        if self.observer not in OBSERVER_NAMES:
+        if not isinstance(self.spec, QuantSpec):
+            raise InputError(f"activation spec must be a scheme name or a QuantSpec, got {self.spec!r}")
+        if not isinstance(self.observer, str) or self.observer not in OBSERVER_NAMES:
             raise InputError(f"unknown activation observer {self.observer!r}; known: {', '.join(OBSERVER_NAMES)}")
         if not self.dynamic and self.spec.granularity != "tensor":
             raise InputError(
@@ -330,6 +352,8 @@ class ActivationQuant:
     def from_dict(cls, d: dict[str, Any] | str) -> "ActivationQuant":
         if isinstance(d, str):
             return cls(parse_spec(d))
+        if not isinstance(d, dict):
+            raise InputError(f"activation settings are a scheme name or a mapping, got {type(d).__name__}")
         unknown = set(d) - {"spec", "dynamic", "observer"}
         if unknown:
             raise InputError(f"unknown activation field(s) {sorted(unknown)}; known: spec, dynamic, observer")

@@ -191,7 +191,7 @@ def test_errors_in_a_file_name_the_file(tmp_path):
         QuantPlan.load(path)
     with pytest.raises(InputError, match=r"missing\.yaml does not exist"):
         QuantPlan.load(tmp_path / "missing.yaml")
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="is a folder"):
         QuantPlan.load(tmp_path)  # a directory is not a recipe
 
 

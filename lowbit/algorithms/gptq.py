@@ -18,7 +18,9 @@ objective) on the original weight, and kept fixed (static groups), as when GPTQ 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -196,17 +198,35 @@ class _ColumnGrid:
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1``; raises damping tenfold (up to 4 times) if needed."""
+    """Upper Cholesky factor of ``(H + damp I)^-1``; raises damping tenfold (up to 4 times) if needed.
+
+    The factorizations run on one thread: MKL's threaded Cholesky and Cholesky inverse round differently
+    with 1 or 2 threads (torch 2.13, MKL 2024.2: ``cholesky_inverse`` already at 64 columns, ``cholesky`` at
+    192 and more), and GPTQ would then give different weights, so different artifacts, on machines or runs with
+    other ``torch.get_num_threads()``. Serial, they cost about ``n^3`` flops per layer (n = in_features).
+    """
     damp = percdamp * float(torch.diag(H).mean())
     eye = torch.eye(H.shape[0])
     for attempt in range(5):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U
+        with _one_thread():
+            L, info = torch.linalg.cholesky_ex(H + damp * eye)
+            if int(info) == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if int(info) == 0 and torch.isfinite(U).all():
+            return U
         log.warning("gptq: Cholesky failed with damping %.3g (attempt %d); retrying with 10x more", damp, attempt + 1)
         damp *= 10
     raise InputError("gptq: the Hessian stays singular even with 10,000x the requested damping; "
                      "check the calibration data (too few tokens?)")
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch (and MKL) on one intra-op thread inside the block; the caller's setting is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

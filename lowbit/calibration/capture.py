@@ -107,14 +107,56 @@ def batch_count(data: Any, batch_size: int | None = None) -> int | None:
     return len(data) if isinstance(data, (list, tuple)) else None
 
 
-def run_model(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on one batch; Hugging Face models get ``use_cache=False`` (no key/value cache)."""
+def run_model(model: nn.Module, batch: Any, check_fit: bool = True) -> Any:
+    """Call ``model`` on one batch; Hugging Face models get ``use_cache=False`` (no key/value cache).
+
+    ``check_fit``: pass True for the first batch (the default, for callers that do not count). The model's
+    own error there (a RuntimeError, IndexError, ...) means the data does not fit the model (float images
+    given to a language model, token ids beyond its vocabulary, the wrong width), so it becomes an
+    InputError that describes the batch; on later batches errors pass through unchanged.
+    """
     extra = {"use_cache": False} if _accepts_use_cache(model) else {}
+    try:
+        if isinstance(batch, dict):
+            return model(**{**extra, **batch})
+        if isinstance(batch, (tuple, list)):
+            return model(*batch, **extra)
+        return model(batch, **extra)
+    except InputError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError, AttributeError) as e:
+        if not check_fit:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise InputError(f"{type(model).__name__} failed on the first calibration batch, {describe_batch(batch)}"
+                         f"{_vocab_hint(model, batch)}: the data does not fit the model ({type(e).__name__}: "
+                         f"{first}); pass token ids (batch, seq_len) for a language model, or inputs shaped like "
+                         f"its training data (e.g. images (N, C, H, W) float32)") from e
+
+
+def describe_batch(batch: Any) -> str:
+    """A batch's structure for messages: ``tensor (4, 7) float32``, ``{input_ids: tensor (2, 9) int64}``."""
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)} {str(batch.dtype).removeprefix('torch.')}"
     if isinstance(batch, dict):
-        return model(**{**extra, **batch})
+        return "{" + ", ".join(f"{k}: {describe_batch(v)}" for k, v in list(batch.items())[:6]) + "}"
     if isinstance(batch, (tuple, list)):
-        return model(*batch, **extra)
-    return model(batch, **extra)
+        return "(" + ", ".join(describe_batch(v) for v in batch[:6]) + ")"
+    return type(batch).__name__
+
+
+def _vocab_hint(model: nn.Module, batch: Any) -> str:
+    """For integer ids outside the model's input embedding: the range seen and the embedding's size."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    get = getattr(model, "get_input_embeddings", None)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0 or get is None:
+        return ""
+    try:
+        rows = get().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return ""
+    lo, hi = int(ids.min()), int(ids.max())
+    return f" (ids {lo}..{hi}, but the input embedding has {rows} rows)" if lo < 0 or hi >= rows else ""
 
 
 class StopObserving(Exception):
@@ -261,7 +303,7 @@ def collect_input_stats(
         for b in tqdm(batches(data), total=batch_count(data), desc="calibrate", unit="batch",
                       disable=not progress, leave=False):
             c.new_batch()
-            run_model(model, b)
+            run_model(model, b, check_fit=c.n_batches == 1)
     out = c.result()
     log.info("calibrated %d module(s) on %d batch(es)", len(out), c.n_batches)
     return out

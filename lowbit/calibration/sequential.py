@@ -17,6 +17,10 @@ block's working set, whatever the depth. Memory the C allocator holds free is ha
 observing pass and each solve, so the pass's activations and the solver's scratch are not resident at once
 (GPTQ W4 on SmolLM2-135M: peak 1.91x -> 1.76x the float model, no measurable time cost).
 
+With a checkpoint (``lowbit.calibration.checkpoint``), each solved block's quantized modules are saved as
+soon as it is done, and a block the checkpoint already holds is swapped in without observing or solving;
+it is still run, to recompute the next block's inputs (hidden states are not stored).
+
 Each block gets the arguments the model passed to *it*, so models whose layers differ (Gemma-3's
 sliding-window and global layers get different masks and rotary tables) are handled without knowing their
 architecture.
@@ -42,6 +46,7 @@ from lowbit.calibration.capture import (
     batches,
     run_model,
 )
+from lowbit.calibration.checkpoint import BlockCheckpoint
 from lowbit.errors import InputError
 from lowbit.evaluation.memory import release_free_memory, rss_bytes
 from lowbit.nn.cache import cached_weights
@@ -49,8 +54,10 @@ from lowbit.nn.cache import cached_weights
 log = logging.getLogger(__name__)
 
 # solve(block index, block name, stats by module name) -> nothing; it swaps the quantized modules of those names
-# into the block (called once per block, or once per stage with true_sequential)
-Solve = Callable[[int, str, dict[str, InputStats]], None]
+# into the block (called once per block, or once per stage with true_sequential). A block restored from a
+# checkpoint is instead handed over as solve(i, name, {}, stored): stored maps full module names to the
+# quantized modules to swap in, with nothing to solve.
+Solve = Callable[..., None]
 
 
 @dataclass
@@ -125,7 +132,7 @@ def capture_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], 
             for b in tqdm(batches(data), total=batch_count(data), desc="capture", unit="batch",
                           disable=not progress, leave=False):
                 try:
-                    run_model(model, b)
+                    run_model(model, b, check_fit=not inputs.hidden)  # the first batch: errors mean bad data
                 except _Stop:
                     pass
                 if len(inputs.calls[-1]) != len(inputs.hidden):
@@ -147,6 +154,7 @@ def run_block_sequential(
     solve: Solve,
     progress: bool = True,
     true_sequential: bool = False,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> None:
     """For each block in order: observe ``wanted[i]`` on its inputs, ``solve`` (quantize and swap), then
     compute its outputs with the quantized modules as the next block's inputs.
@@ -156,6 +164,9 @@ def run_block_sequential(
         wanted: per block, the modules (inside it) whose input statistics ``solve`` needs; may be empty.
         solve: called with the statistics after observing and before the outputs: once per block, or with
             ``true_sequential`` once per stage of the block (:func:`block_stages`), with that stage's modules.
+        checkpoint: where finished blocks are kept (``lowbit.calibration.checkpoint``). A block it holds is
+            handed to ``solve`` as stored modules (no observing, no solving) and then run as usual, so the
+            hidden states are recomputed, not stored; every block solved here is saved to it.
     """
     inputs = capture_block_inputs(model, blocks, data, progress)
     n_tokens = sum(h.shape[0] * h.shape[1] if h.dim() >= 2 else h.shape[0] for h in inputs.hidden)
@@ -167,17 +178,14 @@ def run_block_sequential(
         for i, (name, _) in enumerate(bar):
             t0 = time.perf_counter()
             block = model.get_submodule(name)
-            stages = block_stages(inputs, i, block, wanted[i]) if true_sequential and wanted[i] else [list(wanted[i])]
-            for k, stage in enumerate(stages):
-                stats: dict[str, InputStats] = {}
-                if stage:
-                    where = f"block {name}'s calibration inputs" + (f" (stage {k + 1})" if len(stages) > 1 else "")
-                    stats = _observe(inputs, i, block, {n: wanted[i][n] for n in stage}, where)
-                    release_free_memory()  # the pass's activations, so the solver does not stack on them
-                solve(i, name, stats)
-                del stats
-                release_free_memory()  # the solver's scratch, before the next pass allocates its own
+            stored = checkpoint.restore(i, block) if checkpoint is not None else None
+            if stored is not None:
+                solve(i, name, {}, stored)
+            else:
+                _solve_block(inputs, i, name, block, wanted[i], solve, true_sequential)
             block = model.get_submodule(name)  # solve may have replaced modules inside it
+            if checkpoint is not None and stored is None:
+                checkpoint.save(i, block)
             if i + 1 < len(blocks):
                 with cached_weights(block):  # dequantize each new quantized layer once, not once per batch
                     for b in range(len(inputs.hidden)):
@@ -187,8 +195,24 @@ def run_block_sequential(
             dt = time.perf_counter() - t0
             rss = rss_bytes() / 2**20
             bar.set_postfix_str(f"{name} {dt:.1f}s rss {rss:.0f}MB")
-            log.info("block %d/%d (%s): %d module(s) observed, %.1f s, RSS %.0f MB",
-                     i + 1, len(blocks), name, len(wanted[i]), dt, rss)
+            log.info("block %d/%d (%s): %s, %.1f s, RSS %.0f MB", i + 1, len(blocks), name,
+                     "reused from the checkpoint" if stored is not None else f"{len(wanted[i])} module(s) observed",
+                     dt, rss)
+
+
+def _solve_block(inputs: BlockInputs, i: int, name: str, block: nn.Module, wanted: dict[str, Request],
+                 solve: Solve, true_sequential: bool) -> None:
+    """Observe block ``i``'s modules of ``wanted`` (in stages with ``true_sequential``) and solve each stage."""
+    stages = block_stages(inputs, i, block, wanted) if true_sequential and wanted else [list(wanted)]
+    for k, stage in enumerate(stages):
+        stats: dict[str, InputStats] = {}
+        if stage:
+            where = f"block {name}'s calibration inputs" + (f" (stage {k + 1})" if len(stages) > 1 else "")
+            stats = _observe(inputs, i, block, {n: wanted[n] for n in stage}, where)
+            release_free_memory()  # the pass's activations, so the solver does not stack on them
+        solve(i, name, stats)
+        del stats
+        release_free_memory()  # the solver's scratch, before the next pass allocates its own
 
 
 def _observe(inputs: BlockInputs, i: int, block: nn.Module, wanted: dict[str, Request], where: str

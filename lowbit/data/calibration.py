@@ -3,6 +3,7 @@ disjoint from the evaluation set for image classifiers."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -22,6 +23,10 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
     """
     if n is not None and n < 1:
         raise InputError(f"the calibration set needs at least one sample, got n={n}")
+    if seq_len < 1:
+        raise InputError(f"calibration windows need at least one token (--calib-len), got seq_len={seq_len}")
+    if not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:  # torch would take -1 as 2**64 - 1
+        raise InputError(f"the calibration seed (--seed) must be an integer from 0 to 2**64 - 1, got {seed!r}")
     if kind == "causal-lm":
         if tokenizer is None:
             raise InputError("a language model's calibration set needs its tokenizer")

@@ -53,6 +53,8 @@ CALIBRATION_PHOTOS: tuple[tuple[str, str], ...] = (
     ("skimage", "data/moon.png"),
     ("skimage", "data/retina.jpg"),
 )
+# random crops of 8 photos: beyond this many they repeat the same content (and 1024 take 617 MB at 224 x 224)
+MAX_CALIBRATION_VIEWS = 1024
 CENTRE_CROP = 224 / 256  # crop side as a fraction of the short side: resize 256, crop 224
 
 
@@ -101,6 +103,10 @@ def calibration_views(n: int = 64, size: int = 224, seed: int = 0, mean: float =
     """
     if n < 1:
         raise InputError(f"need at least one calibration view, got n={n}")
+    if n > MAX_CALIBRATION_VIEWS:  # refused before allocating n x 3 x size x size floats
+        raise InputError(f"{n} calibration views (--calib-samples) is more than {MAX_CALIBRATION_VIEWS}: they are "
+                         f"random crops of {len(CALIBRATION_PHOTOS)} photos, so more only repeat them, at "
+                         f"{3 * size * size * 4 / 1e6:.1f} MB each; ask for at most {MAX_CALIBRATION_VIEWS}")
     g = torch.Generator().manual_seed(seed)
     images = [_open_rgb(p) for p in calibration_photo_paths()]
     out = torch.empty(n, 3, size, size)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _NEWS_FILE = "test/test_data/lee_background.cor"
+MAX_CORPUS_PASSES = 4  # calibration tokens at most this many times the corpus (see check_calibration_size)
 _TOKEN_MARGIN = 64  # tokens past the budget tokenized so that a cut mid-word cannot change the kept ones
 
 
@@ -110,8 +111,10 @@ def calibration_batches(
     ids = _tokenize(tokenizer, corpus_text(corpus), None)  # (n_tokens,)
     if ids.numel() < seq_len:
         raise InputError(
-            f"calibration_batches: corpus {corpus!r} has {ids.numel()} tokens, fewer than seq_len={seq_len}"
+            f"calibration_batches: corpus {corpus!r} has {ids.numel()} tokens, fewer than seq_len={seq_len} "
+            f"(--calib-len); use shorter windows"
         )
+    check_calibration_size(n_sequences, seq_len, ids.numel(), corpus)
     body = seq_len - 1 if bos else seq_len
     if bos and (seq_len < 2 or getattr(tokenizer, "bos_token_id", None) is None):
         raise InputError("calibration_batches: bos=True needs seq_len >= 2 and a tokenizer with a BOS token")
@@ -121,6 +124,24 @@ def calibration_batches(
     if bos:
         windows = torch.cat([torch.full((n_sequences, 1), int(tokenizer.bos_token_id)), windows], dim=1)
     return windows  # (n_sequences, seq_len)
+
+
+def check_calibration_size(n_sequences: int, seq_len: int, corpus_tokens: int, corpus: str = "news") -> None:
+    """Refuse a calibration set of more than ``MAX_CORPUS_PASSES`` times the corpus's tokens.
+
+    Windows start at random positions drawn with replacement, so they may overlap and a set may be larger
+    than the corpus; but beyond a few passes over it every token is repeated many times: no new information,
+    only memory (the ids, then one hidden state per token in every calibration pass) and time. The check
+    comes before anything of that size is allocated (``--calib-samples 100000000`` asked for 400 GB).
+    """
+    bound = MAX_CORPUS_PASSES * corpus_tokens
+    if n_sequences * seq_len > bound:
+        raise InputError(
+            f"calibration set of {n_sequences} windows x {seq_len} tokens (--calib-samples x --calib-len) is "
+            f"{n_sequences * seq_len:,} tokens, more than {MAX_CORPUS_PASSES} x the {corpus!r} corpus's "
+            f"{corpus_tokens:,} tokens ({bound:,}, e.g. {max(1, bound // seq_len)} windows of {seq_len}): the "
+            f"windows would only repeat the same text; ask for fewer samples or shorter windows"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
+from lowbit.io.atomic import atomic_file
+from lowbit.io.save import check_destination
 from lowbit.nn import QuantEmbedding, QuantLinear
 from lowbit.nn.base import QuantModule
 from lowbit.spec import QuantSpec
@@ -80,11 +82,7 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
     """
     import gguf
 
-    dest = Path(os.path.abspath(Path(path).expanduser()))
-    if dest.exists() and not overwrite:
-        raise InputError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
-    if dest.exists() and dest.is_dir():
-        raise InputError(f"{dest} is a folder; give a .gguf file name")
+    dest = check_destination(path, overwrite, file=True)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type != "llama":
@@ -105,9 +103,7 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
     n_blocks = int(config.num_hidden_layers)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
     tensors = list(_tensors(model, config))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    try:
+    with atomic_file(dest) as tmp:  # renamed to dest when complete; an OSError becomes an InputError
         w = gguf.GGUFWriter(tmp, "llama")
         _write_hparams(w, config)
         for key, field in (reader.fields.items() if reader is not None else ()):
@@ -130,10 +126,6 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote %s (%d tensors, %.1f MB)", dest, len(tensors), dest.stat().st_size / 1e6)
     return dest
 

@@ -35,6 +35,8 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.export.qdq import OPSET, check_onnx, export_view, translations, why_not_onnx
+from lowbit.io.atomic import atomic_file
+from lowbit.io.save import check_destination
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +146,7 @@ def export_onnx(
         InputError: a module ONNX cannot hold, ``path`` exists without ``overwrite``, the exporter failed, or
             onnxruntime's output disagrees beyond ``rtol``. Nothing is left at ``path`` then.
     """
-    dest = Path(path)
-    if dest.exists() and not overwrite:
-        raise InputError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
-    if dest.exists() and dest.is_dir():
-        raise InputError(f"{dest} is a folder; give a file path for the ONNX model")
+    dest = check_destination(path, overwrite, file=True)
     if not dest.parent.is_dir():
         raise InputError(f"the folder of {dest} does not exist")
     if kind not in ("causal-lm", "image-classifier"):
@@ -176,9 +174,8 @@ def export_onnx(
         names, dynamic = ["input_ids"], ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)
     else:
         names, dynamic = ["pixel_values"], ({0: torch.export.Dim("batch")},)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     log.info("exporting %d quantized module(s) to ONNX (tracing with torch.onnx.export)", n_quant)
-    try:
+    with atomic_file(dest) as tmp:  # renamed to dest once checked; an OSError becomes an InputError
         with export_view(model), torch.no_grad(), _quiet_exporter():
             try:
                 torch.onnx.export(net, (example,), tmp, dynamo=True, opset_version=OPSET, external_data=False,
@@ -197,10 +194,6 @@ def export_onnx(
         if not rel <= rtol:
             raise InputError(f"onnxruntime's output differs from lowbit's by {rel:.3g} of the largest output "
                              f"(max |diff| {float(diff.max()):.3g}; limit {rtol:g}); the ONNX file was not written")
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return OnnxReport(dest, dest.stat().st_size, n_quant, float(diff.max()), rel, agree, tuple(check.shape),
                       default[1], default[2])
 

@@ -15,7 +15,7 @@ import torch
 from lowbit.errors import InputError
 from lowbit.formats import blocks as B
 from lowbit.formats.elements import decode_elements, element_max, encode_elements
-from lowbit.formats.scales import round_scale, split_global_scale
+from lowbit.formats.scales import round_scale, scale_range_issue, split_global_scale
 from lowbit.spec import QuantSpec
 
 
@@ -107,13 +107,31 @@ def fake_quantize(
     return dequantize(quantize(x, spec, lo, hi), x.dtype)
 
 
+def raw_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The fp32 scale of each tile before it is rounded to ``spec.scale_format``: ``(gr, gc)``.
+
+    Symmetric: ``max(|lo|, |hi|) / elem_max``; asymmetric integers: ``(max(hi, 0) - min(lo, 0)) / (2^bits - 1)``.
+    """
+    if spec.has_zero_point:
+        return (hi.float().clamp(min=0) - lo.float().clamp(max=0)) / (2**spec.bits - 1)
+    return torch.maximum(lo.float().abs(), hi.float().abs()) / element_max(spec.format, spec.bits)
+
+
+def scale_storage_issue(x: torch.Tensor, spec: QuantSpec, margin: float = 1.0) -> str | None:
+    """Why ``x``'s own per-tile scales would not fit ``spec.scale_format`` (see
+    :func:`~lowbit.formats.scales.scale_range_issue`), or None."""
+    xf = x.detach().float()
+    lo, hi = default_range(xf, spec)
+    return scale_range_issue(raw_scale(lo, hi, spec), spec.scale_format, margin, B.block_sum(xf * xf, spec))
+
+
 # ---- the two scaling schemes -------------------------------------------------------------------------
 
 
 def _quantize_symmetric(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> QuantizedTensor:
     """``scale = amax / elem_max``; codes = nearest element of ``x / scale`` (saturating)."""
     emax = element_max(spec.format, spec.bits)
-    raw = torch.maximum(lo.abs(), hi.abs()) / emax  # (gr, gc)
+    raw = raw_scale(lo, hi, spec)  # (gr, gc)
     global_scale = None
     if spec.has_global_scale:
         raw, global_scale = split_global_scale(raw)
@@ -132,8 +150,8 @@ def _quantize_symmetric(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: 
 def _quantize_affine(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> QuantizedTensor:
     """Asymmetric integers: the range ``[min(lo,0), max(hi,0)]`` maps onto codes ``0 .. 2^bits - 1``."""
     qmax = 2**spec.bits - 1
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    raw = (hi - lo) / qmax  # (gr, gc)
+    raw = raw_scale(lo, hi, spec)  # (gr, gc)
+    lo = lo.clamp(max=0)
     global_scale = None
     if spec.has_global_scale:  # fp8 scales are relative to one fp32 scale, as in the symmetric case
         raw, global_scale = split_global_scale(raw)

@@ -48,6 +48,44 @@ def round_scale(scale: torch.Tensor, scale_format: str, elem_max: float) -> torc
     raise KeyError(scale_format)
 
 
+# the widest range each storage can hold: (smallest normal, largest) value
+_SCALE_RANGE = {**{k: (torch.finfo(d).tiny, torch.finfo(d).max) for k, d in _FLOAT_DTYPES.items()},
+                "e8m0": (2.0**-127, 2.0**127)}
+
+
+# an underflowing tile loses at most all of its values; below this fraction of the weight's energy (sum of
+# squares) that loss is far under any rounding noise (8-bit rounding alone leaves ~2e-5) and is let pass
+UNDERFLOW_ENERGY = 1e-6
+
+
+def scale_range_issue(raw: torch.Tensor, scale_format: str, margin: float = 1.0,
+                      energy: torch.Tensor | None = None) -> str | None:
+    """Why raw fp32 scales ``(gr, gc)`` do not fit ``scale_format``, or None when they do.
+
+    A nonzero scale below the format's smallest normal value (times ``margin``, room for a clipping search
+    that shrinks ranges) is clamped up to it, so the tile's grid is far coarser than its values and they
+    round to zero; that counts only when those tiles hold more than :data:`UNDERFLOW_ENERGY` of ``energy``
+    (per-tile sums of squares, ``(gr, gc)``; None: any such tile counts), so near-dead channels of a
+    trained CNN (weights ~1e-11) do not. A scale above the format's largest value is clamped down and its
+    tile saturates: that always counts. Zero scales (all-zero tiles) are fine. ``fp8_e4m3`` scales are
+    relative to a per-tensor scale (NVFP4) and always fit.
+    """
+    if scale_format not in _SCALE_RANGE:
+        return None
+    tiny, big = _SCALE_RANGE[scale_format]
+    over = raw > big / margin
+    if over.any():
+        return f"scales up to {float(raw.max()):.3g} overflow {scale_format} (largest {big:.3g})"
+    under = (raw > 0) & (raw < tiny * margin)
+    if not under.any():
+        return None
+    share = 1.0 if energy is None else float(energy[under].sum() / energy.sum().clamp_min(1e-300))
+    if share <= UNDERFLOW_ENERGY:
+        return None
+    return (f"scales down to {float(raw[under].min()):.3g} underflow {scale_format} (smallest normal {tiny:.3g}) "
+            f"in {int(under.sum())} of {raw.numel()} tile(s), holding {share:.2%} of the weight's energy")
+
+
 def split_global_scale(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 two-level scales: raw per-block fp32 scales -> (per-block scale relative to g, g).
 

@@ -1,12 +1,23 @@
 """``load(path, model=None)``: rebuild a model saved by ``lowbit.save``, bit-exactly, after verifying it.
 
-Order: read and check the manifest -> check every listed file's size and SHA-256 -> read the tensors
--> take the float architecture (``model`` if given, else ``lowbit.models.build_skeleton(manifest["source"])``)
--> build an empty quantized module (``from_layer_record``) for each recorded name and check that the
-model's state keys and shapes will then match the file exactly -> only now change the model: swap the
-modules in, ``load_state_dict(strict=True, assign=True)`` (tensors keep the dtypes they were saved in),
-re-tie shared tensors -> eval mode. Tensors are read with ``safetensors.torch.load_file``; nothing is
-unpickled.
+Everything is checked before anything sizeable is allocated or any other file is opened:
+
+1. the manifest (``read_manifest``): size, JSON, keys, every layer record against its schema;
+2. every listed file: a regular file in the folder (no symbolic link), its size and SHA-256;
+3. the safetensors header alone (names, dtypes, shapes; no tensor data read);
+4. the architecture on the ``meta`` device (``model``'s own modules if given, else
+   ``lowbit.models.build_skeleton(manifest["source"])`` built on ``meta``) with an empty quantized module
+   (``from_layer_record``, also on ``meta``) at each recorded name: every state key, shape and dtype must
+   match the header exactly (quantized storage dtypes exactly, float tensors any float dtype), and the
+   float architecture may take at most :func:`arch_bytes_bound` (the weights file times 16, the widest
+   ratio of fp32 to a packed 2-bit weight, plus 256 MiB);
+5. only now: read the tensors, build the real architecture, swap the quantized modules in, and
+   ``load_state_dict(strict=True, assign=True)`` (tensors keep the dtypes they were saved in), re-tie
+   shared tensors, eval mode.
+
+So a damaged or hostile artifact is refused by a :class:`CorruptFileError` / :class:`InputError` before
+memory follows its claims, and load allocates at most the file's tensors plus the architecture that step 4
+bounded. Tensors are read with ``safetensors``; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import CorruptFileError, InputError
 from lowbit.io.manifest import MANIFEST, WEIGHTS, read_manifest, verify_files
-from lowbit.nn.base import QuantModule
+from lowbit.nn.base import STORAGE_BUFFERS, QuantModule
 from lowbit.nn.conv import QuantConv1d, QuantConv2d
 from lowbit.nn.convert import float_weight, from_layer_record, is_quantizable
 from lowbit.nn.embedding import QuantEmbedding
@@ -33,6 +44,21 @@ log = logging.getLogger(__name__)
 
 # the float module kind each quantized module stands in for (anything else quantizable is a linear)
 _FLOAT_KIND = {QuantEmbedding: nn.Embedding, QuantConv2d: nn.Conv2d, QuantConv1d: nn.Conv1d}
+# safetensors' dtype names (the header's "dtype" field)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# config keys that count repeated blocks: more blocks than the file has tensors cannot be this artifact
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
+ARCH_SLACK = 256 * 2**20
+
+
+def arch_bytes_bound(file_bytes: int) -> int:
+    """The most bytes the float architecture of an artifact whose weights file has ``file_bytes`` may take."""
+    return 16 * file_bytes + ARCH_SLACK
+
+
+Header = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -46,43 +72,91 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     Raises:
         InputError: ``path`` is missing or not a folder; no ``source`` and no ``model``; the model does not
             have the saved architecture (a module missing, another kind or shape, state keys differ).
-        CorruptFileError: not a lowbit artifact, a bad manifest, or a file missing, truncated or changed.
+        CorruptFileError: not a lowbit artifact, a bad manifest, a file missing, truncated, changed or not a
+            regular file, or tensors whose names, shapes or dtypes do not fit the recorded layers.
     """
     folder = Path(path).expanduser()
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
     if manifest["lowbit_version"] != lowbit.__version__:
         log.debug("%s was written by lowbit %s (this is %s)", folder, manifest["lowbit_version"], lowbit.__version__)
+    header = _read_header(folder, manifest)
+    # the plan, checked on meta tensors: nothing is allocated whatever the manifest claims
+    arch = model if model is not None else _skeleton(folder, manifest, header, meta=True)
+    layers = _build_layers(arch, manifest, folder)
+    _check_state(arch, layers, header, folder)
+    if model is None:
+        _check_arch_bytes(arch, folder)
     state = _read_state(folder, manifest)
-    root = model if model is not None else _skeleton(folder, manifest)
-    layers = _build_layers(root, manifest, folder)
-    _check_state(root, layers, state, folder)
+    root = model if model is not None else _skeleton(folder, manifest, header, meta=False)
     for name, qm in layers.items():
         if name == "":
             root = qm  # the whole model was one quantized layer
         else:
             root.set_submodule(name, qm)
     try:
-        # assign: take the saved tensors themselves, so every dtype is kept exactly as saved
+        # assign: take the saved tensors themselves (dtypes exactly as saved); the quantized modules were
+        # built on meta, so every one of their tensors comes from the file
         root.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise InputError(f"the state in {folder} does not fit the model: {e}") from None
     _retie(root, manifest["tied_tensors"])
+    left = [k for k, t in root.state_dict().items() if t.is_meta]
+    if left:  # cannot happen after the key check above; a guard against a module with unsaved state
+        raise CorruptFileError(f"{folder}: {len(left)} tensor(s) got no data from the file ({left[:3]})")
     return root.eval()
 
 
-def _skeleton(folder: Path, manifest: dict[str, Any]) -> nn.Module:
+def _skeleton(folder: Path, manifest: dict[str, Any], header: Header, meta: bool) -> nn.Module:
+    """The float architecture the manifest's ``source`` records, on ``meta`` or for real (CPU)."""
     source = manifest["source"]
     if source is None:
         raise InputError(f"{folder} records no model source (saved without source=); pass the float model of "
                          f"its architecture: lowbit.load(path, model=...)")
     from lowbit.models import build_skeleton  # lazy: loaders pull in transformers
 
+    _check_depth(source, len(header), folder)
     try:
-        return build_skeleton(source)
+        with torch.device("meta" if meta else "cpu"):
+            return build_skeleton(source)
     except InputError as e:
         raise InputError(f"{folder}: cannot rebuild the architecture from its recorded source ({e}); "
                          f"pass the float model with lowbit.load(path, model=...)") from None
+    except Exception as e:  # noqa: BLE001 - a damaged config can fail anywhere inside a model's constructor
+        raise CorruptFileError(f"{folder / MANIFEST}: its source does not build a model ({type(e).__name__}: "
+                               f"{e}); the manifest is damaged, or pass the float model with "
+                               f"lowbit.load(path, model=...)") from None
+
+
+def _check_depth(source: Any, n_tensors: int, folder: Path) -> None:
+    """A recorded config may not claim more repeated blocks than the file has tensors (each block has some):
+    building a million empty blocks would take minutes and gigabytes before any shape could disagree."""
+    config = source.get("config") if isinstance(source, dict) else None
+    if not isinstance(config, dict):
+        return
+    for part in (config, config.get("text_config"), config.get("vision_config")):
+        if not isinstance(part, dict):
+            continue
+        for key in _DEPTH_KEYS:
+            v = part.get(key)
+            if isinstance(v, bool) or (v is not None and not isinstance(v, int)) or (
+                    isinstance(v, int) and not 0 <= v <= n_tensors):
+                raise CorruptFileError(f"{folder / MANIFEST}: source config {key}={v!r} does not fit the "
+                                       f"{n_tensors} tensor(s) of {WEIGHTS}; the manifest is damaged")
+
+
+def _check_arch_bytes(arch: nn.Module, folder: Path) -> None:
+    """The float architecture (on meta) must fit :func:`arch_bytes_bound` before it is built for real."""
+    seen, total = set(), 0
+    for t in (*arch.parameters(), *arch.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    file_bytes = (folder / WEIGHTS).stat().st_size
+    if total > arch_bytes_bound(file_bytes):
+        raise CorruptFileError(f"{folder / MANIFEST}: its source describes a float model of {total / 2**20:.0f} MiB, "
+                               f"more than a {file_bytes / 2**20:.1f} MiB artifact can hold "
+                               f"(bound: 16 x the file + 256 MiB); the manifest is damaged")
 
 
 def _build_layers(root: nn.Module, manifest: dict[str, Any], folder: Path) -> dict[str, QuantModule]:
@@ -94,8 +168,9 @@ def _build_layers(root: nn.Module, manifest: dict[str, Any], folder: Path) -> di
     out: dict[str, QuantModule] = {}
     for name, rec in manifest["layers"].items():
         try:
-            qm = from_layer_record(rec)
-        except (InputError, KeyError, TypeError, ValueError) as e:
+            with torch.device("meta"):  # shapes and dtypes only: the file's tensors are assigned later
+                qm = from_layer_record(rec)
+        except (InputError, KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CorruptFileError(f"{folder / MANIFEST}: layer {name!r} has a bad record ({e})") from None
         for p in [name, *aliases.get(name, [])]:
             _check_fits(p, modules.get(p), qm, folder)
@@ -124,37 +199,76 @@ def _check_fits(name: str, target: nn.Module | None, qm: QuantModule, folder: Pa
                          f"pass the architecture (and size) it was saved from")
 
 
+def _read_header(folder: Path, manifest: dict[str, Any]) -> Header:
+    """Name -> (shape, dtype) of every tensor in the weights file, tied aliases included; no data read."""
+    f = folder / WEIGHTS
+    try:
+        with safetensors.safe_open(str(f), framework="pt") as st:
+            raw = {k: (st.get_slice(k).get_shape(), st.get_slice(k).get_dtype()) for k in st.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"{f}: not a readable safetensors file ({e})") from None
+    header: Header = {}
+    for k, (shape, dtype) in raw.items():
+        if dtype not in _DTYPES:
+            raise CorruptFileError(f"{f}: tensor {k!r} has dtype {dtype}, which lowbit never writes")
+        header[k] = (tuple(int(d) for d in shape), _DTYPES[dtype])
+    for alias, canon in manifest["tied_tensors"].items():
+        if canon not in header or alias in header:
+            raise CorruptFileError(f"{folder / MANIFEST}: tied tensor {alias!r} -> {canon!r} does not match {f}")
+        header[alias] = header[canon]
+    return header
+
+
 def _read_state(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The file's tensors plus every tied key pointing at its canonical tensor."""
+    """The file's tensors plus every tied key pointing at its canonical tensor (the header was checked)."""
     f = folder / WEIGHTS
     try:
         state = safetensors.torch.load_file(f)
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise CorruptFileError(f"{f}: not a readable safetensors file ({e})") from None
     for alias, canon in manifest["tied_tensors"].items():
-        if canon not in state or alias in state:
-            raise CorruptFileError(f"{folder / MANIFEST}: tied tensor {alias!r} -> {canon!r} does not match {f}")
         state[alias] = state[canon]
     return state
 
 
-def _check_state(root: nn.Module, layers: dict[str, QuantModule], state: dict[str, torch.Tensor],
-                 folder: Path) -> None:
-    """The keys and shapes ``root`` will have once ``layers`` are in place must be exactly ``state``'s."""
-    expected = {k: tuple(t.shape) for k, t in root.state_dict().items() if not _under(k, layers)}
+def _check_state(root: nn.Module, layers: dict[str, QuantModule], header: Header, folder: Path) -> None:
+    """The keys, shapes and dtypes ``root`` will have once ``layers`` are in place must be the file's.
+
+    A quantized module's storage (codes, scales, zero points, ...) must have exactly the dtype its record
+    implies: the same bytes read as another dtype are other numbers. Other floating tensors may be any float
+    dtype (a model saved in bf16 stays bf16); integer and boolean tensors keep their dtype.
+    """
+    expected = {k: t for k, t in root.state_dict().items() if not _under(k, layers)}
+    storage = set()
     for p, qm in layers.items():
-        expected.update({(f"{p}.{k}" if p else k): tuple(t.shape) for k, t in qm.state_dict().items()})
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        for k, t in qm.state_dict().items():
+            key = f"{p}.{k}" if p else k
+            expected[key] = t
+            if k in STORAGE_BUFFERS:
+                storage.add(key)
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     if missing or unexpected:
         raise InputError(
             f"the state in {folder} does not fit the model: {len(missing)} key(s) missing from the file "
             f"{missing[:5]}, {len(unexpected)} not in the model {unexpected[:5]}; pass the architecture it was "
             f"saved from"
         )
-    wrong = [f"{k}: file {tuple(state[k].shape)}, model {s}" for k, s in expected.items() if tuple(state[k].shape) != s]
+    wrong = [f"{k}: file {header[k][0]}, model {tuple(t.shape)}" for k, t in expected.items()
+             if header[k][0] != tuple(t.shape)]
     if wrong:
         raise InputError(f"the state in {folder} does not fit the model: {len(wrong)} shape(s) differ "
                          f"({'; '.join(wrong[:5])}); pass the architecture (and size) it was saved from")
+    bad = [f"{k}: file {header[k][1]}, expected {t.dtype}" for k, t in expected.items()
+           if not _dtype_ok(header[k][1], t.dtype, k in storage)]
+    if bad:
+        raise CorruptFileError(f"{folder / WEIGHTS}: {len(bad)} tensor(s) have a dtype their layer records do not "
+                               f"allow ({'; '.join(bad[:5])}); the file was modified after saving")
+
+
+def _dtype_ok(got: torch.dtype, want: torch.dtype, exact: bool) -> bool:
+    if exact or not want.is_floating_point:
+        return got == want
+    return got.is_floating_point and got.itemsize >= 2  # fp16, bf16, fp32, fp64; not fp8 reinterpretations
 
 
 def _under(key: str, paths: dict[str, Any]) -> bool:

@@ -28,10 +28,12 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 from lowbit.errors import CorruptFileError, InputError
+from lowbit.nn.convert import check_layer_record
 
 FORMAT = "lowbit-quantized"
 FORMAT_VERSION = 1
@@ -42,6 +44,9 @@ KEYS = ("format", "format_version", "lowbit_version", "source", "plan", "extra",
 _OPTIONAL_DICTS = ("source", "plan", "extra")  # a JSON object or null
 _DICTS = ("layers", "shared_modules", "tied_tensors", "files", "size")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# a manifest is a few hundred bytes per layer (and a model config); anything far larger is not one of ours,
+# and reading it whole first would let a damaged file decide how much memory lowbit takes
+MAX_MANIFEST_BYTES = 64 * 2**20
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -59,12 +64,18 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         hint = " (pass the folder that holds it)" if folder.name in (MANIFEST, WEIGHTS) else ""
         raise InputError(f"{folder}: is a file, not a lowbit artifact folder{hint}")
     mpath = folder / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise CorruptFileError(f"{folder}: not a lowbit artifact (no {MANIFEST}); was it written by lowbit.save?")
+    check_plain_file(mpath)
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CorruptFileError(f"{mpath}: {mpath.stat().st_size} bytes, more than a manifest can be "
+                               f"({MAX_MANIFEST_BYTES}); not a lowbit manifest")
     try:
         m = json.loads(mpath.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(f"{mpath}: not valid JSON ({e}); the artifact is damaged, save it again") from None
+    except RecursionError:
+        raise CorruptFileError(f"{mpath}: JSON nested too deeply to be a lowbit manifest; the file is damaged") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise CorruptFileError(f"{mpath}: format is {got!r}, expected {FORMAT!r}; not a lowbit artifact")
@@ -87,8 +98,9 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     """
     for name, entry in manifest["files"].items():
         f = folder / name
-        if not f.is_file():
+        if not os.path.lexists(f):
             raise CorruptFileError(f"{f}: listed in {MANIFEST} but missing; the artifact is incomplete")
+        check_plain_file(f)
         size = f.stat().st_size
         if size != entry["bytes"]:
             what = "truncated" if size < entry["bytes"] else "longer than recorded"
@@ -99,6 +111,17 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
                 f"{f}: SHA-256 {digest} differs from {entry['sha256']} recorded in {MANIFEST}; the file was "
                 f"modified or damaged after saving"
             )
+
+
+def check_plain_file(path: Path) -> None:
+    """Raise CorruptFileError unless ``path`` is a regular file itself: not a symbolic link (which could
+    point anywhere outside the folder), a device, a fifo or a folder. lowbit.save writes only regular files."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise CorruptFileError(f"{path}: is a symbolic link (to {os.readlink(path)!r}); an artifact holds the files "
+                               f"themselves: copy the real file into the folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptFileError(f"{path}: not a regular file; the artifact is damaged")
 
 
 def file_entry(path: Path) -> dict[str, Any]:
@@ -140,8 +163,11 @@ def _check_keys(m: dict[str, Any], mpath: Path) -> None:
     for k in ("shared_modules", "tied_tensors"):
         if not all(isinstance(v, str) for v in m[k].values()):
             raise CorruptFileError(f"{mpath}: {k!r} must map names to names")
-    if not all(isinstance(v, dict) for v in m["layers"].values()):
-        raise CorruptFileError(f"{mpath}: every entry of 'layers' must be a layer record (a JSON object)")
+    for name, rec in m["layers"].items():
+        try:
+            check_layer_record(rec)
+        except InputError as e:
+            raise CorruptFileError(f"{mpath}: layer {name!r} has a bad record ({e})") from None
     stray = sorted(a for a, first in m["shared_modules"].items() if first not in m["layers"] or a in m["layers"])
     if stray:
         raise CorruptFileError(f"{mpath}: shared_modules {stray} do not point from a new name to a recorded layer")

@@ -14,12 +14,17 @@ What may be at ``path`` already:
 * nothing, or an empty folder: written.
 * a lowbit artifact: replaced only with ``overwrite=True`` (and only if it holds nothing but the files
   its manifest lists); otherwise an InputError.
-* anything else (a file, a symbolic link, a folder with other files): an InputError, even with
-  ``overwrite=True``. Replacing means deleting, and lowbit deletes only what it wrote.
+* anything else (a file, a device or fifo, a symbolic link, a folder with other files): an InputError, even
+  with ``overwrite=True``. Replacing means deleting, and lowbit deletes only what it wrote.
+
+``check_destination`` also refuses a path that is empty, not UTF-8 (safetensors opens UTF-8 paths only),
+inside what is being read, or under a folder where nothing can be created (tried for real: read-only
+mounts), before any work is done; an OSError while writing becomes an InputError (``lowbit.io.atomic``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +39,7 @@ import lowbit
 from lowbit.errors import InputError
 from lowbit.io.atomic import atomic_folder
 from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, file_entry, read_manifest
+from lowbit.io.paths import check_outside, check_writable, kind, output_path
 from lowbit.io.state import distinct_tensors, for_safetensors, quantized_modules, state_tensors
 from lowbit.nn.convert import layer_record
 from lowbit.plan import QuantPlan
@@ -74,15 +80,18 @@ def save(
         more = f" and {len(released) - 1} more" if len(released) > 1 else ""
         raise InputError(f"cannot save: {released[0]}{more} handed its weight storage to a "
                          f"kernel (use_kernels(..., keep_reference=False)); save before packing, or load again")
-    dest = Path(os.path.abspath(Path(path).expanduser()))
-    check_destination(dest, overwrite)
+    dest = check_destination(path, overwrite)
     canonical, tied = distinct_tensors(state_tensors(model))
     manifest = _manifest(model, tied, source, plan, extra)
     tensors = _tensors(canonical)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(dest) as tmp:
-        # looked up at call time (not imported by name) so tests can make the writer fail
-        safetensors.torch.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "lowbit": FORMAT})
+    with atomic_folder(dest) as tmp:  # creates missing parents; an OSError becomes an InputError
+        # looked up at call time (not imported by name) so tests can make the writer fail. One metadata key
+        # only: safetensors writes __metadata__ from a hash map, so two keys come out in either order and the
+        # same tensors would not always give the same bytes
+        try:
+            safetensors.torch.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        except safetensors.SafetensorError as e:  # its I/O errors (read-only, disk full) are not OSErrors:
+            raise OSError(str(e)) from e  # make them one, so atomic_folder reports them as a write failure
         manifest["files"] = {WEIGHTS: file_entry(tmp / WEIGHTS)}
         with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
             fh.write(_to_json(_ordered(manifest), "the manifest", indent=2) + "\n")
@@ -128,15 +137,40 @@ def _tensors(canonical: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return for_safetensors(canonical)
 
 
-def check_destination(path: str | os.PathLike, overwrite: bool) -> None:
-    """Raise InputError unless ``path`` may be written (see the module docstring)."""
-    dest = Path(os.path.abspath(Path(path).expanduser()))
+def check_destination(path: str | os.PathLike, overwrite: bool, *, file: bool = False,
+                      inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Raise InputError unless ``path`` may be written; return it as an absolute path.
+
+    The one check of an output path, made before any long work (``lowbit quantize`` calls it before loading
+    the model) and again when writing. ``file=False``: an artifact folder (see the module docstring).
+    ``file=True``: one file (an export): an existing regular file is replaced only with ``overwrite``; a
+    folder, a device, a fifo or a symbolic link never. Either way the path must be UTF-8, must not be or lie
+    inside one of ``inputs`` (what is being read), and the nearest existing folder above it must be writable.
+    """
+    dest = output_path(path)
+    for src in inputs:
+        check_outside(dest, Path(src))
     if dest.is_symlink():
-        raise InputError(f"{dest} is a symbolic link; pass the folder it points to, or a new path")
-    if not dest.exists():
-        return
+        raise InputError(f"{dest} is a symbolic link; pass the {'file' if file else 'folder'} it points to, "
+                         f"or a new path")
+    if dest.exists():
+        (_check_file_target if file else _check_folder_target)(dest, overwrite)
+    check_writable(dest)
+    return dest
+
+
+def _check_folder_target(dest: Path, overwrite: bool) -> None:
+    """An existing path given for an artifact folder: see the module docstring."""
     if not dest.is_dir():
-        raise InputError(f"{dest} exists and is a file; pass a folder path for the artifact")
+        if dest.is_file():
+            raise InputError(f"{dest} exists and is a file; pass a folder path for the artifact")
+        raise InputError(f"{dest} is {kind(dest)}, not a folder; pass a new folder path for the artifact")
+    with contextlib.suppress(OSError):
+        cwd = Path.cwd()
+        if cwd == dest or dest in cwd.parents:
+            raise InputError(f"{dest} is the current folder or holds it; lowbit replaces its output folder by "
+                             f"renaming, which would pull the folder out from under this process: pass a path "
+                             f"for a new folder")
     entries = sorted(p.name for p in dest.iterdir())
     if not entries:
         return
@@ -155,6 +189,17 @@ def check_destination(path: str | os.PathLike, overwrite: bool) -> None:
     if foreign:
         raise InputError(f"{dest} holds a lowbit artifact plus files lowbit did not write ({', '.join(foreign[:5])});"
                          f" move them away before overwriting, or choose another folder")
+
+
+def _check_file_target(dest: Path, overwrite: bool) -> None:
+    """An existing path given for one output file."""
+    if dest.is_dir():
+        raise InputError(f"{dest} is a folder; give a file path inside it (e.g. {dest / 'model'}.EXT)")
+    if not dest.is_file():  # replacing /dev/null or a fifo by a regular file would break whatever uses it
+        raise InputError(f"{dest} is {kind(dest)}, not a regular file; lowbit will not replace it (even with "
+                         f"overwrite=True): give a path for a new file")
+    if not overwrite:
+        raise InputError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
 
 
 def _to_json(value: Any, what: str, indent: int | None = None) -> str:

@@ -10,6 +10,8 @@ The model class follows ``config.architectures``: ``*ForCausalLM`` -> ``AutoMode
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import struct
@@ -24,7 +26,9 @@ from lowbit.errors import InputError
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+WEIGHT_PATTERNS = ("*.safetensors",)
+# pickled checkpoints: lowbit never unpickles (a pickle can run any code), so a folder holding only these is refused
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 # errors transformers/gguf raise on unreadable or inconsistent files; re-raised as InputError
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, IndexError, struct.error)
 # config.model_type of architectures trained with a BOS token at position 0 of every sequence (Gemma's
@@ -37,7 +41,8 @@ def load_hf_folder(path: Path) -> tuple[nn.Module, str, Any]:
     """(model, kind, tokenizer or None) from a local Hugging Face model folder, fp32, eval mode."""
     kind, auto_cls = model_class(folder_config(path), path)
     model = _read(
-        lambda: auto_cls.from_pretrained(path, dtype=torch.float32, local_files_only=True), path, "weights"
+        lambda: auto_cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, use_safetensors=True),
+        path, "weights"
     )
     return model.float().eval(), kind, _optional_tokenizer(path, gguf_file=None)
 
@@ -65,12 +70,22 @@ def folder_config(path: Path) -> Any:
 
 
 def gguf_config(path: Path) -> Any:
-    """The transformers config stored in a GGUF file's metadata."""
+    """The transformers config stored in a GGUF file's metadata (a fresh copy each call).
+
+    Reading it parses the whole metadata block, tokenizer vocabulary included (seconds for SmolLM2), and
+    ``lowbit.load`` needs it twice (the architecture on ``meta`` to check the artifact, then for real), so
+    the parsed config is kept per file identity (path, size, modification time).
+    """
     check_gguf(path)
-    return _read(
-        lambda: _auto_config().from_pretrained(path.parent, gguf_file=path.name, local_files_only=True),
-        path, "GGUF metadata",
-    )
+    st = path.stat()
+    return copy.deepcopy(_gguf_config(str(path.resolve()), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, size: int, mtime_ns: int) -> Any:
+    p = Path(path)
+    return _read(lambda: _auto_config().from_pretrained(p.parent, gguf_file=p.name, local_files_only=True),
+                 p, "GGUF metadata")
 
 
 def skeleton_from_config(config: Any, where: str) -> nn.Module:
@@ -128,7 +143,12 @@ def check_hf_folder(path: Path) -> None:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{config}: not valid JSON ({err}); expected a Hugging Face config.json") from err
     if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
-        raise InputError(f"{path}: has config.json but no weights; expected one of {list(WEIGHT_PATTERNS)}")
+        pickled = sorted(f.name for p in PICKLE_PATTERNS for f in path.glob(p))
+        if pickled:
+            raise InputError(f"{path}: its weights are pickled ({', '.join(pickled[:3])}); lowbit never unpickles "
+                             f"(a pickle can run code). Convert them to safetensors (model.save_pretrained(folder, "
+                             f"safe_serialization=True) where you trust the file)")
+        raise InputError(f"{path}: has config.json but no weights; expected {', '.join(WEIGHT_PATTERNS)} files")
 
 
 def check_gguf(path: Path) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from lowbit.errors import InputError
+from lowbit.io.paths import check_utf8
 from lowbit.models import hf, tiny, vision
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,11 @@ def resolve_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[s
     if isinstance(source, Mapping):
         return _check_source_dict(dict(source))
     text = os.fspath(source)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
     if text in BUNDLED_MODELS:
         return {"type": "bundled", "name": text}
+    check_utf8(text, "model path")
     path = Path(text).expanduser()
     if not path.exists():
         raise InputError(
@@ -274,4 +278,10 @@ def _check_source_dict(src: dict[str, Any]) -> dict[str, Any]:
             raise InputError(f"model source: unknown bundled name {src.get('name')!r}; known: {list(BUNDLED_MODELS)}")
     elif not isinstance(src.get("path"), str):
         raise InputError(f"model source {src!r}: type {kind!r} needs a 'path' string")
+    else:
+        check_utf8(src["path"], "model source path")
+        if not os.path.isabs(src["path"]):
+            raise InputError(f"model source {src['path']!r}: a recorded path must be absolute")
+    if "config" in src and not isinstance(src["config"], dict):
+        raise InputError(f"model source {src.get('path')!r}: 'config' must be a JSON object")
     return src

@@ -31,8 +31,8 @@ from lowbit.formats import QuantizedTensor, fake_quantize, grid_shape, pack, pac
 from lowbit.formats.scales import decode_scale, encode_scale
 from lowbit.spec import ActivationQuant, QuantSpec
 
-# buffers that keep their dtype
-_STORAGE = ("qweight", "scale", "zero_point", "global_scale", "act_lo", "act_hi", "input_scale")
+# buffers that keep their dtype (and whose dtype lowbit.load checks exactly)
+STORAGE_BUFFERS = ("qweight", "scale", "zero_point", "global_scale", "act_lo", "act_hi", "input_scale")
 CACHE_ATTR = "_dequant_cache"  # instance attribute: {(dtype, device): dequantized weight}, see nn.cache
 KERNEL_ATTR = "_kernel"  # instance attribute: the fast path ``(module, x) -> y`` set by lowbit.kernels.use_kernels
 RELEASED_ATTR = "_storage_released"  # instance attribute: True once the kernel holds the only copy of the weight
@@ -85,7 +85,7 @@ class QuantModule(nn.Module):
         input's dtype either way.
         """
         self.require_storage("moving or casting it")
-        kept = {n: t for n in _STORAGE if isinstance(t := getattr(self, n, None), torch.Tensor)}
+        kept = {n: t for n in STORAGE_BUFFERS if isinstance(t := getattr(self, n, None), torch.Tensor)}
         cache = self.__dict__.get(CACHE_ATTR)
         if cache is not None:
             cache.clear()

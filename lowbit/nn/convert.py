@@ -131,18 +131,106 @@ def layer_record(m: QuantModule) -> dict[str, Any]:
 
 
 def from_layer_record(rec: dict[str, Any]) -> QuantModule:
-    """Inverse of :func:`layer_record`: an empty quantized module of the recorded kind and shape."""
-    cls = QUANT_MODULES.get(rec.get("type", ""))
-    if cls is None:
-        raise InputError(f"unknown quantized module type {rec.get('type')!r}; known: {', '.join(QUANT_MODULES)}")
+    """Inverse of :func:`layer_record`: an empty quantized module of the recorded kind and shape.
+
+    The record is checked first (:func:`check_layer_record`), so a damaged one raises InputError instead of
+    reaching a constructor. Build under ``torch.device("meta")`` to learn the module's state shapes and dtypes
+    without allocating them (``lowbit.load`` does, before it reads any tensor).
+    """
+    check_layer_record(rec)
+    cls = QUANT_MODULES[rec["type"]]
     spec = QuantSpec.from_dict(rec["spec"])
-    act = None if rec.get("act") is None else ActivationQuant.from_dict(rec["act"])
-    c = rec["config"]
+    act = None if rec["act"] is None else ActivationQuant.from_dict(rec["act"])
+    c = {**_OPTIONAL, **rec["config"]}
     if cls is QuantLinear:
-        return QuantLinear(c["in_features"], c["out_features"], c["bias"], spec, act, bool(c.get("input_scale", False)))
+        return QuantLinear(c["in_features"], c["out_features"], c["bias"], spec, act, c["input_scale"])
     if cls is QuantEmbedding:
-        return QuantEmbedding(c["num_embeddings"], c["embedding_dim"], spec, c.get("padding_idx"))
+        if act is not None:
+            raise InputError("an embedding record has activation settings; embeddings take integer ids")
+        return QuantEmbedding(c["num_embeddings"], c["embedding_dim"], spec, c["padding_idx"])
     padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
-    ipad = c.get("input_padding")
+    ipad = c["input_padding"]
     return cls(tuple(c["weight_shape"]), c["bias"], spec, tuple(c["stride"]), padding, tuple(c["dilation"]),
                c["groups"], act, None if ipad is None else tuple(ipad))
+
+
+# ---- the layer record's schema ------------------------------------------------------------------------------
+
+MAX_DIM = 2**31 - 1  # any one dimension; the real bound is the saved file, checked by lowbit.load
+_SIZE, _FLAG, _SIZES, _SHAPE = "size", "flag", "sizes", "shape"
+_CONFIG_SCHEMA: dict[str, dict[str, str]] = {
+    "QuantLinear": {"in_features": _SIZE, "out_features": _SIZE, "bias": _FLAG, "input_scale": _FLAG},
+    "QuantEmbedding": {"num_embeddings": _SIZE, "embedding_dim": _SIZE, "padding_idx": "index or null"},
+    "QuantConv1d": {"weight_shape": _SHAPE, "bias": _FLAG, "stride": _SIZES, "padding": "pads or mode",
+                    "dilation": _SIZES, "groups": _SIZE, "input_padding": "pads or null"},
+}
+_CONFIG_SCHEMA["QuantConv2d"] = _CONFIG_SCHEMA["QuantConv1d"]
+_CONV_DIMS = {"QuantConv1d": 1, "QuantConv2d": 2}
+# keys that records written before they existed lack, with the value that means "absent"
+_OPTIONAL = {"input_scale": False, "input_padding": None}
+
+
+def check_layer_record(rec: Any) -> None:
+    """Raise InputError unless ``rec`` has exactly the keys and value types :func:`layer_record` writes.
+
+    Sizes are integers in 1 .. ``MAX_DIM`` (booleans are not integers here), paddings non-negative, a
+    convolution's lists as long as its dimensions; the spec and activation settings must parse. Only the keys
+    added after the format's first version (``input_scale``, ``input_padding``) may be missing.
+    """
+    if not isinstance(rec, dict) or set(rec) != {"type", "config", "spec", "act"}:
+        got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise InputError(f"a layer record has exactly the keys act, config, spec, type; got {got}")
+    kind = rec["type"]
+    if not isinstance(kind, str) or kind not in QUANT_MODULES:
+        raise InputError(f"unknown quantized module type {kind!r}; known: {', '.join(QUANT_MODULES)}")
+    c, schema = rec["config"], _CONFIG_SCHEMA[kind]
+    required = set(schema) - set(_OPTIONAL)
+    if not isinstance(c, dict) or not required <= set(c) <= set(schema):
+        got = sorted(c) if isinstance(c, dict) else type(c).__name__
+        raise InputError(f"a {kind} config has the keys {sorted(schema)}; got {got}")
+    c = {**{k: v for k, v in _OPTIONAL.items() if k in schema}, **c}
+    dims = _CONV_DIMS.get(kind)
+    for key, what in schema.items():
+        if not _fits(c[key], what, dims):
+            raise InputError(f"{kind} config {key!r} must be {_describe(what, dims)}, got {c[key]!r}")
+    if kind == "QuantEmbedding" and c["padding_idx"] is not None and c["padding_idx"] >= c["num_embeddings"]:
+        raise InputError(f"QuantEmbedding padding_idx {c['padding_idx']} is not below num_embeddings "
+                         f"{c['num_embeddings']}")
+    if dims is not None and (c["weight_shape"][1] * c["groups"] > MAX_DIM or c["weight_shape"][0] % c["groups"]):
+        raise InputError(f"{kind} weight_shape {c['weight_shape']} does not fit {c['groups']} group(s)")
+    if not isinstance(rec["spec"], dict):
+        raise InputError(f"a layer record's spec must be a JSON object, got {type(rec['spec']).__name__}")
+    QuantSpec.from_dict(rec["spec"])  # raises InputError naming the bad field
+    if rec["act"] is not None:
+        if not isinstance(rec["act"], dict):
+            raise InputError(f"a layer record's act must be a JSON object or null, got {type(rec['act']).__name__}")
+        ActivationQuant.from_dict(rec["act"])
+
+
+def _is_int(v: Any, lo: int, hi: int = MAX_DIM) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _fits(v: Any, what: str, dims: int | None) -> bool:
+    if what == _SIZE:
+        return _is_int(v, 1)
+    if what == _FLAG:
+        return isinstance(v, bool)
+    if what == "index or null":
+        return v is None or _is_int(v, 0)
+    n = dims or 0
+    if what in (_SIZES, _SHAPE):  # weight_shape is (out, in/groups, *kernel); stride, dilation per spatial dim
+        return isinstance(v, list) and all(_is_int(x, 1) for x in v) and len(v) == (n + 2 if what == _SHAPE else n)
+    pads = isinstance(v, list) and all(_is_int(x, 0) for x in v)
+    if what == "pads or mode":
+        return v in ("same", "valid") or (pads and len(v) == n)
+    return v is None or (pads and len(v) == 2 * n)  # "pads or null": F.pad order, two per spatial dim
+
+
+def _describe(what: str, dims: int | None) -> str:
+    return {_SIZE: f"an integer in 1..{MAX_DIM}", _FLAG: "true or false",
+            "index or null": "a non-negative integer or null",
+            _SIZES: f"a list of {dims} positive integer(s), one per spatial dimension",
+            _SHAPE: f"a list of {(dims or 0) + 2} positive integers (out, in / groups, *kernel)",
+            "pads or mode": f"'same', 'valid' or {dims} non-negative integers",
+            "pads or null": f"null or {2 * (dims or 0)} non-negative integers"}[what]

@@ -151,7 +151,7 @@ def test_empty_data_is_an_error():
 
 def test_hooks_are_removed_when_the_model_fails(gen):
     model = TwoInputs().eval()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputError, match=r"TwoInputs failed on the first calibration batch, tensor \(2, 5\) float32"):
         collect_input_stats(model, {"fc": Request(model.fc, None, True)}, [torch.randn(2, 5, generator=gen)], progress=False)
     assert not model.fc._forward_pre_hooks
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
+
 import torch
 from torch import nn
 
@@ -92,3 +95,17 @@ def text_input() -> torch.Tensor:
 def conv_input() -> torch.Tensor:
     return torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1))
 
+
+
+@contextlib.contextmanager
+def memory_bound(extra: int):
+    """Cap this process's address space at what it maps now plus ``extra`` bytes (restored afterwards), so an
+    allocation beyond that fails (MemoryError / RuntimeError) instead of succeeding or swapping."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

@@ -32,7 +32,7 @@ def _failing_writer(tensors, filename, metadata=None):
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", _failing_writer)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="could not write .*disk full"):
         save(quantized(TextNet, "int8"), tmp_path / "art")
     assert _siblings(tmp_path) == []  # no output folder, no temporary folder
 
@@ -42,7 +42,7 @@ def test_failure_while_replacing_keeps_the_previous_artifact(tmp_path, monkeypat
     path = save(old_model, tmp_path / "art")
     before = _snapshot(path)
     monkeypatch.setattr(safetensors.torch, "save_file", _failing_writer)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="could not write .*disk full"):
         save(quantized(TextNet, "int4-g64-asym"), path, overwrite=True)
     assert _siblings(tmp_path) == ["art"] and _snapshot(path) == before
     monkeypatch.undo()
@@ -62,7 +62,7 @@ def test_failed_final_rename_puts_the_previous_artifact_back(tmp_path, monkeypat
         real_rename(src, dst)
 
     monkeypatch.setattr(atomic, "_rename", rename)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(InputError, match="could not write .*rename failed"):
         save(quantized(TextNet, "int4-g64-asym"), path, overwrite=True)
     assert _siblings(tmp_path) == ["art"] and _snapshot(path) == before
 
