@@ -53,7 +53,7 @@ import torch
 from lowbit.data import calibration_set
 from lowbit.evaluation import fitting_protocol, model_size, perplexity
 from lowbit.errors import InputError
-from lowbit.evaluation.memory import PeakRSS, release_free_memory
+from lowbit.memory import PeakRSS, release_free_memory
 from lowbit.models import default_bos, load_model
 from lowbit.nn import cached_weights
 from lowbit.plan import QuantPlan

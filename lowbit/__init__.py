@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from lowbit.version import __version__
 
 _EXPORTS = {
     "quantize": "lowbit.quantizer",

@@ -192,7 +192,7 @@ def decode_worker(folder: str, dtype: str, prompt_tokens: int, new_tokens: int) 
 
     import lowbit
     from lowbit.data import token_windows, wikipedia_text
-    from lowbit.evaluation.memory import anon_rss_bytes, release_free_memory, rss_bytes
+    from lowbit.memory import anon_rss_bytes, release_free_memory, rss_bytes
     from lowbit.evaluation.speed import decode_speed, weight_bytes
     from lowbit.io import read_manifest
     from lowbit.kernels import use_kernels

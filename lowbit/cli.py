@@ -305,7 +305,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
     from lowbit.bench import SECTIONS, run_bench
     from lowbit.io import check_destination, read_manifest
-    from lowbit.io.atomic import atomic_file
+    from lowbit.atomic import atomic_file
 
     sources = {}
     for path in a.artifacts:

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from lowbit.algorithms import RTN, make_algorithm
+from lowbit.algorithms import Algorithm, RTN, make_algorithm
 from lowbit.errors import InputError
 from lowbit.spec import ActivationQuant, QuantSpec, parse_spec
 
@@ -80,6 +80,9 @@ class Rule:
             object.__setattr__(self, "weight", parse_spec(self.weight))
         if isinstance(self.method, (str, dict)):
             object.__setattr__(self, "method", make_algorithm(self.method))
+        if not isinstance(self.method, Algorithm):
+            raise InputError(f"rule {self.pattern!r}: method must be an algorithm name, a dict with 'name', or an "
+                             f"object with name, stats_needed, run() and to_dict(); got {self.method!r}")
         if isinstance(self.act, (str, dict)):
             object.__setattr__(self, "act", ActivationQuant.from_dict(self.act))
         if not isinstance(self.bias_correction, bool):
@@ -144,7 +147,7 @@ class QuantPlan:
     def needs_data(self) -> bool:
         """True when ``quantize`` needs calibration data for this plan."""
         return any(
-            (r.act is not None and not r.act.dynamic) or r.bias_correction or getattr(r.method, "needs_data", False)
+            (r.act is not None and not r.act.dynamic) or r.bias_correction or bool(r.method.stats_needed)
             for r in self.rules if r.weight is not None
         )
 
@@ -209,7 +212,7 @@ class QuantPlan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as a YAML recipe, atomically (an existing regular file is replaced)."""
-        from lowbit.io.atomic import atomic_file  # lazy: lowbit.io imports this module
+        from lowbit.atomic import atomic_file  # lazy: lowbit.io imports this module
         from lowbit.io.save import check_destination
 
         with atomic_file(check_destination(path, True, file=True)) as tmp:

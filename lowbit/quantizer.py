@@ -18,10 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.awq import awq
 from lowbit.algorithms.bias_correction import bias_correction
-from lowbit.algorithms.gptq import gptq
-from lowbit.algorithms.rtn import rtn
+from lowbit.algorithms.config import WeightResult
 from lowbit.calibration import InputStats, Request, collect_input_stats
 from lowbit.calibration.blocks import find_blocks
 from lowbit.calibration.checkpoint import BlockCheckpoint
@@ -30,7 +28,7 @@ from lowbit.calibration.sequential import run_block_sequential
 from lowbit.calibration.undo import UndoStore, remove_stale_folders
 from lowbit.checks import check_materialized
 from lowbit.errors import InputError
-from lowbit.formats import QuantizedTensor, as_matrix_shape
+from lowbit.formats import as_matrix_shape
 from lowbit.formats.qtensor import scale_storage_issue
 from lowbit.nn.convert import (
     SUPPORTED,
@@ -170,25 +168,14 @@ def _true_sequential(method: Any) -> bool:
     return False
 
 
-def quantize_weight(
-    weight: torch.Tensor, rule: Rule, stats: InputStats | None = None
-) -> tuple[QuantizedTensor, torch.Tensor | None]:
+def quantize_weight(weight: torch.Tensor, rule: Rule, stats: InputStats | None = None) -> WeightResult:
     """Run ``rule``'s algorithm on one weight (lowbit layout, see ``float_weight``) with its input statistics.
 
-    Returns:
-        ``(q, input_scale)``: the quantized weight, and ``None`` or a float32 ``(in,)`` per-input-feature
-        scale the layer multiplies its input by before using ``q`` (AWQ's ``1 / s``).
+    Returns the quantized weight and, for algorithms that scale the input (AWQ), the float32 ``(in,)``
+    scale the layer multiplies its input by first.
     """
-    method = rule.method
-    if method.name == "rtn":
-        weighted = getattr(method, "weighted", False)
-        return rtn(weight, rule.weight, method, hessian=stats.hessian if weighted else None), None
-    if method.name == "gptq":
-        return gptq(weight, stats.hessian, rule.weight, method), None
-    if method.name == "awq":
-        q, s = awq(weight, stats.hessian, stats.abs_mean, rule.weight, method)
-        return q, 1.0 / s
-    raise InputError(f"algorithm {method.name!r} cannot run inside quantize() yet")
+    found = {k: getattr(stats, k, None) for k in rule.method.stats_needed} if stats is not None else {}
+    return rule.method.run(weight, {k: v for k, v in found.items() if v is not None}, rule.weight)
 
 
 def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
@@ -303,7 +290,7 @@ def _requests(targets: list[Target]) -> dict[str, Request]:
     wanted = {}
     for t in targets:
         static_act = t.rule.act if t.rule.act is not None and not t.rule.act.dynamic else None
-        needs = _STATS.get(t.rule.method.name, ()) if getattr(t.rule.method, "needs_data", False) else ()
+        needs = t.rule.method.stats_needed
         if needs and not is_linear_like(t.module):
             raise InputError(f"module {t.name!r}: data-aware {t.rule.method.name} needs a linear layer, "
                              f"got {type(t.module).__name__}")
@@ -319,10 +306,10 @@ def _convert(t: Target, s: InputStats | None) -> nn.Module:
     """The quantized module replacing target ``t``, given its input statistics (None if it needs none)."""
     W = float_weight(t.module)
     try:
-        q, input_scale = quantize_weight(W, t.rule, s)
+        r = quantize_weight(W, t.rule, s)
     except InputError as e:
         raise InputError(f"module {t.name!r}: {e}") from None
-    qm = to_quantized(t.module, q, t.rule.act, input_scale)
+    qm = to_quantized(t.module, r.q, t.rule.act, r.input_scale)
     if s is not None and s.act_range is not None:
         qm.set_activation_range(*s.act_range)
     if t.rule.bias_correction:
@@ -340,7 +327,3 @@ def _swap(model: nn.Module, pairs: list[tuple[Target, nn.Module]], swapped: Undo
 
 def _bar(targets: list[Target], progress: bool):
     return tqdm(targets, desc="quantize", unit="layer", disable=not progress, leave=False)
-
-
-# statistics each data-aware algorithm reads from its layer's input
-_STATS = {"rtn": ("hessian",), "gptq": ("hessian",), "awq": ("hessian", "abs_mean")}

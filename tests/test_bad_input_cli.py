@@ -22,7 +22,8 @@ import torch
 import lowbit
 from lowbit import InputError, QuantPlan
 from lowbit.export import export_gguf
-from lowbit.io import MANIFEST, WEIGHTS, atomic, save
+from lowbit import atomic
+from lowbit.io import MANIFEST, WEIGHTS, save
 from lowbit.models import tiny_cnn, tiny_llama
 from test_bad_input import assert_clean_error, is_float, outdir, run  # noqa: F401  (outdir: a fixture)
 
@@ -350,7 +351,7 @@ def test_leftovers_of_dead_writers_are_removed(tmp_path, caplog):
                  f".art.lowbit-tmp-{live}-00c0ffee"):
         (tmp_path / name).mkdir()
         (tmp_path / name / WEIGHTS).write_bytes(b"half")
-    with caplog.at_level(logging.WARNING, logger="lowbit.io.atomic"):
+    with caplog.at_level(logging.WARNING, logger="lowbit.atomic"):
         save(small_model(), dest, overwrite=True)
     assert siblings(tmp_path) == [f".art.lowbit-tmp-{live}-00c0ffee", "art"]  # a running writer's is kept
     assert f"removed {tmp_path}/.art.lowbit-tmp-{dead}-0badc0de" in caplog.text
@@ -360,7 +361,7 @@ def test_leftovers_of_dead_writers_are_removed(tmp_path, caplog):
 def test_set_aside_previous_artifact_is_kept_when_it_is_the_only_copy(tmp_path, caplog):
     old = tmp_path / f".art.lowbit-old-{dead_pid()}-0badc0de"  # killed between its two renames
     save(small_model(), old)
-    with caplog.at_level(logging.WARNING, logger="lowbit.io.atomic"):
+    with caplog.at_level(logging.WARNING, logger="lowbit.atomic"):
         save(small_model(), tmp_path / "art")
     assert siblings(tmp_path) == [old.name, "art"] and "keeps it" in caplog.text
 

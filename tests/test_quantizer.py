@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import lowbit
 from lowbit.algorithms import RTN
 from lowbit.errors import InputError
 from lowbit.nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
@@ -194,3 +195,37 @@ def test_rule_matching_nothing_is_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="lowbit.quantizer"):
         quantize(Small(), QuantPlan((Rule("decoder.*", "int4"), Rule("*", "int8"))), progress=False)
     assert "decoder.*" in caplog.text
+
+
+def test_any_algorithm_object_runs_without_registration():
+    """quantize() knows algorithms only through the Algorithm protocol: a user's own config object (here
+    "round every weight to its tile's midpoint range after halving the input", needing abs_mean) runs, gets
+    the statistics it asks for, and its input scale is stored in the layer."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from lowbit.algorithms import Algorithm, WeightResult
+    from lowbit.formats import quantize as quantize_tensor
+
+    seen = {}
+
+    @dataclass(frozen=True)
+    class Halve:
+        name: ClassVar[str] = "halve"
+        stats_needed: ClassVar[tuple[str, ...]] = ("abs_mean",)
+
+        def run(self, W, stats, spec, ranges=None):
+            seen["abs_mean"] = stats["abs_mean"]
+            return WeightResult(quantize_tensor(W * 2, spec), torch.full((W.shape[1],), 0.5))
+
+        def to_dict(self):
+            return {"name": self.name}
+
+    assert isinstance(Halve(), Algorithm)
+    model = nn.Sequential(nn.Linear(16, 8))
+    x = torch.randn(32, 16)
+    plan = QuantPlan((Rule("*", "int8", method=Halve()),))
+    assert plan.needs_data
+    lowbit.quantize(model, plan, [x], progress=False)
+    assert torch.allclose(seen["abs_mean"], x.abs().mean(0), rtol=1e-5)
+    assert torch.equal(model[0].input_scale, torch.full((16,), 0.5))

@@ -1,8 +1,9 @@
 """Algorithms: how quantized values are chosen. One file per method, a pure function at its core.
 
-Each method has a frozen config class (``name``, ``needs_data``, ``to_dict()``, ``from_dict()``) registered
+Each method is a frozen config class that follows the :class:`~lowbit.algorithms.config.Algorithm` protocol
+(``name``, ``stats_needed``, ``run(W, stats, spec, ranges=None) -> WeightResult``, ``to_dict()``), registered
 in :data:`ALGORITHMS` under the name users write in recipes and on the command line. Names joined by ``+``
-are the chains of :data:`CHAINS` (``"awq+gptq"``: AWQ's scaling and clipping, then GPTQ).
+are the chains of :data:`CHAINS` (``"awq+gptq"``: AWQ's scaling and clipping, then GPTQ rounds within them).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lowbit.algorithms.awq import AWQ, awq, awq_scales
-from lowbit.algorithms.clip_search import mse_clip_search
+from lowbit.algorithms.config import Algorithm, WeightResult
 from lowbit.algorithms.gptq import GPTQ, gptq
 from lowbit.algorithms.rtn import RTN, rtn
 from lowbit.errors import InputError
@@ -60,5 +61,5 @@ def _config_class(name: Any) -> type:
     return ALGORITHMS[key]
 
 
-__all__ = ["ALGORITHMS", "AWQ", "awq", "awq_scales", "CHAINS", "GPTQ", "gptq", "RTN", "make_algorithm",
-           "mse_clip_search", "rtn"]
+__all__ = ["Algorithm", "ALGORITHMS", "AWQ", "awq", "awq_scales", "CHAINS", "GPTQ", "gptq", "make_algorithm", "RTN", "rtn",
+           "WeightResult"]

@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
-from lowbit.algorithms.clip_search import mse_clip_search
-from lowbit.algorithms.config import AlgorithmConfig
-from lowbit.algorithms.gptq import GPTQ, gptq
+from lowbit.algorithms.config import AlgorithmConfig, WeightResult, stat
+from lowbit.algorithms.gptq import GPTQ
+from lowbit.algorithms.rtn import RTN
 from lowbit.errors import InputError
-from lowbit.formats import QuantizedTensor, fake_quantize, quantize
+from lowbit.formats import QuantizedTensor, fake_quantize
 from lowbit.formats import blocks as B
+from lowbit.observers.clip_search import mse_clip_search
 from lowbit.spec import QuantSpec
 
 log = logging.getLogger(__name__)
+
+# the algorithms that may round AWQ's scaled weight (``then``), by name
+_FOLLOWERS: dict[str, type] = {"rtn": RTN, "gptq": GPTQ}
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,9 @@ class AWQ(AlgorithmConfig):
             scaled weight into it.
         clip_grid: ratios tried by that search (``1 - k * max_shrink / clip_grid``).
         max_shrink: how far the clipping search may shrink a range, in ``[0, 1)``.
-        then: None (round to nearest) or a :class:`GPTQ` config: quantize the scaled, clipped weight with GPTQ,
-            within the clipped ranges (static groups; GPTQ's own clip search runs only when ``clip`` is off).
+        then: the algorithm that rounds the scaled, clipped weight, within the clipped ranges: None (round to
+            nearest), an :class:`RTN` or a :class:`GPTQ` config (static groups; the follower's own clipping
+            search runs only when ``clip`` is off).
     """
 
     grid: int = 20
@@ -55,7 +60,7 @@ class AWQ(AlgorithmConfig):
     then: Any = None
 
     name: ClassVar[str] = "awq"
-    needs_data: ClassVar[bool] = True
+    stats_needed: ClassVar[tuple[str, ...]] = ("hessian", "abs_mean")
 
     def __post_init__(self) -> None:
         for f in ("grid", "clip_grid"):
@@ -68,9 +73,9 @@ class AWQ(AlgorithmConfig):
                 or not 0.0 <= self.max_shrink < 1.0:
             raise InputError(f"awq: max_shrink must be a number in [0, 1), got {self.max_shrink!r}")
         object.__setattr__(self, "max_shrink", float(self.max_shrink))
-        if self.then is not None and not isinstance(self.then, GPTQ):
+        if self.then is not None and not isinstance(self.then, tuple(_FOLLOWERS.values())):
             got = self.then.get("name") if isinstance(self.then, dict) else self.then
-            raise InputError(f"awq: then must be null (round to nearest) or a gptq config, got {got!r}; "
+            raise InputError(f"awq: then must be null (round to nearest), an rtn or a gptq config, got {got!r}; "
                              f"e.g. then: {{name: gptq}} or method 'awq+gptq'")
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,15 +86,23 @@ class AWQ(AlgorithmConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AWQ":
-        """Inverse of :meth:`to_dict`; ``then`` may be null, ``"gptq"`` or a gptq settings dict (anything else
-        raises InputError)."""
+        """Inverse of :meth:`to_dict`; ``then`` may be null, ``"rtn"``, ``"gptq"`` or such a settings dict
+        (anything else raises InputError)."""
         d = dict(d)
         then = d.get("then")
-        if isinstance(then, str) and then.strip().lower() == "gptq":
-            d["then"] = GPTQ()
-        elif isinstance(then, dict) and then.get("name") == "gptq":
-            d["then"] = GPTQ.from_dict(then)
+        if isinstance(then, str) and then.strip().lower() in _FOLLOWERS:
+            d["then"] = _FOLLOWERS[then.strip().lower()]()
+        elif isinstance(then, dict) and then.get("name") in _FOLLOWERS:
+            d["then"] = _FOLLOWERS[then["name"]].from_dict(then)
         return super().from_dict(d)
+
+    def run(self, W: torch.Tensor, stats: Mapping[str, torch.Tensor], spec: QuantSpec,
+            ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> WeightResult:
+        """:func:`awq` on ``W``; the layer multiplies its input by ``1 / s``. AWQ chooses its own ranges."""
+        if ranges is not None:
+            raise InputError("awq chooses its own scales and ranges; it cannot follow another algorithm")
+        q, s = awq(W, stat(stats, "hessian", "awq"), stat(stats, "abs_mean", "awq"), spec, self)
+        return WeightResult(q, 1.0 / s)
 
 
 def awq(
@@ -117,9 +130,8 @@ def awq(
     if config.clip:
         lo, hi = mse_clip_search(Ws, spec, hessian=Hs, grid=config.clip_grid, max_shrink=config.max_shrink)
         Ws = _clamp_to_tiles(Ws, spec, lo, hi)
-    if config.then is not None:  # GPTQ rounds within AWQ's clipped ranges (or searches its own without clip)
-        return gptq(Ws, Hs, spec, config.then, None if lo is None else (lo, hi)), s
-    return quantize(Ws, spec, lo, hi), s
+    follower = config.then if config.then is not None else RTN()  # rounds within AWQ's clipped ranges, or
+    return follower.run(Ws, {"hessian": Hs}, spec, None if lo is None else (lo, hi)).q, s  # searches its own
 
 
 def awq_scales(

@@ -12,7 +12,7 @@ so groups stay contiguous in the stored layout), any group size, any lowbit form
 depend on the whole tensor (everything except fp8-scaled NVFP4-style specs).
 
 With ``clip_search`` every tile's range is chosen before the column loop by the Hessian-weighted clipping
-search (:func:`~lowbit.algorithms.clip_search.mse_clip_search` with ``hessian=H``, AWQ's ``auto_clip``
+search (:func:`~lowbit.observers.clip_search.mse_clip_search` with ``hessian=H``, AWQ's ``auto_clip``
 objective) on the original weight, and kept fixed (static groups), as when GPTQ runs after AWQ's clipping.
 """
 
@@ -22,14 +22,14 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 
-from lowbit.algorithms.clip_search import mse_clip_search
-from lowbit.algorithms.config import AlgorithmConfig
+from lowbit.algorithms.config import AlgorithmConfig, WeightResult, stat
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, default_range, grid_shape, quantize
+from lowbit.observers.clip_search import mse_clip_search
 from lowbit.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class GPTQ(AlgorithmConfig):
     true_sequential: bool = False
 
     name: ClassVar[str] = "gptq"
-    needs_data: ClassVar[bool] = True
+    stats_needed: ClassVar[tuple[str, ...]] = ("hessian",)
 
     def __post_init__(self) -> None:
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp < 1:
@@ -83,6 +83,11 @@ class GPTQ(AlgorithmConfig):
                 or not 0.0 <= self.max_shrink < 1.0:
             raise InputError(f"gptq: max_shrink must be a number in [0, 1), got {self.max_shrink!r}")
         object.__setattr__(self, "max_shrink", float(self.max_shrink))
+
+    def run(self, W: torch.Tensor, stats: Mapping[str, torch.Tensor], spec: QuantSpec,
+            ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> WeightResult:
+        """:func:`gptq` on ``W`` with the layer's input Hessian (within ``ranges`` when given)."""
+        return WeightResult(gptq(W, stat(stats, "hessian", "gptq"), spec, self, ranges))
 
 
 def gptq(

@@ -9,14 +9,14 @@ output error, AWQ's clipping objective) or by its diagonal ``importance = mean(x
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 
-from lowbit.algorithms.clip_search import mse_clip_search
-from lowbit.algorithms.config import AlgorithmConfig
+from lowbit.algorithms.config import AlgorithmConfig, WeightResult, stat
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor, quantize
+from lowbit.observers.clip_search import mse_clip_search
 from lowbit.spec import QuantSpec
 
 
@@ -54,9 +54,17 @@ class RTN(AlgorithmConfig):
             raise InputError("rtn: weighted: true only changes the clipping search; set clip_search: true too")
 
     @property
-    def needs_data(self) -> bool:
-        """True when the caller must pass ``hessian`` (or ``importance``) computed from calibration data."""
-        return self.weighted
+    def stats_needed(self) -> tuple[str, ...]:
+        """The Hessian of the layer's inputs when the clipping search is weighted by the output error."""
+        return ("hessian",) if self.weighted else ()
+
+    def run(self, W: torch.Tensor, stats: Mapping[str, torch.Tensor], spec: QuantSpec,
+            ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> WeightResult:
+        """:func:`rtn` on ``W``; with ``ranges`` (a preceding algorithm's clipped ranges) round within them."""
+        if ranges is not None:
+            return WeightResult(quantize(W, spec, *ranges))
+        return WeightResult(rtn(W, spec, self, hessian=stat(stats, "hessian", "rtn (weighted)") if self.weighted
+                                else None))
 
 
 def rtn(

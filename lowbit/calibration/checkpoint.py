@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.io.atomic import atomic_file
-from lowbit.io.state import for_safetensors
+from lowbit.atomic import atomic_file
+from lowbit.nn.state import for_safetensors
 from lowbit.nn.base import QuantModule
 from lowbit.nn.convert import float_weight, from_layer_record, is_quantizable, layer_record
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
+from lowbit.version import __version__
 
 
 def run_key(model: nn.Module, plan: dict[str, Any], data: Any) -> dict[str, str]:
@@ -29,7 +30,6 @@ def run_key(model: nn.Module, plan: dict[str, Any], data: Any) -> dict[str, str]
     Raises:
         InputError: ``data`` is a one-shot iterator (it would be used up here) or holds other objects.
     """
-    import lowbit
     from lowbit.calibration.capture import batches
 
     if isinstance(data, Iterator):
@@ -43,7 +43,7 @@ def run_key(model: nn.Module, plan: dict[str, Any], data: Any) -> dict[str, str]
     for b in batches(data):
         _feed(feed, b)
     return {
-        "versions": f"lowbit {lowbit.__version__}, torch {torch.__version__}",
+        "versions": f"lowbit {__version__}, torch {torch.__version__}",
         "plan": hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(),
         "calibration data": feed.hexdigest(),
         "model": state.hexdigest(),

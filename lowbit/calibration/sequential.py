@@ -48,7 +48,7 @@ from lowbit.calibration.capture import (
 )
 from lowbit.calibration.checkpoint import BlockCheckpoint
 from lowbit.errors import InputError
-from lowbit.evaluation.memory import release_free_memory, rss_bytes
+from lowbit.memory import release_free_memory, rss_bytes
 from lowbit.nn.cache import cached_weights
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.io.atomic import process_alive
+from lowbit.atomic import process_alive
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 from lowbit.evaluation.agreement import AgreementResult, agreement_from_logits, classifier_agreement, classifier_logits
 from lowbit.evaluation.layers import LayerRow, format_table, layer_table, sqnr_db
 from lowbit.evaluation.perplexity import PerplexityProtocol, PerplexityResult, fitting_protocol, perplexity
-from lowbit.evaluation.size import SizeReport, artifact_size, model_size
+from lowbit.io.manifest import artifact_size
+from lowbit.nn.size import SizeReport, model_size
 
 __all__ = [
     "PerplexityProtocol",

@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.formats import as_matrix_shape
-from lowbit.io.state import quantized_modules
+from lowbit.nn.state import quantized_modules
 from lowbit.nn.base import QuantModule
 from lowbit.nn.convert import float_weight
 

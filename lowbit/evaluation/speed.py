@@ -154,7 +154,7 @@ def images_per_second(model: nn.Module, batch: int = 8, size: int = 224, min_tim
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s state (tied tensors once, ``lowbit.evaluation.model_size``) plus the kernels' packed
     copies of the weights (after ``use_kernels(..., keep_reference=False)`` the only copies)."""
-    from lowbit.evaluation.size import model_size
+    from lowbit.nn.size import model_size
     from lowbit.nn.base import KERNEL_ATTR
 
     packed = sum(p.nbytes() for m in model.modules() if (p := m.__dict__.get(KERNEL_ATTR)) is not None)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.io.atomic import atomic_file
+from lowbit.atomic import atomic_file
 from lowbit.io.save import check_destination
 from lowbit.nn import QuantEmbedding, QuantLinear
 from lowbit.nn.base import QuantModule

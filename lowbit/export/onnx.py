@@ -35,7 +35,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.export.qdq import OPSET, check_onnx, export_view, translations, why_not_onnx
-from lowbit.io.atomic import atomic_file
+from lowbit.atomic import atomic_file
 from lowbit.io.save import check_destination
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ Never pickles: tensors go through safetensors, everything else is JSON.
 """
 
 from lowbit.io.load import load
-from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, read_manifest
+from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, artifact_size, read_manifest
 from lowbit.io.save import check_destination, save
 
-__all__ = ["save", "load", "check_destination", "read_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS"]
+__all__ = ["save", "load", "artifact_size", "check_destination", "read_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS"]

@@ -32,13 +32,13 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import lowbit
 from lowbit.errors import CorruptFileError, InputError
 from lowbit.io.manifest import MANIFEST, WEIGHTS, read_manifest, verify_files
 from lowbit.nn.base import STORAGE_BUFFERS, QuantModule
 from lowbit.nn.conv import QuantConv1d, QuantConv2d
 from lowbit.nn.convert import float_weight, from_layer_record, is_quantizable
 from lowbit.nn.embedding import QuantEmbedding
+from lowbit.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     folder = Path(path).expanduser()
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
-    if manifest["lowbit_version"] != lowbit.__version__:
-        log.debug("%s was written by lowbit %s (this is %s)", folder, manifest["lowbit_version"], lowbit.__version__)
+    if manifest["lowbit_version"] != __version__:
+        log.debug("%s was written by lowbit %s (this is %s)", folder, manifest["lowbit_version"], __version__)
     header = _read_header(folder, manifest)
     # the plan, checked on meta tensors: nothing is allocated whatever the manifest claims
     arch = model if model is not None else _skeleton(folder, manifest, header, meta=True)

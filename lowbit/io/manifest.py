@@ -182,3 +182,11 @@ def _check_keys(m: dict[str, Any], mpath: Path) -> None:
         if not ok:
             raise CorruptFileError(f"{mpath}: files[{name!r}] must be {{'bytes': int, 'sha256': 64 hex digits}}, "
                                    f"got {entry!r}")
+
+
+def artifact_size(path: str | os.PathLike) -> int:
+    """Bytes of all files in a saved artifact folder (file sizes, manifest included)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder; pass a folder written by lowbit.save")
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())

@@ -7,7 +7,7 @@ The folder (see ``lowbit.io.manifest`` for every manifest key)::
       model.safetensors   the full state dict: packed uint8 codes, scales in their storage dtype,
                           zero points, float parameters of unquantized layers; each storage once
 
-Nothing is pickled. The folder appears complete or not at all (``lowbit.io.atomic``).
+Nothing is pickled. The folder appears complete or not at all (``lowbit.atomic``).
 
 What may be at ``path`` already:
 
@@ -19,7 +19,7 @@ What may be at ``path`` already:
 
 ``check_destination`` also refuses a path that is empty, not UTF-8 (safetensors opens UTF-8 paths only),
 inside what is being read, or under a folder where nothing can be created (tried for real: read-only
-mounts), before any work is done; an OSError while writing becomes an InputError (``lowbit.io.atomic``).
+mounts), before any work is done; an OSError while writing becomes an InputError (``lowbit.atomic``).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import lowbit
 from lowbit.errors import InputError
-from lowbit.io.atomic import atomic_folder
+from lowbit.atomic import atomic_folder
 from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, file_entry, read_manifest
-from lowbit.io.paths import check_outside, check_writable, kind, output_path
-from lowbit.io.state import distinct_tensors, for_safetensors, quantized_modules, state_tensors
+from lowbit.paths import check_outside, check_writable, kind, output_path
+from lowbit.nn.state import distinct_tensors, for_safetensors, quantized_modules, state_tensors
 from lowbit.nn.convert import layer_record
 from lowbit.plan import QuantPlan
 from lowbit.spec import QuantSpec
+from lowbit.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def save(
 
 def _manifest(model: nn.Module, tied: dict[str, str], source: Any, plan: Any, extra: Any) -> dict[str, Any]:
     """Every manifest key except ``files``, checked JSON-able before anything is written."""
-    from lowbit.evaluation.size import model_size  # lazy: evaluation sits downstream of io
+    from lowbit.nn.size import model_size
 
     for what, value in (("source", source), ("extra", extra)):
         if value is not None and not isinstance(value, dict):
@@ -116,7 +116,7 @@ def _manifest(model: nn.Module, tied: dict[str, str], source: Any, plan: Any, ex
     m = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lowbit_version": lowbit.__version__,
+        "lowbit_version": __version__,
         "source": None if source is None else json.loads(_to_json(source, "save(): source")),
         "plan": None if plan is None else plan.to_dict(),
         "extra": None if extra is None else json.loads(_to_json(extra, "save(): extra")),

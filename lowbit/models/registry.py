@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,9 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from lowbit.atomic import atomic_file
 from lowbit.errors import InputError
-from lowbit.io.paths import check_utf8
+from lowbit.paths import check_utf8
 from lowbit.models import hf, tiny, vision
 
 log = logging.getLogger(__name__)
@@ -111,36 +111,26 @@ def gemma3_path() -> Path:
 
 
 def cached_file(path: Path, size: int, build: Callable[[Path], Any]) -> Path:
-    """``path`` if it is a file of ``size`` bytes; otherwise ``build(tmp)`` writes a sibling temp file,
-    which is checked, fsynced and renamed to ``path``. An interrupted or failed build leaves no partial
-    ``path`` (its temp file is removed), and concurrent builders each rename a complete file."""
+    """``path`` if it is a file of ``size`` bytes; otherwise ``build(tmp)`` writes a temporary sibling,
+    which is checked and moved into place atomically (``lowbit.atomic.atomic_file``). An interrupted or failed
+    build leaves no partial ``path``, and concurrent builders each rename a complete file."""
     if path.is_file() and path.stat().st_size == size:
         return path
     if path.exists():
         log.warning("%s: %d bytes, expected %d; rebuilding it", path, path.stat().st_size, size)
-    tmp = path.with_name(f".{path.name}.lowbit-tmp-{secrets.token_hex(4)}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log.info("writing %s (once)", path)
-        build(tmp)
-        got = tmp.stat().st_size if tmp.is_file() else None
-        if got != size:
-            raise InputError(f"{path}: building it gave {got} bytes, expected {size}; reinstall its package")
-        from lowbit.io.atomic import fsync_path
-
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except InputError:
+        with atomic_file(path) as tmp:
+            log.info("writing %s (once)", path)
+            build(tmp)
+            got = tmp.stat().st_size if tmp.is_file() else None
+            if got != size:
+                raise InputError(f"{path}: building it gave {got} bytes, expected {size}; reinstall its package")
+    except InputError as err:
+        if isinstance(err.__cause__, OSError):  # the cache folder cannot be written
+            raise InputError(f"{err}; or set {CACHE_ENV} to a writable folder with {size / 1e6:.0f} MB free") from err
         raise
-    except OSError as err:
-        raise InputError(f"{path}: could not write it ({type(err).__name__}: {err}); set {CACHE_ENV} to a "
-                         f"writable folder with {size / 1e6:.0f} MB free") from err
     except ValueError as err:  # e.g. a checksum mismatch reported by the builder
         raise InputError(f"{path}: building it failed ({err}); reinstall the package that provides it") from err
-    finally:
-        if os.path.lexists(tmp):  # a failed or interrupted build; after the rename there is nothing here
-            tmp.unlink()
     return path
 
 

@@ -2,7 +2,7 @@
 
 It keeps the exact min/max of each tile and exact counts of its values rounded to bfloat16
 (:class:`~lowbit.observers.base.ValueCounts`: bounded memory, independent of how data was split into
-updates). ``compute()`` runs :func:`~lowbit.algorithms.clip_search.mse_clip_search` on the distinct values,
+updates). ``compute()`` runs :func:`~lowbit.observers.clip_search.mse_clip_search` on the distinct values,
 each weighted by how often it occurred, which is the squared error summed over every value seen (up to the
 bfloat16 rounding of the values, at most a relative ``2**-8``). The candidates shrink the exact min/max, so the
 first one is exactly the :class:`~lowbit.observers.minmax.MinMaxObserver` range.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.algorithms.clip_search import mse_clip_search
+from lowbit.observers.clip_search import mse_clip_search
 from lowbit.errors import InputError
 from lowbit.formats import block_minmax
 from lowbit.observers.base import Observer, ValueCounts
@@ -23,7 +23,7 @@ class MSEObserver(Observer):
     """Per-tile range minimizing the squared quantization error of the data seen under ``spec``.
 
     Tries ``(lo * r, hi * r)`` for ``r = 1 - k * max_shrink / grid``, ``k = 0 .. grid - 1``, around the
-    tile's min/max (see :func:`~lowbit.algorithms.clip_search.mse_clip_search`). Works at every granularity.
+    tile's min/max (see :func:`~lowbit.observers.clip_search.mse_clip_search`). Works at every granularity.
     """
 
     name = "mse"

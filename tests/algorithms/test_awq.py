@@ -159,7 +159,7 @@ def test_names_and_chains():
 @pytest.mark.parametrize(
     "settings, match",
     [({"grid": 0}, "grid"), ({"clip_grid": 1.5}, "clip_grid"), ({"clip": "yes"}, "clip"),
-     ({"max_shrink": 1.0}, "max_shrink"), ({"then": RTN()}, "then must be null"),
+     ({"max_shrink": 1.0}, "max_shrink"), ({"then": AWQ()}, "then must be null"),
      ({"then": "gptq"}, "then must be null")],
 )
 def test_bad_config(settings, match):
@@ -169,9 +169,26 @@ def test_bad_config(settings, match):
 
 def test_bad_config_dicts():
     with pytest.raises(InputError, match="then must be null"):
-        AWQ.from_dict({"name": "awq", "then": {"name": "rtn"}})
+        AWQ.from_dict({"name": "awq", "then": {"name": "awq"}})
     with pytest.raises(InputError, match="unknown setting"):
         AWQ.from_dict({"name": "awq", "alpha": 0.5})
+
+
+def test_then_rtn_is_awq_alone_and_then_gptq_rounds_within_its_ranges():
+    """AWQ hands its scaled, clipped weight to its follower through the Algorithm protocol: an explicit RTN
+    follower gives exactly AWQ alone; GPTQ rounds within AWQ's ranges (the awq+gptq chain)."""
+    W, _, H, am = _outliers(rows=16, cols=64, n=256)
+    spec = QuantSpec.parse("int4-g16-asym")
+    stats = {"hessian": H, "abs_mean": am}
+    alone, with_rtn = AWQ().run(W, stats, spec), AWQ(then=RTN()).run(W, stats, spec)
+    assert torch.equal(alone.q.codes, with_rtn.q.codes) and torch.equal(alone.input_scale, with_rtn.input_scale)
+    q, s = awq(W, H, am, spec, AWQ(then=GPTQ()))
+    chained = make_algorithm("awq+gptq").run(W, stats, spec)
+    assert torch.equal(chained.q.codes, q.codes) and torch.equal(chained.input_scale, 1.0 / s)
+    assert AWQ(then=RTN()).to_dict()["then"] == RTN().to_dict()
+    assert AWQ.from_dict({"name": "awq", "then": "rtn"}) == AWQ(then=RTN())
+    with pytest.raises(InputError, match="awq needs the abs_mean"):
+        AWQ().run(W, {"hessian": H}, spec)
 
 
 def test_bad_inputs():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.algorithms import make_algorithm, mse_clip_search
+from lowbit.algorithms import make_algorithm
+from lowbit.observers.clip_search import mse_clip_search
 from lowbit.algorithms.gptq import GPTQ, gptq
 from lowbit.errors import InputError
 from lowbit.formats import quantize

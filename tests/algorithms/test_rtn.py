@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from lowbit.algorithms import ALGORITHMS, RTN, make_algorithm, mse_clip_search, rtn
+from lowbit.algorithms import ALGORITHMS, RTN, make_algorithm, rtn
+from lowbit.observers.clip_search import mse_clip_search
 from lowbit.errors import InputError
 from lowbit.formats import quantize
 from lowbit.spec import QuantSpec

@@ -12,7 +12,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.evaluation.layers import layer_table, sqnr_db
-from lowbit.evaluation.size import model_size
+from lowbit.nn.size import model_size
 from lowbit.formats import fake_quantize, quantize
 from lowbit.nn import QuantLinear, to_quantized
 from lowbit.nn.convert import from_layer_record, layer_record

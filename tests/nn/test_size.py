@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.evaluation.size import SizeReport, artifact_size, human_bytes, model_size
+from lowbit.io.manifest import artifact_size
+from lowbit.nn.size import SizeReport, human_bytes, model_size
 
 
 def _linear(out_f: int, in_f: int, bias: bool = True) -> nn.Module:

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from lowbit.algorithms import mse_clip_search
+from lowbit.observers.clip_search import mse_clip_search
 from lowbit.errors import InputError
 from lowbit.formats import default_range, fake_quantize, grid_shape
 from lowbit.formats.blocks import block_sum

@@ -13,7 +13,8 @@ import torch
 import lowbit
 from io_models import TextNet, quantized, seeded, text_input
 from lowbit.errors import InputError
-from lowbit.io import atomic, load, save
+from lowbit import atomic
+from lowbit.io import load, save
 
 
 def _snapshot(folder):

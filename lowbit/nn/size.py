@@ -1,4 +1,4 @@
-"""How big a (quantized) model is: in memory, per quantized weight, and on disk.
+"""How big a (quantized) model is: in memory and per quantized weight (on disk: ``lowbit.io.artifact_size``).
 
 ``model_size`` counts every tensor of the model's state once (tied weights and shared modules are not
 counted twice) and splits it into the quantized weights' storage (packed codes, scales, zero points,
@@ -9,16 +9,13 @@ norms, embeddings and heads left unquantized, BatchNorm statistics, activation r
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.errors import InputError
-from lowbit.io.state import distinct_tensors, quantized_modules, weight_storage_keys
+from lowbit.nn.state import distinct_tensors, quantized_modules, weight_storage_keys
 
 
 @dataclass(frozen=True)
@@ -86,14 +83,6 @@ def model_size(model: nn.Module) -> SizeReport:
         float_params=sum(t.numel() for t in rest),
         float_bytes=sum(t.numel() * t.element_size() for t in rest),
     )
-
-
-def artifact_size(path: str | os.PathLike) -> int:
-    """Bytes of all files in a saved artifact folder (file sizes, manifest included)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder; pass a folder written by lowbit.save")
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def human_bytes(n: int) -> str:

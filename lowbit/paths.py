@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lowbit.errors import InputError
 
-# what an atomic write (lowbit.io.atomic) adds to a name: "." before it, ".lowbit-tmp-PID-RANDOM" after it
+# what an atomic write (lowbit.atomic) adds to a name: "." before it, ".lowbit-tmp-PID-RANDOM" after it
 TMP_SUFFIX_BYTES = 1 + len(".lowbit-tmp-") + len(str(2**22)) + 1 + 8
 
 

@@ -1,0 +1,43 @@
+"""Each stage of lowbit imports only the stages before it (``shared/DESIGN.md``: the data flow is the architecture).
+
+    formats -> observers -> algorithms -> nn -> calibration -> quantizer -> io -> models/data -> evaluation,
+    kernels, export
+
+(plus leaf modules any stage may use: ``errors``, ``version``, ``spec``, ``atomic``, ``paths``, ``memory``).
+Each case imports one module in a fresh interpreter and lists the lowbit packages that came with it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+LATER = {
+    "lowbit.formats": {"observers", "algorithms", "nn", "calibration", "quantizer", "io", "models", "data",
+                       "evaluation", "kernels", "export"},
+    "lowbit.observers": {"algorithms", "nn", "calibration", "quantizer", "io", "models", "data", "evaluation",
+                         "kernels", "export"},
+    "lowbit.algorithms": {"nn", "calibration", "quantizer", "io", "models", "data", "evaluation", "kernels",
+                          "export"},
+    "lowbit.nn": {"algorithms", "calibration", "quantizer", "io", "models", "data", "evaluation", "kernels",
+                  "export"},
+    "lowbit.calibration.sequential": {"quantizer", "io", "models", "data", "evaluation", "kernels", "export"},
+    "lowbit.calibration.checkpoint": {"quantizer", "io", "models", "data", "evaluation", "kernels", "export"},
+    "lowbit.quantizer": {"io", "models", "data", "evaluation", "kernels", "export"},
+    "lowbit.io": {"calibration", "quantizer", "models", "data", "evaluation", "kernels", "export"},
+    "lowbit.models": {"calibration", "quantizer", "io", "data", "evaluation", "kernels", "export"},
+    "lowbit.kernels": {"calibration", "quantizer", "io", "models", "data", "evaluation", "export"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(LATER))
+def test_a_stage_imports_no_later_stage(module):
+    code = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+            "print(json.dumps(sorted({m.split('.')[1] for m in sys.modules if m.startswith('lowbit.')})))")
+    out = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert module.split(".")[1] in loaded  # the check sees what it imports
+    assert not loaded & LATER[module], f"{module} imports {sorted(loaded & LATER[module])}"
