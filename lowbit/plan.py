@@ -19,6 +19,7 @@ Recipes are plans written as YAML::
         method: {name: rtn, clip_search: true}
         act: {spec: int8-token, dynamic: true}
         bias_correction: false
+    transforms: [fuse_norms]     # optional: float equivalence transforms applied first (lowbit.transforms)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import yaml
 from lowbit.algorithms import Algorithm, RTN, make_algorithm
 from lowbit.errors import InputError
 from lowbit.spec import ActivationQuant, QuantSpec, parse_spec
+from lowbit.transforms import check_transforms
 
 DEFAULT_SKIP = ("lm_head", "type:Embedding")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few rules; anything larger is the wrong file (or /dev/zero)
@@ -120,14 +122,17 @@ class Rule:
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """Ordered rules plus skip patterns; see the module docstring."""
+    """Ordered rules plus skip patterns, and the float transforms applied before any rule (names in
+    ``lowbit.transforms.TRANSFORMS``, in order); see the module docstring."""
 
     rules: tuple[Rule, ...]
     skip: tuple[str, ...] = DEFAULT_SKIP
+    transforms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "transforms", check_transforms(self.transforms))
         if not self.rules:
             raise InputError("a plan needs at least one rule")
 
@@ -164,7 +169,10 @@ class QuantPlan:
     # ---- dict / YAML ---------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {"skip": list(self.skip), "rules": [r.to_dict() for r in self.rules]}
+        d: dict[str, Any] = {"skip": list(self.skip), "rules": [r.to_dict() for r in self.rules]}
+        if self.transforms:  # only when set: plans without transforms keep their old dicts (and run keys)
+            d["transforms"] = list(self.transforms)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "QuantPlan":
@@ -172,9 +180,10 @@ class QuantPlan:
             raise InputError(f"{where} is empty; it needs 'rules' (see lowbit.plan for an example)")
         if not isinstance(d, dict):
             raise InputError(f"{where}: expected a mapping with 'rules' (and optional 'skip'), got {type(d).__name__}")
-        unknown = set(d) - {"rules", "skip", "name", "description"}
+        unknown = set(d) - {"rules", "skip", "transforms", "name", "description"}
         if unknown:
-            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: rules, skip, name, description")
+            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: rules, skip, transforms, name, "
+                             f"description")
         rules = d.get("rules")
         if not isinstance(rules, list) or not rules:
             raise InputError(f"{where}: 'rules' must be a non-empty list of rules")
@@ -183,7 +192,11 @@ class QuantPlan:
             skip = []
         if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
             raise InputError(f"{where}: 'skip' must be a list of module-name patterns")
-        return cls(tuple(Rule.from_dict(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)), tuple(skip))
+        transforms = d.get("transforms") or []
+        if not isinstance(transforms, list) or not all(isinstance(t, str) for t in transforms):
+            raise InputError(f"{where}: 'transforms' must be a list of transform names, e.g. [fuse_norms]")
+        return cls(tuple(Rule.from_dict(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)), tuple(skip),
+                   check_transforms(transforms, where))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -40,6 +40,7 @@ from lowbit.nn.convert import (
 )
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
+from lowbit.transforms import apply_transforms
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` in place according to ``plan`` and return it.
 
+    The plan's ``transforms`` (``lowbit.transforms``: float equivalence transforms such as ``fuse_norms``)
+    rewrite the float model first, and are undone if quantization then fails.
+
     When the plan needs statistics of the inputs of layers inside a model's repeated blocks (decoder
     layers, found by ``lowbit.calibration.find_blocks``), calibration is block-sequential: each block is
     observed on the outputs of the blocks before it *as quantized*, then quantized, before the next one
@@ -86,14 +90,25 @@ def quantize(
             (``lowbit.calibration.checkpoint.remove_checkpoint``). None: no checkpoint.
     Raises:
         InputError: the plan selects nothing or an unsupported module, a spec does not fit a layer, a weight
-            holds NaN/Inf, data is missing or empty when needed, or ``checkpoint`` holds files lowbit did
-            not write. The model is unchanged then.
+            holds NaN/Inf, data is missing or empty when needed, ``checkpoint`` holds files lowbit did
+            not write, or a transform does not fit the model. The model is unchanged then.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"quantize() needs an nn.Module, got {type(model).__name__}")
     check_materialized(model)
     if isinstance(plan, (str, QuantSpec)):
         plan = QuantPlan.uniform(plan)
+    originals = apply_transforms(model, plan.transforms)  # the float pre-pass; undone if anything below fails
+    try:
+        return _quantize(model, plan, data, progress, sequential, checkpoint)
+    except BaseException:
+        originals.restore()
+        raise
+
+
+def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequential: bool,
+              checkpoint: str | os.PathLike | None) -> nn.Module:
+    """``quantize`` after its float pre-pass: prepare, feed data, convert (the float layers put back on failure)."""
     targets = prepare(model, plan)
     requests = _requests(targets)
     if requests and data is None:

@@ -26,6 +26,7 @@ LATER = {
                   "export"},
     "lowbit.calibration.sequential": {"quantizer", "io", "models", "data", "evaluation", "kernels", "export"},
     "lowbit.calibration.checkpoint": {"quantizer", "io", "models", "data", "evaluation", "kernels", "export"},
+    "lowbit.transforms": {"quantizer", "io", "data", "evaluation", "kernels", "export"},
     "lowbit.quantizer": {"io", "models", "data", "evaluation", "kernels", "export"},
     "lowbit.io": {"calibration", "quantizer", "models", "data", "evaluation", "kernels", "export"},
     "lowbit.models": {"calibration", "quantizer", "io", "data", "evaluation", "kernels", "export"},

@@ -81,7 +81,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     if manifest["lowbit_version"] != __version__:
         log.debug("%s was written by lowbit %s (this is %s)", folder, manifest["lowbit_version"], __version__)
     header = _read_header(folder, manifest)
-    # the plan, checked on meta tensors: nothing is allocated whatever the manifest claims
+    # what the manifest describes, built and checked on meta tensors: nothing is allocated whatever it claims
     arch = model if model is not None else _skeleton(folder, manifest, header, meta=True)
     layers = _build_layers(arch, manifest, folder)
     _check_state(arch, layers, header, folder)
