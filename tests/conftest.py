@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -33,3 +34,21 @@ def gen() -> torch.Generator:
 @pytest.fixture(scope="session")
 def sqnr():
     return _sqnr_db
+
+
+@pytest.fixture
+def fail_in_block_1(monkeypatch):
+    """Make GPTQ raise ``InputError("boom")`` on its 9th call: in the tiny models (7 linears a block), block 1's
+    second layer, when block 0 is already quantized, swapped in and its float weights offloaded."""
+    from lowbit.errors import InputError
+
+    gptq_module = importlib.import_module("lowbit.algorithms.gptq")  # the package re-exports the function by that name
+    calls, real = {"n": 0}, gptq_module.gptq
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise InputError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "gptq", failing)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
@@ -63,26 +62,9 @@ def test_modules_outside_the_blocks_are_quantized_too():
     assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith("_proj"))
 
 
-def _fail_in_block_1(monkeypatch) -> None:
-    """Make GPTQ raise on its 9th call: block 1's second layer, when block 0 is already swapped in."""
-    gptq_module = importlib.import_module("lowbit.algorithms.gptq")  # the package re-exports the function by that name
-
-    calls = {"n": 0}
-    real = gptq_module.gptq
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise InputError("boom")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gptq_module, "gptq", failing)
-
-
-def test_a_failure_in_a_later_block_leaves_the_model_float(monkeypatch):
+def test_a_failure_in_a_later_block_leaves_the_model_float(fail_in_block_1):
     model = tiny.tiny_llama()
     before = copy.deepcopy(model.state_dict())
-    _fail_in_block_1(monkeypatch)
     with pytest.raises(InputError, match="boom"):
         quantize(model, QuantPlan.uniform("int4-g32-asym", method="gptq"), _ids(8, 0), progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
@@ -116,11 +98,10 @@ def test_a_weight_shared_with_a_later_block_stays_in_place():
     assert q1.shape == w.shape and (q1 - w).abs().max() < 0.02 * w.abs().max()
 
 
-def test_undo_keeps_weights_in_memory_when_the_temporary_directory_fails(monkeypatch, caplog):
+def test_undo_keeps_weights_in_memory_when_the_temporary_directory_fails(monkeypatch, caplog, fail_in_block_1):
     monkeypatch.setattr(quantizer_module.tempfile, "mkdtemp", lambda **kw: (_ for _ in ()).throw(OSError("read-only")))
     model = tiny.tiny_llama()
     before = copy.deepcopy(model.state_dict())
-    _fail_in_block_1(monkeypatch)
     with caplog.at_level("WARNING"), pytest.raises(InputError, match="boom"):
         quantize(model, QuantPlan.uniform("int4-g32-asym", method="gptq"), _ids(8, 0), progress=False)
     assert "stay in memory" in caplog.text

@@ -124,27 +124,27 @@ def test_huge_or_negative_layer_widths(llama_art, capsys, features, message):
     _assert_cli_refuses(capsys, llama_art, "model.layers.0.mlp.down_proj")
 
 
-def test_source_config_with_a_huge_vocabulary(tmp_path):
-    """A recorded config of a 50M-token vocabulary (tens of GB as float) is refused on the meta device."""
+def _with_source_config(tmp_path: Path, **change) -> Path:
+    """An int8 tiny Llama saved with a Hugging Face source whose recorded config then gets ``change``."""
     model = tiny_llama()
     lowbit.quantize(model, "int8", progress=False)
-    config = model.config.to_dict()
-    path = save(model, tmp_path / "a", source={"type": "hf-folder", "path": str(tmp_path / "gone"), "config": config})
+    source = {"type": "hf-folder", "path": str(tmp_path / "gone"), "config": model.config.to_dict()}
+    path = save(model, tmp_path / "a", source=source)
     m = _manifest(path)
-    m["source"]["config"]["vocab_size"] = 50_000_000
+    m["source"]["config"].update(change)
     _write_manifest(path, m)
+    return path
+
+
+def test_source_config_with_a_huge_vocabulary(tmp_path):
+    """A recorded config of a 50M-token vocabulary (tens of GB as float) is refused on the meta device."""
+    path = _with_source_config(tmp_path, vocab_size=50_000_000)
     with memory_bound(512 * 2**20), pytest.raises(InputError, match=r"does not fit the model.*shape"):
         load(path)
 
 
 def test_source_config_with_a_million_layers(tmp_path):
-    model = tiny_llama()
-    lowbit.quantize(model, "int8", progress=False)
-    config = model.config.to_dict()
-    path = save(model, tmp_path / "a", source={"type": "hf-folder", "path": str(tmp_path / "gone"), "config": config})
-    m = _manifest(path)
-    m["source"]["config"]["num_hidden_layers"] = 1_000_000
-    _write_manifest(path, m)
+    path = _with_source_config(tmp_path, num_hidden_layers=1_000_000)
     with pytest.raises(CorruptFileError, match=r"num_hidden_layers=1000000 does not fit the \d+ tensor"):
         load(path)
 
@@ -156,13 +156,7 @@ def test_source_config_with_a_million_layers(tmp_path):
     {"model_type": "no-such-model"},
 ])
 def test_inconsistent_source_config(tmp_path, capsys, change):
-    model = tiny_llama()
-    lowbit.quantize(model, "int8", progress=False)
-    source = {"type": "hf-folder", "path": str(tmp_path / "gone"), "config": model.config.to_dict()}
-    path = save(model, tmp_path / "a", source=source)
-    m = _manifest(path)
-    m["source"]["config"].update(change)
-    _write_manifest(path, m)
+    path = _with_source_config(tmp_path, **change)
     with pytest.raises(InputError, match=r"a: |manifest\.json"):
         load(path)
     rc, err = _cli(capsys, "inspect", path, "--no-reference")
