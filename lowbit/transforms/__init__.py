@@ -11,6 +11,7 @@ reads them back with no extra manifest key.
 | name         | what it does                                                                     |
 |--------------|----------------------------------------------------------------------------------|
 | `fuse_norms` | each RMSNorm/LayerNorm's gain (and LayerNorm's bias) moved into the linears it feeds |
+| (`hadamard`) | building block, not a transform yet: Hadamard matrices, fast `hadamard_transform`, random rotations |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.transforms.fuse_norms import fuse_norms
+from lowbit.transforms.hadamard import hadamard_transform
 
 # the names recipes may list under ``transforms:``
 TRANSFORMS: dict[str, Callable[..., nn.Module]] = {"fuse_norms": fuse_norms}
@@ -82,4 +84,5 @@ def apply_transforms(model: nn.Module, names: Iterable[str]) -> Originals:
     return originals
 
 
-__all__ = ["TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "fuse_norms"]
+__all__ = ["TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "fuse_norms",
+           "hadamard_transform"]
