@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.errors import InputError
 from lowbit.atomic import atomic_file
-from lowbit.nn.state import for_safetensors
+from lowbit.errors import InputError
 from lowbit.nn.base import QuantModule
 from lowbit.nn.convert import float_weight, from_layer_record, is_quantizable, layer_record
+from lowbit.nn.state import for_safetensors
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.errors import InputError
 from lowbit.atomic import atomic_file
+from lowbit.errors import InputError
 from lowbit.io.save import check_destination
 from lowbit.nn import QuantEmbedding, QuantLinear
 from lowbit.nn.base import QuantModule

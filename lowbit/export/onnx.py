@@ -33,9 +33,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from lowbit.atomic import atomic_file
 from lowbit.errors import InputError
 from lowbit.export.qdq import OPSET, check_onnx, export_view, translations, why_not_onnx
-from lowbit.atomic import atomic_file
 from lowbit.io.save import check_destination
 
 log = logging.getLogger(__name__)

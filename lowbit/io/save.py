@@ -35,12 +35,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lowbit.errors import InputError
 from lowbit.atomic import atomic_folder
+from lowbit.errors import InputError
 from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, file_entry, read_manifest
-from lowbit.paths import check_outside, check_writable, kind, output_path
-from lowbit.nn.state import distinct_tensors, for_safetensors, quantized_modules, state_tensors
 from lowbit.nn.convert import layer_record
+from lowbit.nn.state import distinct_tensors, for_safetensors, quantized_modules, state_tensors
+from lowbit.paths import check_outside, check_writable, kind, output_path
 from lowbit.plan import QuantPlan
 from lowbit.spec import QuantSpec
 from lowbit.version import __version__

@@ -28,8 +28,8 @@ from torch import nn
 
 from lowbit.atomic import atomic_file
 from lowbit.errors import InputError
-from lowbit.paths import check_utf8
 from lowbit.models import hf, tiny, vision
+from lowbit.paths import check_utf8
 
 log = logging.getLogger(__name__)
 
