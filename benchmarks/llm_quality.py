@@ -75,13 +75,29 @@ METHODS = {
     "gptq-seq": {"name": "gptq", "true_sequential": True, "percdamp": 0.1},
     "awq+gptq-seq": {"name": "awq", "then": {"name": "gptq", "true_sequential": True, "percdamp": 0.1}},
 }
+# "<transform>+<method>": the method after a float equivalence transform (lowbit.transforms)
+TRANSFORMED = {"rot": ("rotate",), "rotin": ("rotate_inputs",)}
+for _t in TRANSFORMED:
+    for _m in ("rtn", "gptq", "gptq-seq"):
+        METHODS[f"{_t}+{_m}"] = METHODS[_m]
+
+
+def plan_for(spec: str, method: str) -> QuantPlan:
+    """The plan of one row: ``spec`` everywhere (lm_head and embeddings float) by ``method``."""
+    plan = QuantPlan.uniform(spec, METHODS[method])
+    prefix = method.split("+", 1)[0]
+    if prefix in TRANSFORMED and method.split("+", 1)[1] in METHODS:
+        plan = QuantPlan(plan.rules, plan.skip, TRANSFORMED[prefix])
+    return plan
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), help=f"{', '.join(SCHEMES)} or spec names")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if "+" not in m or m.startswith("awq")],
+                   choices=list(METHODS), help="rot+...: after the 'rotate' transform; rotin+...: after "
+                   "'rotate_inputs'")
     p.add_argument("--tokens", type=int, default=16384, help="evaluation token budget")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
@@ -101,7 +117,7 @@ def main() -> None:
     for scheme in a.schemes:  # a bad scheme fails here, not hours into the run
         for method in a.methods:
             try:
-                QuantPlan.uniform(SCHEMES.get(scheme, scheme), METHODS[method])
+                plan_for(SCHEMES.get(scheme, scheme), method)
             except InputError as e:
                 p.error(f"--schemes {scheme}: {e}")
     a.run = run_key(a)
@@ -168,7 +184,7 @@ def measure_row(name: str, spec: str, method: str, a: argparse.Namespace) -> dic
     lm = load_model(name)
     bos = default_bos(lm)
     proto = fitting_protocol(lm.model, a.tokens, bos=bos)
-    plan = QuantPlan.uniform(spec, METHODS[method])
+    plan = plan_for(spec, method)
     calib = None
     if plan.needs_data:
         calib = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=0, bos=bos)

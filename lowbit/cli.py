@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-search", action="store_true", help="clipping-range search: output-error weighted from "
                    "calibration data for rtn, static group ranges for gptq (awq always searches)")
     q.add_argument("--act", help="activation format, e.g. int8-token (dynamic)")
+    q.add_argument("--transforms", nargs="+", default=None, metavar="NAME",
+                   help="float equivalence transforms applied first, in order: fuse_norms, rotate_residual, rotate, "
+                        "rotate_inputs (see lowbit.transforms)")
+    q.add_argument("--kv", help="KV-cache format, e.g. int8-token or int4-g32-asym (keys and values per head)")
     q.add_argument("--bias-correction", action="store_true", help="correct each layer's output mean shift "
                    "(uses calibration data)")
     q.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration samples when the plan needs "
@@ -159,7 +163,8 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
 
     if a.recipe:
         given = [f for f, v in (("--method", a.method != "rtn"), ("--clip-search", a.clip_search), ("--act", a.act),
-                                ("--bias-correction", a.bias_correction), ("--skip", a.skip is not None)) if v]
+                                ("--bias-correction", a.bias_correction), ("--skip", a.skip is not None),
+                                ("--transforms", a.transforms is not None), ("--kv", a.kv is not None)) if v]
         if given:
             raise InputError(f"{', '.join(given)} cannot be combined with --recipe; put those settings in the recipe")
         plan = QuantPlan.load(a.recipe)
@@ -169,6 +174,8 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         method = _method(a.method, a.clip_search)
         skip = DEFAULT_SKIP if a.skip is None else tuple(a.skip)
         plan = QuantPlan.uniform(a.scheme, method, a.act, skip, a.bias_correction)
+        if a.transforms or a.kv:
+            plan = QuantPlan(plan.rules, plan.skip, tuple(a.transforms or ()), a.kv)
     # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
     check_destination(a.out, a.overwrite, inputs=(a.model,))  # also refuses --out inside the model's folder
     # finished blocks are kept next to --out until the artifact is saved, so that a killed run resumes
@@ -272,6 +279,11 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     ref = None
     if not a.no_reference and manifest.get("source") is not None:
         ref = load_model_from_source(manifest["source"]).model
+        transforms = (manifest.get("plan") or {}).get("transforms") or []
+        if transforms:  # compare each layer with the float weight it was made from: the transformed one
+            from lowbit.transforms import apply_transforms
+
+            apply_transforms(ref, transforms)
     print(format_table(layer_table(model, ref)))
     print(model_size(model).describe())
     return 0

@@ -20,6 +20,7 @@ Recipes are plans written as YAML::
         act: {spec: int8-token, dynamic: true}
         bias_correction: false
     transforms: [fuse_norms]     # optional: float equivalence transforms applied first (lowbit.transforms)
+    kv: {spec: int8-token}       # optional: KV-cache quantization of the model's attention (lowbit.nn.kv_cache)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import yaml
 
 from lowbit.algorithms import Algorithm, RTN, make_algorithm
 from lowbit.errors import InputError
-from lowbit.spec import ActivationQuant, QuantSpec, parse_spec
+from lowbit.spec import ActivationQuant, KVCacheQuant, QuantSpec, parse_spec
 from lowbit.transforms import check_transforms
 
 DEFAULT_SKIP = ("lm_head", "type:Embedding")
@@ -122,17 +123,23 @@ class Rule:
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """Ordered rules plus skip patterns, and the float transforms applied before any rule (names in
-    ``lowbit.transforms.TRANSFORMS``, in order); see the module docstring."""
+    """Ordered rules plus skip patterns, the float transforms applied before any rule (names in
+    ``lowbit.transforms.TRANSFORMS``, in order) and the KV-cache quantization (or None); see the module
+    docstring."""
 
     rules: tuple[Rule, ...]
     skip: tuple[str, ...] = DEFAULT_SKIP
     transforms: tuple[str, ...] = ()
+    kv: KVCacheQuant | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "transforms", check_transforms(self.transforms))
+        if isinstance(self.kv, (str, dict)):
+            object.__setattr__(self, "kv", KVCacheQuant.from_dict(self.kv))
+        if self.kv is not None and not isinstance(self.kv, KVCacheQuant):
+            raise InputError(f"plan kv must be a KVCacheQuant, a scheme name or a mapping, got {self.kv!r}")
         if not self.rules:
             raise InputError("a plan needs at least one rule")
 
@@ -172,6 +179,8 @@ class QuantPlan:
         d: dict[str, Any] = {"skip": list(self.skip), "rules": [r.to_dict() for r in self.rules]}
         if self.transforms:  # only when set: plans without transforms keep their old dicts (and run keys)
             d["transforms"] = list(self.transforms)
+        if self.kv is not None:
+            d["kv"] = self.kv.to_dict()
         return d
 
     @classmethod
@@ -180,9 +189,9 @@ class QuantPlan:
             raise InputError(f"{where} is empty; it needs 'rules' (see lowbit.plan for an example)")
         if not isinstance(d, dict):
             raise InputError(f"{where}: expected a mapping with 'rules' (and optional 'skip'), got {type(d).__name__}")
-        unknown = set(d) - {"rules", "skip", "transforms", "name", "description"}
+        unknown = set(d) - {"rules", "skip", "transforms", "kv", "name", "description"}
         if unknown:
-            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: rules, skip, transforms, name, "
+            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: rules, skip, transforms, kv, name, "
                              f"description")
         rules = d.get("rules")
         if not isinstance(rules, list) or not rules:
@@ -195,8 +204,12 @@ class QuantPlan:
         transforms = d.get("transforms") or []
         if not isinstance(transforms, list) or not all(isinstance(t, str) for t in transforms):
             raise InputError(f"{where}: 'transforms' must be a list of transform names, e.g. [fuse_norms]")
+        try:
+            kv = None if d.get("kv") is None else KVCacheQuant.from_dict(d["kv"])
+        except InputError as e:
+            raise InputError(f"{where}: kv: {e}") from None
         return cls(tuple(Rule.from_dict(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)), tuple(skip),
-                   check_transforms(transforms, where))
+                   check_transforms(transforms, where), kv)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -38,6 +38,7 @@ from lowbit.nn.convert import (
     to_quantized,
     unsupported_subclass,
 )
+from lowbit.nn.kv_cache import attach_kv_quant
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
 from lowbit.transforms import apply_transforms
@@ -100,16 +101,21 @@ def quantize(
         plan = QuantPlan.uniform(plan)
     originals = apply_transforms(model, plan.transforms)  # the float pre-pass; undone if anything below fails
     try:
-        return _quantize(model, plan, data, progress, sequential, checkpoint)
+        _quantize(model, plan, data, progress, sequential, checkpoint)
     except BaseException:
         originals.restore()
         raise
+    if plan.kv is not None:
+        attach_kv_quant(model, plan.kv)
+    return model
 
 
 def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequential: bool,
               checkpoint: str | os.PathLike | None) -> nn.Module:
     """``quantize`` after its float pre-pass: prepare, feed data, convert (the float layers put back on failure)."""
     targets = prepare(model, plan)
+    if not targets:  # a plan that only quantizes the KV cache
+        return model
     requests = _requests(targets)
     if requests and data is None:
         names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
@@ -194,8 +200,9 @@ def quantize_weight(weight: torch.Tensor, rule: Rule, stats: InputStats | None =
 
 
 def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
-    """The modules ``plan`` quantizes, each checked to fit its spec (nothing is changed yet)."""
-    targets = select_targets(model, plan)
+    """The modules ``plan`` quantizes, each checked to fit its spec (nothing is changed yet); none only for a
+    plan with KV-cache quantization."""
+    targets = select_targets(model, plan, allow_none=plan.kv is not None)
     for t in targets:
         check_fits(t.name, float_weight(t.module), t.rule.weight)
         check_finite_params(t.name, t.module)
@@ -204,8 +211,9 @@ def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
     return targets
 
 
-def select_targets(model: nn.Module, plan: QuantPlan) -> list[Target]:
-    """The supported modules the plan quantizes, in module order; checks explicit names."""
+def select_targets(model: nn.Module, plan: QuantPlan, allow_none: bool = False) -> list[Target]:
+    """The supported modules the plan quantizes, in module order; checks explicit names. InputError when it
+    selects none, unless ``allow_none``."""
     modules = dict(model.named_modules())
     for r in plan.rules:
         exact = not r.pattern.startswith("re:") and not (_WILDCARDS & set(r.pattern))
@@ -226,7 +234,7 @@ def select_targets(model: nn.Module, plan: QuantPlan) -> list[Target]:
     for r in plan.rules:
         if r.weight is not None and not any(t.rule is r for t in targets):
             log.warning("rule %r matched no quantizable module", r.pattern)
-    if not targets:
+    if not targets and not allow_none:
         kinds = sorted({type(m).__name__ for m in modules.values() if is_quantizable(m)})
         raise InputError(
             f"the plan selects no module of this {type(model).__name__} (quantizable kinds present: "

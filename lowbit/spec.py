@@ -363,3 +363,53 @@ class ActivationQuant:
             parse_spec(d["spec"]) if isinstance(d["spec"], str) else QuantSpec.from_dict(d["spec"])
         )
         return cls(spec, d.get("dynamic", True), d.get("observer", "minmax"))
+
+
+@dataclass(frozen=True)
+class KVCacheQuant:
+    """How the keys and values a model's attention caches are quantized (``lowbit.nn.kv_cache``).
+
+    Attributes:
+        spec: the number format on the ``(tokens x heads, head_dim)`` view of the keys and of the values:
+            ``token`` granularity is one scale per head and token (``int8-token``), ``gN`` groups of N
+            channels of one head and token (``int4-g32-asym``). Scales are always computed on the fly.
+        rotate: multiply each head's keys and values by a normalized Hadamard of the head width before
+            quantizing (and by its transpose after): the rotation QuaRot applies to queries and keys and to
+            the values (section 4), which spreads outlier channels before they are rounded.
+    """
+
+    spec: QuantSpec
+    rotate: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, str):
+            object.__setattr__(self, "spec", parse_spec(self.spec))
+        if not isinstance(self.spec, QuantSpec):
+            raise InputError(f"kv-cache spec must be a scheme name or a QuantSpec, got {self.spec!r}")
+        if self.spec.granularity not in ("token", "group", "tensor"):
+            raise InputError(f"kv-cache format {self.spec.name}: use per token and head ('-token'), groups of a "
+                             f"head's channels ('-gN') or per tensor, not {self.spec.granularity}")
+        if not isinstance(self.rotate, bool):
+            raise InputError(f"kv-cache 'rotate' must be true or false, got {self.rotate!r}")
+
+    @property
+    def name(self) -> str:
+        return self.spec.name + ("+rot" if self.rotate else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.name, "rotate": self.rotate}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | str) -> "KVCacheQuant":
+        if isinstance(d, str):
+            return cls(parse_spec(d))
+        if not isinstance(d, dict):
+            raise InputError(f"kv-cache settings are a scheme name or a mapping, got {type(d).__name__}")
+        unknown = set(d) - {"spec", "rotate"}
+        if unknown:
+            raise InputError(f"unknown kv-cache field(s) {sorted(unknown)}; known: spec, rotate")
+        if "spec" not in d:
+            raise InputError("kv-cache settings need a 'spec' (e.g. int8-token)")
+        spec = d["spec"] if isinstance(d["spec"], QuantSpec) else (
+            parse_spec(d["spec"]) if isinstance(d["spec"], str) else QuantSpec.from_dict(d["spec"]))
+        return cls(spec, d.get("rotate", False))

@@ -292,3 +292,23 @@ def test_recipe_cannot_be_mixed_with_inline_settings_and_a_format_is_required(ca
     assert main(["quantize", "tiny-cnn", "--out", str(tmp_path / "o")]) == 2
     assert "--scheme" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_quantize_with_a_rotation_and_a_quantized_kv_cache_then_inspect_and_eval(capsys, tmp_path):
+    out = tmp_path / "rot"
+    rc, _, err = run(capsys, "quantize", "tiny-llama", "--scheme", "int4-g32", "--transforms", "rotate",
+                     "--kv", "int8-token", "--out", out)
+    assert rc == 0, err
+    plan = json.loads((out / MANIFEST).read_text())["plan"]
+    assert plan["transforms"] == ["rotate"] and plan["kv"] == {"spec": "int8-token", "rotate": False}
+    rc, text, err = run(capsys, "inspect", out)
+    assert rc == 0, err
+    for name, (kind, shape, fmt, bpw, sqnr, *_) in table_rows(text).items():
+        # compared with the rotated float weights (the same transform applied to the source): 4-bit SQNR;
+        # against the unrotated ones it would be near 0 dB
+        assert 15.0 < float(sqnr) < 35.0, name
+    rc, text, err = run(capsys, "eval", out, "--tokens", "256")
+    assert rc == 0, err
+    rc, _, err = run(capsys, "quantize", "tiny-llama", "--scheme", "int8", "--transforms", "spin", "--out",
+                     tmp_path / "bad")
+    assert rc != 0 and "unknown transform 'spin'" in err and not (tmp_path / "bad").exists()

@@ -3,7 +3,8 @@
     formats -> observers -> algorithms -> nn -> calibration -> quantizer -> io -> models/data -> evaluation,
     kernels, export
 
-(plus leaf modules any stage may use: ``errors``, ``version``, ``spec``, ``atomic``, ``paths``, ``memory``).
+(plus leaf modules any stage may use: ``errors``, ``version``, ``spec``, ``atomic``, ``paths``, ``memory``,
+``hadamard``).
 Each case imports one module in a fresh interpreter and lists the lowbit packages that came with it.
 """
 

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import InputError
+from lowbit.nn.rotation import module_input
 from lowbit.observers import make_observer
 from lowbit.spec import ActivationQuant
 
@@ -220,7 +221,7 @@ class InputCollector:
         is_conv = isinstance(req.module, nn.modules.conv._ConvNd)
 
         def hook(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
+            x = module_input(mod, args[0].detach())  # after the layer's own online rotation, if it has one
             if x.numel() == 0:
                 return
             if name in self.observers:

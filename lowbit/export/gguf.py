@@ -36,7 +36,7 @@ from torch import nn
 from lowbit.atomic import atomic_file
 from lowbit.errors import InputError
 from lowbit.io.save import check_destination
-from lowbit.nn import QuantEmbedding, QuantLinear
+from lowbit.nn import QuantEmbedding, QuantLinear, RotatedLinear
 from lowbit.nn.base import QuantModule
 from lowbit.spec import QuantSpec
 
@@ -67,6 +67,9 @@ def why_not_gguf(name: str, m: QuantModule) -> str | None:
     if getattr(m, "input_scale", None) is not None:
         return (f"{name}: has AWQ per-input-channel scales, which GGUF cannot store; quantize with "
                 f"--method gptq or rtn for GGUF export")
+    if getattr(m, "input_rotation", None) is not None:
+        return (f"{name}: rotates its input online (a Hadamard of {m.input_rotation} features), which llama.cpp "
+                f"does not run; use the transform rotate_residual (offline only) for GGUF export")
     if m.storage_released:
         return f"{name}: its weight storage was handed to a kernel; load the model again"
     return None
@@ -92,6 +95,9 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
     src = source_gguf(source, required=False)
     problems = [why for n, m in model.named_modules() if isinstance(m, QuantModule)
                 and (why := why_not_gguf(n, m)) is not None]
+    problems += [f"{n}: a float linear that rotates its input online, which llama.cpp does not run; use the "
+                 f"transform rotate_residual (offline only) for GGUF export"
+                 for n, m in model.named_modules() if isinstance(m, RotatedLinear)]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(f"cannot export to GGUF: {problems[0]}{more}")

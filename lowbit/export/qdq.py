@@ -106,6 +106,9 @@ def why_not_onnx(module: nn.Module) -> str | None:
     if spec.granularity not in _GRANULARITIES[kind]:
         return (f"weight format {spec.name}: {spec.granularity} scales are not representable for a "
                 f"{type(module).__name__} (supported: {', '.join(_GRANULARITIES[kind])})")
+    if getattr(module, "input_rotation", None) is not None:
+        return (f"it rotates its input online (a Hadamard of {module.input_rotation} features), which the QDQ "
+                f"export does not write yet; rotate with rotate_residual (offline only) for ONNX export")
     act = module.act
     if act is not None:
         if act.dynamic:

@@ -38,6 +38,8 @@ from lowbit.nn.base import STORAGE_BUFFERS, QuantModule
 from lowbit.nn.conv import QuantConv1d, QuantConv2d
 from lowbit.nn.convert import float_weight, from_layer_record, is_quantizable
 from lowbit.nn.embedding import QuantEmbedding
+from lowbit.nn.kv_cache import attach_kv_quant
+from lowbit.spec import KVCacheQuant
 from lowbit.version import __version__
 
 log = logging.getLogger(__name__)
@@ -83,12 +85,17 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     header = _read_header(folder, manifest)
     # what the manifest describes, built and checked on meta tensors: nothing is allocated whatever it claims
     arch = model if model is not None else _skeleton(folder, manifest, header, meta=True)
+    _rebuild_transforms(arch, manifest, header, folder)
     layers = _build_layers(arch, manifest, folder)
     _check_state(arch, layers, header, folder)
     if model is None:
         _check_arch_bytes(arch, folder)
     state = _read_state(folder, manifest)
-    root = model if model is not None else _skeleton(folder, manifest, header, meta=False)
+    if model is None:
+        root = _skeleton(folder, manifest, header, meta=False)
+        _rebuild_transforms(root, manifest, header, folder)
+    else:
+        root = model
     for name, qm in layers.items():
         if name == "":
             root = qm  # the whole model was one quantized layer
@@ -101,6 +108,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     except RuntimeError as e:
         raise InputError(f"the state in {folder} does not fit the model: {e}") from None
     _retie(root, manifest["tied_tensors"])
+    _attach_kv(root, manifest, folder)
     left = [k for k, t in root.state_dict().items() if t.is_meta]
     if left:  # cannot happen after the key check above; a guard against a module with unsaved state
         raise CorruptFileError(f"{folder}: {len(left)} tensor(s) got no data from the file ({left[:3]})")
@@ -126,6 +134,37 @@ def _skeleton(folder: Path, manifest: dict[str, Any], header: Header, meta: bool
         raise CorruptFileError(f"{folder / MANIFEST}: its source does not build a model ({type(e).__name__}: "
                                f"{e}); the manifest is damaged, or pass the float model with "
                                f"lowbit.load(path, model=...)") from None
+
+
+def _attach_kv(model: nn.Module, manifest: dict[str, Any], folder: Path) -> None:
+    """Quantize the KV cache again as the saved plan says (``lowbit.nn.kv_cache``)."""
+    plan = manifest["plan"]
+    kv = plan.get("kv") if isinstance(plan, dict) else None
+    if kv is None:
+        return
+    try:
+        attach_kv_quant(model, KVCacheQuant.from_dict(kv))
+    except InputError as e:
+        raise CorruptFileError(f"{folder / MANIFEST}: plan.kv {kv!r} cannot be applied ({e})") from None
+
+
+def _rebuild_transforms(arch: nn.Module, manifest: dict[str, Any], header: Header, folder: Path) -> None:
+    """Give ``arch`` the structure the plan's transforms gave the saved model (``lowbit.transforms.REBUILD``):
+    biases fused norms created, an untied head, linears that rotate their input online."""
+    plan = manifest["plan"]
+    names = plan.get("transforms") if isinstance(plan, dict) else None
+    if not names:
+        return
+    from lowbit.transforms import rebuild_structure  # lazy: transforms reach the architecture tables
+
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CorruptFileError(f"{folder / MANIFEST}: plan.transforms must be a list of names, got {names!r}")
+    keys = set(header)  # tensors stored under their own name; tied aliases (manifest "tied_tensors") are not
+    try:
+        rebuild_structure(arch, names, keys)
+    except InputError as e:
+        raise InputError(f"{folder}: cannot rebuild the structure its transforms {names} gave the model ({e}); "
+                         f"pass the float model it was made from with lowbit.load(path, model=...)") from None
 
 
 def _check_depth(source: Any, n_tensors: int, folder: Path) -> None:

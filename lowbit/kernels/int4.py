@@ -65,8 +65,6 @@ def pack(m: QuantLinear) -> dict:
 
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` any float dtype -> ``(..., out)`` in ``x``'s dtype."""
-    if m.input_scale is not None:
-        x = x * m.input_scale.to(x.dtype)
     x2 = x.reshape(-1, m.in_features).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, st["weight"], st["group"], st["scale_zeros"])
     y = y.to(x.dtype)

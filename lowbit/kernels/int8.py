@@ -69,8 +69,6 @@ def weight_only_pack(m: QuantLinear) -> dict:
 
 
 def weight_only_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
-    if m.input_scale is not None:
-        x = x * m.input_scale.to(x.dtype)
     x2 = x.reshape(-1, m.in_features)
     y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), st["weight"], st["ones"]).float() * st["scale"]
     if "offset" in st:
@@ -105,8 +103,6 @@ def w8a8_pack(m: QuantLinear) -> dict:
 
 
 def w8a8_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
-    if m.input_scale is not None:
-        x = x * m.input_scale.to(x.dtype)
     k = m.in_features
     x2 = x.reshape(-1, k)
     if m.act.spec.has_zero_point:

@@ -58,26 +58,46 @@ class Family:
     final: Feeds                      # norm relative to the blocks' parent module; linears relative to the root
     kept: tuple[str, ...] = ()        # block norms that feed no linear (they keep their gain)
     requires: tuple[str, ...] = ()    # config flags that must be true for ``in_block`` to hold
+    # the residual stream (for rotations): the embeddings that start it (relative to the blocks' parent), the
+    # linears in each block that write into it, the block linears whose input may be rotated online (an
+    # nn.Linear each), and why no rotation can pass the stream, where none can
+    embeddings: tuple[str, ...] = ()
+    writers: tuple[str, ...] = ()
+    online: tuple[str, ...] = ()
+    no_residual_rotation: str | None = None
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
+_LAYERNORM_STREAM = ("{norm} is a LayerNorm: it subtracts each token's mean, which does not commute with a "
+                     "rotation of the residual stream (the stream would first have to be centered in every "
+                     "writer, not built yet)")
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(("llama",), ("LlamaRMSNorm",), 0.0,
                     (Feeds("input_layernorm", _QKV), Feeds("post_attention_layernorm", _GATE_UP)),
-                    Feeds("norm", ("lm_head",))),
+                    Feeds("norm", ("lm_head",)),
+                    embeddings=("embed_tokens",), writers=("self_attn.o_proj", "mlp.down_proj"),
+                    online=("self_attn.o_proj", "mlp.down_proj")),
     "gemma3": Family(("gemma3_text",), ("Gemma3RMSNorm",), 1.0,
                      (Feeds("input_layernorm", _QKV), Feeds("pre_feedforward_layernorm", _GATE_UP)),
                      Feeds("norm", ("lm_head",)),
                      kept=("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.q_norm",
-                           "self_attn.k_norm")),
+                           "self_attn.k_norm"),
+                     online=("mlp.down_proj",),
+                     no_residual_rotation="{block}.post_attention_layernorm normalizes o_proj's output and scales "
+                                          "it by a per-channel gain before it joins the residual stream; a "
+                                          "rotated stream cannot pass that gain"),
     "gpt2": Family(("gpt2",), ("LayerNorm",), 0.0,
                    (Feeds("ln_1", ("attn.c_attn",)), Feeds("ln_2", ("mlp.c_fc",))),
-                   Feeds("ln_f", ("lm_head",))),
+                   Feeds("ln_f", ("lm_head",)),
+                   no_residual_rotation=_LAYERNORM_STREAM.format(norm="{block}.ln_1")),
     "opt": Family(("opt",), ("LayerNorm",), 0.0,
                   (Feeds("self_attn_layer_norm", _QKV), Feeds("final_layer_norm", ("fc1",))),
-                  Feeds("final_layer_norm", ("lm_head",)), requires=("do_layer_norm_before",)),
+                  Feeds("final_layer_norm", ("lm_head",)), requires=("do_layer_norm_before",),
+                  online=("fc2",),
+                  no_residual_rotation=_LAYERNORM_STREAM.format(norm="{block}.self_attn_layer_norm")),
 }
 
 
@@ -210,3 +230,83 @@ def _probe(model: nn.Module, modules: dict[str, nn.Module], groups: list[NormGro
                     raise InputError(f"module {lin!r} receives something other than the output of {g.norm!r} "
                                      f"(checked on a {PROBE_TOKENS}-token forward pass): this model does not fit "
                                      f"the {name} table in lowbit/models/arch.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# the residual stream, for rotations
+
+
+@dataclass(frozen=True)
+class ResidualStream:
+    """Every module that reads or writes a model's residual stream (full dotted names), checked against it.
+
+    A rotation ``Q`` of the stream (``x -> x Q``) is exact when the embeddings are multiplied by ``Q``, every
+    reader's weight ``W`` (out, width) becomes ``W Q``, every writer's ``W`` (width, in) and bias become
+    ``Q^T W`` and ``Q^T b``, and every norm on the stream has unit gain (``fuse_norms`` first): RMSNorm
+    commutes with an orthogonal ``Q``.
+    """
+
+    width: int
+    embeddings: tuple[str, ...]
+    readers: tuple[str, ...]
+    writers: tuple[str, ...]
+    norms: tuple[str, ...]
+    gain_offset: float
+
+
+def residual_stream(model: nn.Module) -> ResidualStream:
+    """The residual stream of ``model`` from its family's table, checked: InputError naming the module where the
+    model does not fit, where the family's stream cannot be rotated, or where the model has no head (its
+    output would be the rotated stream itself)."""
+    from lowbit.calibration.blocks import find_blocks  # lazy, as in norm_groups
+
+    name, family = family_of(model)
+    blocks = find_blocks(model)
+    if family.no_residual_rotation is not None:
+        where = blocks[0][0] if blocks else "its first block"
+        raise InputError(f"{type(model).__name__} ({name}): its residual stream cannot be rotated: "
+                         f"{family.no_residual_rotation.format(block=where)}. Rotate each block linear's input "
+                         f"online instead (transform 'rotate_inputs')")
+    groups = norm_groups(model)
+    modules = dict(model.named_modules())
+    container = blocks[0][0].rsplit(".", 1)[0]
+    parent = container.rsplit(".", 1)[0] + "." if "." in container else ""
+    final = f"{parent}{family.final.norm}"
+    if not any(g.norm == final for g in groups):
+        raise InputError(f"{type(model).__name__} ({name}): no head reads {final!r}, so the model's output is the "
+                         f"residual stream itself and a rotation would change it; rotate the model with its head")
+    width = _check_norm(modules, groups[0].norm, name, family)
+    embeddings = tuple(parent + e for e in family.embeddings)
+    for e in embeddings:
+        m = modules.get(e)
+        if not isinstance(m, nn.Embedding) or m.embedding_dim != width:
+            what = "not found" if m is None else f"a {type(m).__name__} of width {getattr(m, 'embedding_dim', '?')}"
+            raise InputError(f"module {e!r} is {what}: the {name} table says it starts the residual stream of "
+                             f"width {width}; this model does not fit lowbit/models/arch.py")
+    writers = tuple(f"{b}.{w}" for b, _ in blocks for w in family.writers)
+    for w in writers:
+        m = modules.get(w)
+        if m is None or not is_linear_like(m) or float_weight(m).shape[0] != width:
+            what = "not found" if m is None else (f"a {type(m).__name__}" if not is_linear_like(m) else
+                                                  f"a linear with {float_weight(m).shape[0]} outputs")
+            raise InputError(f"module {w!r} is {what}: the {name} table says it writes the residual stream of "
+                             f"width {width}; this model does not fit lowbit/models/arch.py")
+    readers = tuple(x for g in groups for x in g.linears)
+    return ResidualStream(width, embeddings, readers, writers, tuple(g.norm for g in groups), family.gain_offset)
+
+
+def online_linears(model: nn.Module) -> list[str]:
+    """The block linears whose input the family's table lets a rotation run online on (``Family.online``),
+    checked to exist and to be linear layers."""
+    from lowbit.calibration.blocks import find_blocks
+
+    name, family = family_of(model)
+    modules = dict(model.named_modules())
+    out = [f"{b}.{rel}" for b, _ in find_blocks(model) for rel in family.online]
+    for n in out:
+        m = modules.get(n)
+        if m is None or not is_linear_like(m):
+            what = "not found" if m is None else f"a {type(m).__name__}"
+            raise InputError(f"module {n!r} is {what}: the {name} table rotates its input online, which needs a "
+                             f"linear layer; this model does not fit lowbit/models/arch.py")
+    return out

@@ -4,9 +4,11 @@ One explicit table: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding`
 ``Conv1D`` (GPT-2's linear layer, which stores its weight transposed as ``(in, out)``).
 
 Subclasses of those count when they keep the base class's ``forward``. A subclass with its own ``forward``
-computes something lowbit cannot know, so it is not quantized (and ``quantize`` says so), with one
-recognised exception: convolutions that apply a ``static_padding`` module (``nn.ZeroPad2d`` or an identity)
-before the convolution, as TensorFlow-style 'SAME' layers do (EfficientNet ports); that padding is kept.
+computes something lowbit cannot know, so it is not quantized (and ``quantize`` says so), with two
+recognised exceptions: lowbit's own ``RotatedLinear`` (``lowbit.nn.rotation``; its online input rotation is
+carried into the quantized linear), and convolutions that apply a ``static_padding`` module
+(``nn.ZeroPad2d`` or an identity) before the convolution, as TensorFlow-style 'SAME' layers do (EfficientNet
+ports); that padding is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lowbit.nn.base import QuantModule
 from lowbit.nn.conv import QuantConv1d, QuantConv2d
 from lowbit.nn.embedding import QuantEmbedding
 from lowbit.nn.linear import QuantLinear
+from lowbit.nn.rotation import RotatedLinear, input_rotation
 from lowbit.spec import ActivationQuant, QuantSpec
 
 QUANT_MODULES: dict[str, type[QuantModule]] = {
@@ -63,13 +66,15 @@ def _has_static_padding(m: nn.Module) -> bool:
 
 
 def is_linear_like(m: nn.Module) -> bool:
-    """A linear map of the last dimension: ``nn.Linear`` (and plain subclasses) or transformers' ``Conv1D``."""
-    return _is_hf_conv1d(m) or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
+    """A linear map of the last dimension: ``nn.Linear`` (and plain subclasses), transformers' ``Conv1D``, or
+    lowbit's own :class:`~lowbit.nn.rotation.RotatedLinear` (a linear after an online rotation)."""
+    return _is_hf_conv1d(m) or type(m) is RotatedLinear or (
+        isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
 
 
 def is_quantizable(m: nn.Module) -> bool:
     """True for the module kinds lowbit can replace by a quantized module."""
-    if _is_hf_conv1d(m):
+    if _is_hf_conv1d(m) or type(m) is RotatedLinear:
         return True
     base = _base_of(m)
     if base is None:
@@ -116,7 +121,7 @@ def to_quantized(
     if isinstance(m, nn.Conv1d):
         return QuantConv1d.from_float(m, q, act, _static_padding(m))
     if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
-        return QuantLinear.from_float(float_weight(m), m.bias, q, act, input_scale)
+        return QuantLinear.from_float(float_weight(m), m.bias, q, act, input_scale, input_rotation(m))
     raise InputError(f"cannot quantize a {type(m).__name__}; lowbit quantizes {SUPPORTED}")
 
 
@@ -143,7 +148,8 @@ def from_layer_record(rec: dict[str, Any]) -> QuantModule:
     act = None if rec["act"] is None else ActivationQuant.from_dict(rec["act"])
     c = {**_OPTIONAL, **rec["config"]}
     if cls is QuantLinear:
-        return QuantLinear(c["in_features"], c["out_features"], c["bias"], spec, act, c["input_scale"])
+        return QuantLinear(c["in_features"], c["out_features"], c["bias"], spec, act, c["input_scale"],
+                           c["input_rotation"])
     if cls is QuantEmbedding:
         if act is not None:
             raise InputError("an embedding record has activation settings; embeddings take integer ids")
@@ -159,7 +165,8 @@ def from_layer_record(rec: dict[str, Any]) -> QuantModule:
 MAX_DIM = 2**31 - 1  # any one dimension; the real bound is the saved file, checked by lowbit.load
 _SIZE, _FLAG, _SIZES, _SHAPE = "size", "flag", "sizes", "shape"
 _CONFIG_SCHEMA: dict[str, dict[str, str]] = {
-    "QuantLinear": {"in_features": _SIZE, "out_features": _SIZE, "bias": _FLAG, "input_scale": _FLAG},
+    "QuantLinear": {"in_features": _SIZE, "out_features": _SIZE, "bias": _FLAG, "input_scale": _FLAG,
+                    "input_rotation": "size or null"},
     "QuantEmbedding": {"num_embeddings": _SIZE, "embedding_dim": _SIZE, "padding_idx": "index or null"},
     "QuantConv1d": {"weight_shape": _SHAPE, "bias": _FLAG, "stride": _SIZES, "padding": "pads or mode",
                     "dilation": _SIZES, "groups": _SIZE, "input_padding": "pads or null"},
@@ -167,7 +174,7 @@ _CONFIG_SCHEMA: dict[str, dict[str, str]] = {
 _CONFIG_SCHEMA["QuantConv2d"] = _CONFIG_SCHEMA["QuantConv1d"]
 _CONV_DIMS = {"QuantConv1d": 1, "QuantConv2d": 2}
 # keys that records written before they existed lack, with the value that means "absent"
-_OPTIONAL = {"input_scale": False, "input_padding": None}
+_OPTIONAL = {"input_scale": False, "input_padding": None, "input_rotation": None}
 
 
 def check_layer_record(rec: Any) -> None:
@@ -218,6 +225,8 @@ def _fits(v: Any, what: str, dims: int | None) -> bool:
         return isinstance(v, bool)
     if what == "index or null":
         return v is None or _is_int(v, 0)
+    if what == "size or null":
+        return v is None or _is_int(v, 1)
     n = dims or 0
     if what in (_SIZES, _SHAPE):  # weight_shape is (out, in/groups, *kernel); stride, dilation per spatial dim
         return isinstance(v, list) and all(_is_int(x, 1) for x in v) and len(v) == (n + 2 if what == _SHAPE else n)
@@ -229,7 +238,7 @@ def _fits(v: Any, what: str, dims: int | None) -> bool:
 
 def _describe(what: str, dims: int | None) -> str:
     return {_SIZE: f"an integer in 1..{MAX_DIM}", _FLAG: "true or false",
-            "index or null": "a non-negative integer or null",
+            "index or null": "a non-negative integer or null", "size or null": f"an integer in 1..{MAX_DIM} or null",
             _SIZES: f"a list of {dims} positive integer(s), one per spatial dimension",
             _SHAPE: f"a list of {(dims or 0) + 2} positive integers (out, in / groups, *kernel)",
             "pads or mode": f"'same', 'valid' or {dims} non-negative integers",

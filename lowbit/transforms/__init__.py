@@ -5,46 +5,90 @@ before quantization, so that its weights and activations quantize better.
 after checking the model and before choosing the layers to quantize, and puts the float model back if
 quantization then fails. Each transform is ``f(model, originals) -> model``: it changes ``model`` in place
 and calls ``originals.keep(module, key)`` before it changes a tensor, so :meth:`Originals.restore` can undo it
-exactly. The transformed weights are ordinary model state: ``lowbit.save`` writes them and ``lowbit.load``
-reads them back with no extra manifest key.
+exactly (``keep_object`` for a replaced module or an untied parameter). The transformed weights are ordinary
+model state that ``lowbit.save`` writes; what a transform changes in the model's *structure* (a bias a linear
+did not have, an untied head, a linear that rotates its input online) ``lowbit.load`` rebuilds from the plan
+recorded in the manifest with the transform's entry in ``REBUILD``, before it reads the weights.
 
-| name         | what it does                                                                     |
-|--------------|----------------------------------------------------------------------------------|
-| `fuse_norms` | each RMSNorm/LayerNorm's gain (and LayerNorm's bias) moved into the linears it feeds |
-| (`hadamard`) | building block, not a transform yet: Hadamard matrices, fast `hadamard_transform`, random rotations |
+| name              | what it does                                                                          |
+|-------------------|---------------------------------------------------------------------------------------|
+| `fuse_norms`      | each RMSNorm/LayerNorm's gain (and LayerNorm's bias) moved into the linears it feeds    |
+| `rotate_residual` | the residual stream rotated offline by a randomized Hadamard (QuaRot); no run-time cost |
+| `rotate`          | `rotate_residual` plus online Hadamards on the o_proj and down_proj inputs (QuaRot)     |
+| `rotate_inputs`   | an online Hadamard on the input of every linear in the blocks (any architecture)        |
+
+The Hadamard math (matrices, the fast transform, random rotations) is in ``lowbit.hadamard``; the rotations
+in ``lowbit.transforms.rotate``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.transforms.fuse_norms import fuse_norms
-from lowbit.transforms.hadamard import hadamard_transform
+from lowbit.hadamard import hadamard_transform
+from lowbit.transforms.fuse_norms import fuse_norms, rebuild_fuse_norms
+from lowbit.transforms.rotate import (
+    rebuild_rotate,
+    rebuild_rotate_inputs,
+    rebuild_rotate_residual,
+    rotate,
+    rotate_inputs,
+    rotate_residual,
+)
 
 # the names recipes may list under ``transforms:``
-TRANSFORMS: dict[str, Callable[..., nn.Module]] = {"fuse_norms": fuse_norms}
+TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
+    "fuse_norms": fuse_norms,
+    "rotate_residual": rotate_residual,
+    "rotate": rotate,
+    "rotate_inputs": rotate_inputs,
+}
+# per transform: (float architecture, the saved state's keys) -> None, restoring what it changed in the structure
+REBUILD: dict[str, Callable[[nn.Module, set[str]], None]] = {
+    "fuse_norms": rebuild_fuse_norms,
+    "rotate_residual": rebuild_rotate_residual,
+    "rotate": rebuild_rotate,
+    "rotate_inputs": rebuild_rotate_inputs,
+}
+_ROTATIONS = ("rotate_residual", "rotate", "rotate_inputs")
 
 
 class Originals:
     """The tensors transforms changed, as they were before (on the CPU), to put back with :meth:`restore`."""
 
     def __init__(self) -> None:
-        self._slots: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor | None]] = {}
+        # (id(owner), attribute) -> (owner, attribute, saved value, kept by object)
+        self._slots: dict[tuple[int, str], tuple[Any, str, Any, bool]] = {}
 
     def keep(self, module: nn.Module, key: str) -> None:
         """Remember parameter or buffer ``key`` of ``module`` (None if it has none); the first call wins."""
         t = getattr(module, key, None)
         saved = None if t is None else t.detach().to("cpu", copy=True)
-        self._slots.setdefault((id(module), key), (module, key, saved))
+        self._slots.setdefault((id(module), key), (module, key, saved, False))
+
+    def keep_object(self, owner: Any, attr: str) -> None:
+        """Remember the object ``owner.attr`` itself (a child module about to be replaced, a parameter about
+        to be untied, a config value): :meth:`restore` sets it back. The first call for ``(owner, attr)`` wins."""
+        self._slots.setdefault((id(owner), attr), (owner, attr, getattr(owner, attr), True))
+
+    def absorb(self, other: "Originals") -> None:
+        """Take over ``other``'s slots (those this one already holds keep the older value)."""
+        for k, v in other._slots.items():
+            self._slots.setdefault(k, v)
 
     def restore(self) -> None:
-        """Put every kept tensor back, bit for bit; a tensor that did not exist (a created bias) is removed."""
+        """Put every kept tensor back, bit for bit; a tensor that did not exist (a created bias) is removed;
+        objects kept with :meth:`keep_object` are set back."""
         with torch.no_grad():
-            for module, key, saved in reversed(list(self._slots.values())):
+            for module, key, saved, by_object in reversed(list(self._slots.values())):
+                if by_object:
+                    setattr(module, key, saved)
+                    continue
                 current = getattr(module, key, None)
                 if saved is None:
                     setattr(module, key, None)
@@ -66,6 +110,11 @@ def check_transforms(names: Iterable[str], where: str = "plan") -> tuple[str, ..
     for n in names:
         if n not in TRANSFORMS:
             raise InputError(f"{where}: unknown transform {n!r}; known: {', '.join(TRANSFORMS)}")
+    rotations = [n for n in names if n in _ROTATIONS]
+    if len(rotations) > 1:
+        raise InputError(f"{where}: at most one rotation transform, got {rotations}")
+    if rotations and "fuse_norms" in names and names.index("fuse_norms") > names.index(rotations[0]):
+        raise InputError(f"{where}: fuse_norms must come before {rotations[0]} (which runs it itself anyway)")
     return names
 
 
@@ -84,5 +133,12 @@ def apply_transforms(model: nn.Module, names: Iterable[str]) -> Originals:
     return originals
 
 
-__all__ = ["TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "fuse_norms",
-           "hadamard_transform"]
+def rebuild_structure(model: nn.Module, names: Iterable[str], keys: set[str]) -> None:
+    """Give a freshly built float architecture (real or ``meta``) the structure that the transforms ``names``
+    gave the model saved with state ``keys`` (``lowbit.load`` calls this before reading the weights)."""
+    for n in check_transforms(names, "the saved plan"):
+        REBUILD[n](model, keys)
+
+
+__all__ = ["REBUILD", "TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "fuse_norms",
+           "hadamard_transform", "rebuild_structure", "rotate", "rotate_inputs", "rotate_residual"]

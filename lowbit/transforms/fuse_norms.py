@@ -54,6 +54,21 @@ def fuse_norms(model: nn.Module, originals: "Originals | None" = None) -> nn.Mod
     return model
 
 
+def rebuild_fuse_norms(model: nn.Module, keys: set[str]) -> None:
+    """Give each linear of the architecture table that ``fuse_norms`` gave a bias (a LayerNorm's shift fused
+    into a linear without one) that bias again, where the saved ``keys`` hold it (the model may be on ``meta``)."""
+    from lowbit.models.arch import norm_groups
+
+    modules = dict(model.named_modules())
+    for g in norm_groups(model, probe=False):
+        for name in g.linears:
+            lin = modules[name]
+            if getattr(lin, "bias", None) is None and f"{name}.bias" in keys:
+                w = lin.weight
+                out = w.shape[1] if not isinstance(lin, nn.Linear) else w.shape[0]  # Conv1D stores (in, out)
+                lin.bias = nn.Parameter(torch.zeros(out, dtype=w.dtype, device=w.device), requires_grad=False)
+
+
 def fuse_affine(W: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor,
                 b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(W', c')`` with ``W' x + c' == W (x * g + b) + c`` for every ``x``; float64 math, cast back.

@@ -134,3 +134,25 @@ def test_the_gguf_recipe_gives_a_model_the_exporter_takes_whole(tmp_path):
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types
     assert {types[n] for n in types if n.startswith("blk.") and not n.endswith("norm.weight")} == {"Q4_0"}
+
+
+def test_a_tied_model_after_the_offline_rotation_exports_with_its_own_head(tmp_path):
+    lm = load_model("tiny-llama")
+    lm.model.lm_head.weight = lm.model.model.embed_tokens.weight  # tied, as SmolLM2
+    lm.model.config.tie_word_embeddings = True
+    plan = QuantPlan(QuantPlan.uniform("int4-g32").rules, transforms=("rotate_residual",))
+    quantize(lm.model, plan, progress=False)
+    path = export_gguf(lm.model, lm.source, tmp_path / "m.gguf")
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert "output.weight" in names  # untied by the rotation: the head carries the final norm's gain
+    with torch.no_grad():
+        assert torch.allclose(lm.model(_ids()).logits, _load_hf(path)(_ids()).logits, atol=1e-4)
+
+
+def test_online_rotations_are_refused_by_name(tmp_path):
+    lm = load_model("tiny-llama")
+    quantize(lm.model, QuantPlan(QuantPlan.uniform("int4-g32").rules, transforms=("rotate",)), progress=False)
+    with pytest.raises(InputError, match=r"model\.layers\.0\.self_attn\.o_proj: rotates its input online.*"
+                                         r"rotate_residual"):
+        export_gguf(lm.model, lm.source, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

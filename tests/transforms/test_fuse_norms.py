@@ -155,11 +155,11 @@ def test_plan_transforms_round_trip_through_yaml():
 
 
 @pytest.mark.parametrize("recipe, message", [
-    ("transforms: [rotate]\nrules: [{pattern: '*', weight: int8}]", r"unknown transform 'rotate'; known: fuse_norms"),
+    ("transforms: [spin]\nrules: [{pattern: '*', weight: int8}]", r"unknown transform 'spin'; known: fuse_norms"),
     ("transforms: fuse_norms\nrules: [{pattern: '*', weight: int8}]", r"'transforms' must be a list"),
 ])
 def test_bad_transforms_in_a_recipe(recipe, message):
     with pytest.raises(InputError, match=message):
         QuantPlan.from_yaml(recipe)
     with pytest.raises(InputError, match="unknown transform"):
-        QuantPlan(QuantPlan.uniform("int8").rules, transforms=("rotate",))
+        QuantPlan(QuantPlan.uniform("int8").rules, transforms=("spin",))

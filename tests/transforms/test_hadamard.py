@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit.errors import InputError
-from lowbit.transforms.hadamard import (
+from lowbit.hadamard import (
     fwht,
     hadamard_base_orders,
     hadamard_matrix,
