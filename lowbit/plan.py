@@ -38,7 +38,7 @@ import yaml
 from lowbit.algorithms import Algorithm, RTN, make_algorithm
 from lowbit.errors import InputError
 from lowbit.spec import ActivationQuant, KVCacheQuant, QuantSpec, parse_spec
-from lowbit.transforms import check_transforms
+from lowbit.transforms import NEEDS_DATA, check_transforms
 
 DEFAULT_SKIP = ("lm_head", "type:Embedding")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few rules; anything larger is the wrong file (or /dev/zero)
@@ -158,6 +158,8 @@ class QuantPlan:
     @property
     def needs_data(self) -> bool:
         """True when ``quantize`` needs calibration data for this plan."""
+        if any(t in NEEDS_DATA for t in self.transforms):
+            return True
         return any(
             (r.act is not None and not r.act.dynamic) or r.bias_correction or bool(r.method.stats_needed)
             for r in self.rules if r.weight is not None

@@ -99,7 +99,8 @@ def quantize(
     check_materialized(model)
     if isinstance(plan, (str, QuantSpec)):
         plan = QuantPlan.uniform(plan)
-    originals = apply_transforms(model, plan.transforms)  # the float pre-pass; undone if anything below fails
+    # the float pre-pass; undone if anything below fails
+    originals = apply_transforms(model, plan.transforms, data=data, plan=plan, progress=progress)
     try:
         _quantize(model, plan, data, progress, sequential, checkpoint)
     except BaseException:

@@ -220,3 +220,23 @@ def test_recipes_are_the_plans_their_measurements_used():
     for recipe, scheme, method in (("w3-gptq-sequential.yaml", "int3-g64-asym", "gptq-seq"),
                                    ("w4-awq-gptq.yaml", "int4-g128-asym", "awq+gptq-seq")):
         assert QuantPlan.load(root / "recipes" / recipe) == QuantPlan.uniform(scheme, bench.METHODS[method]), recipe
+
+
+def test_activation_recipes_are_the_plans_their_benchmark_rows_use():
+    import importlib.util
+    from pathlib import Path
+
+    from lowbit.models import tiny
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("llm_activations", root / "benchmarks/llm_activations.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    llama = tiny.tiny_llama()  # the Llama family: 'rot' is the rotate transform
+    for recipe, row, kv in (("w8a8-smoothquant.yaml", "w8a8-sq", None),
+                            ("w4a4kv4-rotation-gptq.yaml", "w4a4-rot-gptq", {"spec": "int4-token-asym", "rotate": True}),
+                            ("w3-rotation-gptq.yaml", "w3-rot-gptq", None)):
+        plan = bench.plan_for(bench.ROWS[row][1], llama)
+        if kv is not None:  # the KV4 twin of the row: the same quantization, its cache quantized at run time
+            plan = QuantPlan(plan.rules, plan.skip, plan.transforms, kv)
+        assert QuantPlan.load(root / "recipes" / recipe) == plan, recipe

@@ -65,6 +65,9 @@ class Family:
     writers: tuple[str, ...] = ()
     online: tuple[str, ...] = ()
     no_residual_rotation: str | None = None
+    # (producer, consumer) linears in each block whose channels a per-channel scale may move between
+    # (SmoothQuant): the consumer's input is linear in the producer's output
+    smooth_linears: tuple[tuple[str, str], ...] = ()
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -79,13 +82,14 @@ FAMILIES: dict[str, Family] = {
                     (Feeds("input_layernorm", _QKV), Feeds("post_attention_layernorm", _GATE_UP)),
                     Feeds("norm", ("lm_head",)),
                     embeddings=("embed_tokens",), writers=("self_attn.o_proj", "mlp.down_proj"),
-                    online=("self_attn.o_proj", "mlp.down_proj")),
+                    online=("self_attn.o_proj", "mlp.down_proj"),
+                    smooth_linears=(("mlp.up_proj", "mlp.down_proj"),)),
     "gemma3": Family(("gemma3_text",), ("Gemma3RMSNorm",), 1.0,
                      (Feeds("input_layernorm", _QKV), Feeds("pre_feedforward_layernorm", _GATE_UP)),
                      Feeds("norm", ("lm_head",)),
                      kept=("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.q_norm",
                            "self_attn.k_norm"),
-                     online=("mlp.down_proj",),
+                     online=("mlp.down_proj",), smooth_linears=(("mlp.up_proj", "mlp.down_proj"),),
                      no_residual_rotation="{block}.post_attention_layernorm normalizes o_proj's output and scales "
                                           "it by a per-channel gain before it joins the residual stream; a "
                                           "rotated stream cannot pass that gain"),

@@ -5,7 +5,8 @@ before quantization, so that its weights and activations quantize better.
 after checking the model and before choosing the layers to quantize, and puts the float model back if
 quantization then fails. Each transform is ``f(model, originals) -> model``: it changes ``model`` in place
 and calls ``originals.keep(module, key)`` before it changes a tensor, so :meth:`Originals.restore` can undo it
-exactly (``keep_object`` for a replaced module or an untied parameter). The transformed weights are ordinary
+exactly (``keep_object`` for a replaced module or an untied parameter). Transforms in ``NEEDS_DATA`` also take
+``data=`` (the calibration batches), ``plan=`` and ``progress=`` keywords. The transformed weights are ordinary
 model state that ``lowbit.save`` writes; what a transform changes in the model's *structure* (a bias a linear
 did not have, an untied head, a linear that rotates its input online) ``lowbit.load`` rebuilds from the plan
 recorded in the manifest with the transform's entry in ``REBUILD``, before it reads the weights.
@@ -16,6 +17,7 @@ recorded in the manifest with the transform's entry in ``REBUILD``, before it re
 | `rotate_residual` | the residual stream rotated offline by a randomized Hadamard (QuaRot); no run-time cost |
 | `rotate`          | `rotate_residual` plus online Hadamards on the o_proj and down_proj inputs (QuaRot)     |
 | `rotate_inputs`   | an online Hadamard on the input of every linear in the blocks (any architecture)        |
+| `smoothquant`     | activation outliers moved into the weights by per-channel scales, alpha searched per block (needs data) |
 
 The Hadamard math (matrices, the fast transform, random rotations) is in ``lowbit.hadamard``; the rotations
 in ``lowbit.transforms.rotate``.
@@ -40,6 +42,7 @@ from lowbit.transforms.rotate import (
     rotate_inputs,
     rotate_residual,
 )
+from lowbit.transforms.smooth import smoothquant
 
 # the names recipes may list under ``transforms:``
 TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
@@ -47,13 +50,16 @@ TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
     "rotate_residual": rotate_residual,
     "rotate": rotate,
     "rotate_inputs": rotate_inputs,
+    "smoothquant": smoothquant,
 }
+NEEDS_DATA = ("smoothquant",)
 # per transform: (float architecture, the saved state's keys) -> None, restoring what it changed in the structure
 REBUILD: dict[str, Callable[[nn.Module, set[str]], None]] = {
     "fuse_norms": rebuild_fuse_norms,
     "rotate_residual": rebuild_rotate_residual,
     "rotate": rebuild_rotate,
     "rotate_inputs": rebuild_rotate_inputs,
+    "smoothquant": lambda model, keys: None,  # scales only: weights and gains, no structure
 }
 _ROTATIONS = ("rotate_residual", "rotate", "rotate_inputs")
 
@@ -115,18 +121,29 @@ def check_transforms(names: Iterable[str], where: str = "plan") -> tuple[str, ..
         raise InputError(f"{where}: at most one rotation transform, got {rotations}")
     if rotations and "fuse_norms" in names and names.index("fuse_norms") > names.index(rotations[0]):
         raise InputError(f"{where}: fuse_norms must come before {rotations[0]} (which runs it itself anyway)")
+    if rotations and "smoothquant" in names:
+        raise InputError(f"{where}: smoothquant and {rotations[0]} do not combine (a rotation spreads the outliers "
+                         f"itself, and would fuse the smoothed norm gains back into the weights); pick one")
+    if "smoothquant" in names and "fuse_norms" in names and names.index("fuse_norms") > names.index("smoothquant"):
+        raise InputError(f"{where}: fuse_norms after smoothquant would move the smoothing back into the weights; "
+                         f"list it first")
     return names
 
 
-def apply_transforms(model: nn.Module, names: Iterable[str]) -> Originals:
+def apply_transforms(model: nn.Module, names: Iterable[str], *, data: Any = None, plan: Any = None,
+                     progress: bool = False) -> Originals:
     """Apply the transforms ``names`` to ``model`` in order; return what they changed, for undo.
 
-    If one raises, the ones before it are undone first: the model is left as it came.
+    ``data``, ``plan`` and ``progress`` go to the transforms that need them (``NEEDS_DATA``). If one raises,
+    the ones before it are undone first: the model is left as it came.
     """
     originals = Originals()
     try:
         for n in check_transforms(names):
-            TRANSFORMS[n](model, originals)
+            if n in NEEDS_DATA:
+                TRANSFORMS[n](model, originals, data=data, plan=plan, progress=progress)
+            else:
+                TRANSFORMS[n](model, originals)
     except BaseException:
         originals.restore()
         raise
@@ -141,4 +158,5 @@ def rebuild_structure(model: nn.Module, names: Iterable[str], keys: set[str]) ->
 
 
 __all__ = ["REBUILD", "TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "fuse_norms",
-           "hadamard_transform", "rebuild_structure", "rotate", "rotate_inputs", "rotate_residual"]
+           "hadamard_transform", "rebuild_structure", "rotate", "rotate_inputs", "rotate_residual", "smoothquant",
+           "NEEDS_DATA"]
