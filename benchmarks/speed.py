@@ -30,7 +30,7 @@ def reference_vs_kernel(shape=(4096, 4096), batches=(1, 128)) -> None:
     fp32, _, _ = matmul_layer("fp32", k, n)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) / k**0.5
     for fmt, spec, act in (("int4-g128", "int4-g128-asym", None), ("int8", "int8", None),
-                           ("w8a8", "int8", "int8-token")):
+                           ("w8a8", "int8", "int8-token"), ("w4a8", "int4-g128-asym", "int8-token")):
         a = None if act is None else ActivationQuant(QuantSpec.parse(act), dynamic=True)
         ref = QuantLinear.from_float(w, None, quantize_tensor(w, QuantSpec.parse(spec)), a)
         fast, dtype, _ = matmul_layer(fmt, k, n)

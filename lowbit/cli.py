@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="matmul, decode, vision (default: all; only decode when artifacts are given)")
     b.add_argument("--model", default=None, help="causal LM of the decode table's float rows (default: the "
                    "artifacts' source model, else smollm2-135m)")
-    b.add_argument("--formats", nargs="+", default=None, help="decode formats: fp32 bf16 int4 int8 w8a8 (default: "
+    b.add_argument("--formats", nargs="+", default=None, help="decode formats: fp32 bf16 int4 int8 w8a8 w4a8 (default: "
                    "all; only fp32 when artifacts are given)")
     b.add_argument("--new-tokens", type=_positive_int, default=128, help="decode: tokens generated (default 128)")
     b.add_argument("--prompt-tokens", type=_positive_int, default=128, help="decode: prompt length (default 128)")
@@ -339,7 +339,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         raise InputError(f"--new-tokens must be at least 2 (decode speed is timed after the first), got {a.new_tokens}")
     json_path = None if a.json is None else check_destination(a.json, True, file=True)  # not after the run
     sections = tuple(a.sections or (("decode",) if a.artifacts else SECTIONS))
-    formats = tuple(a.formats or (("fp32",) if a.artifacts else ("fp32", "bf16", "int4", "int8", "w8a8")))
+    formats = tuple(a.formats or (("fp32",) if a.artifacts else ("fp32", "bf16", "int4", "int8", "w8a8", "w4a8")))
     kw = {"shapes": ((4096, 4096),), "min_time": 0.15} if a.quick else {}
     out = run_bench(sections, model=model, formats=formats, artifacts=tuple(a.artifacts),
                     new_tokens=a.new_tokens, prompt_tokens=a.prompt_tokens, **kw)

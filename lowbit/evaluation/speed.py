@@ -12,6 +12,8 @@ Formats of a matrix-product row (``MATMUL_FORMATS``):
     int4-g128   4-bit asymmetric weights in groups of 128, lowbit's kernel (bf16 activations)
     int8        8-bit per-channel symmetric weights, weight-only kernel (bf16 activations)
     w8a8        8-bit per-channel weights x dynamic per-token 8-bit activations, int8 x int8 kernel
+    w4a8        4-bit asymmetric weights in groups of 128 x dynamic per-token 8-bit activations, int8 x int8
+                products per group (lowbit.kernels.w4a8)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ MATMUL_FORMATS: dict[str, tuple[str | None, str | None]] = {  # name -> (weight 
     "int4-g128": ("int4-g128-asym", None),
     "int8": ("int8", None),
     "w8a8": ("int8", "int8-token"),
+    "w4a8": ("int4-g128-asym", "int8-token"),
 }
 LLM_SHAPES = ((576, 1536), (2048, 2048), (4096, 4096), (4096, 11008))  # (in_features, out_features)
 BATCHES = (1, 16, 128)
@@ -73,7 +76,7 @@ def matmul_layer(fmt: str, in_features: int, out_features: int, seed: int = 0) -
     name = kernel_name(m)
     if name is None:
         raise InputError(f"no kernel runs {fmt} at {in_features}x{out_features}")
-    return m, (torch.float32 if fmt == "w8a8" else torch.bfloat16), name
+    return m, (torch.float32 if aspec is not None else torch.bfloat16), name
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowbit.kernels import conv_int8, embedding, int4, int8
+from lowbit.kernels import conv_int8, embedding, int4, int8, w4a8
 from lowbit.errors import InputError
 from lowbit.nn.base import KERNEL_ATTR, QuantModule
 
@@ -62,6 +62,9 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("w8a8-int-mm", "8-bit per-channel weights x 8-bit dynamic per-token (or per-tensor) activations: "
            "int8 x int8 -> int32 (torch._int_mm, VNNI), exact integer correction terms",
            int8.w8a8_why_not, int8.w8a8_pack, int8.w8a8_run),
+    Kernel("w4a8-int-mm", "4-bit integer weights (per channel, or groups of a multiple of 8) x 8-bit dynamic "
+           "per-token (or per-tensor) activations: int8 x int8 -> int32 per group (torch._int_mm), exact integer "
+           "corrections; the codes widened to int8 in memory", w4a8.why_not, w4a8.pack, w4a8.run),
     Kernel("int8-weight-bf16", "8-bit per-channel integer weights, bf16 activations: torch's int8 CPU matmul "
            "(_weight_int8pack_mm)", int8.weight_only_why_not, int8.weight_only_pack, int8.weight_only_run),
     Kernel("conv-int8-onednn", "8-bit per-channel symmetric conv weights x static per-tensor 8-bit activations: "

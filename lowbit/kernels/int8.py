@@ -83,11 +83,14 @@ def weight_only_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
 
 def w8a8_why_not(m: QuantModule) -> str | None:
     why = _int8_channel_weight(m)
-    if why is not None:
-        return why
+    return why if why is not None else act_why_not(m)
+
+
+def act_why_not(m: QuantModule) -> str | None:
+    """None if ``m``'s input is quantized to 8-bit integers per token or per tensor at run time, else why not."""
     act = m.act
     if act is None:
-        return "its activations are not quantized (W8A8 needs 8-bit activations)"
+        return "its activations are not quantized (this kernel needs 8-bit activations)"
     a = act.spec
     if a.format != "int" or a.bits != 8 or a.granularity not in ("token", "tensor"):
         return f"activation format {a.name} is not 8-bit integer per token or per tensor"
@@ -105,22 +108,28 @@ def w8a8_pack(m: QuantLinear) -> dict:
 def w8a8_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     k = m.in_features
     x2 = x.reshape(-1, k)
-    if m.act.spec.has_zero_point:
-        qx = quantize(x2, m.act.spec)  # codes uint8 (M, in); scale / zero point (M, 1) or (1, 1)
-        a = _signed_codes(qx.codes)
-        t = qx.scale if qx.global_scale is None else qx.scale * qx.global_scale
-    else:
-        a, t = symmetric_codes(x2, m.act.spec)
+    a, t, p = activation_codes(x2, m.act.spec)
     acc = torch._int_mm(a, st["weight"].t())  # (M, out) int32
     if st["has_offset"]:
         acc += a.to(torch.int32).sum(1, keepdim=True) * st["offset"]
-    if m.act.spec.has_zero_point:
-        p = 128 - qx.zero_point.to(torch.int32)  # (M, 1)
+    if p is not None:
         acc += p * (st["colsum"] + k * st["offset"])
     y = acc.float().mul_(t).mul_(st["scale"])
     if m.bias is not None:
         y += m.bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+def activation_codes(x2: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``x2`` ``(M, K)`` as signed int8 codes ``a``, scale ``t`` ``(M, 1)`` or ``(1, 1)`` and, for an asymmetric
+    spec, the offset ``p = 128 - zero point`` int32 ``(M, 1)`` (else None): ``x2 ~ (a + p) * t``, the codes
+    lowbit's quantizer gives."""
+    if not spec.has_zero_point:
+        a, t = symmetric_codes(x2, spec)
+        return a, t, None
+    qx = quantize(x2, spec)  # codes uint8 (M, in); scale / zero point (M, 1) or (1, 1)
+    t = qx.scale if qx.global_scale is None else qx.scale * qx.global_scale
+    return _signed_codes(qx.codes), t, 128 - qx.zero_point.to(torch.int32)
 
 
 def symmetric_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,9 +27,10 @@ def test_every_matmul_format_runs_its_kernel_and_computes_the_same_product(fmt):
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
     y = layer(x.to(dtype)).float()
     err = float((y - ref(x)).norm() / ref(x).norm())
-    assert err < {"fp32": 1e-6, "bf16": 2e-2, "int8": 3e-2, "w8a8": 3e-2, "int4-g128": 0.2}[fmt]
+    assert err < {"fp32": 1e-6, "bf16": 2e-2, "int8": 3e-2, "w8a8": 3e-2, "int4-g128": 0.2, "w4a8": 0.2}[fmt]
     if fmt not in ("fp32", "bf16"):
-        assert runs in ("int4-weight-bf16", "int8-weight-bf16", "w8a8-int-mm")
+        assert runs == {"int4-g128": "int4-weight-bf16", "int8": "int8-weight-bf16", "w8a8": "w8a8-int-mm",
+                        "w4a8": "w4a8-int-mm"}[fmt]
         assert layer.storage_released  # the bench measures what keep_reference=False holds
 
 

@@ -102,6 +102,46 @@ def test_w8a8_kernel_matches_the_reference_to_float_rounding(wspec, aspec, rows)
     assert _rel(m(x), ref) < 1e-5
 
 
+@pytest.mark.parametrize("wspec", ["int4-g32", "int4-g128-asym", "int4-ch", "int4-ch-asym"])
+@pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym", "int8-tensor-asym"])
+@pytest.mark.parametrize("rows", [1, 17])
+@pytest.mark.parametrize("in_f", [256, 320])  # 320 in groups of 128: a last group of 64, as SmolLM2's 576
+def test_w4a8_kernel_matches_the_reference_to_float_rounding(wspec, aspec, rows, in_f):
+    """Per group, one exact int8 x int8 product and integer corrections: only the float scaling rounds."""
+    m = _linear(40, in_f, wspec, act=aspec, input_scale=True)
+    x = _x(rows, in_f) * 3 + 0.5
+    ref = m.reference(x)
+    assert _attach(m) == "w4a8-int-mm"
+    assert _rel(m(x), ref) < 1e-5
+
+
+def test_w4a8_kernel_runs_after_an_online_rotation():
+    from lowbit.nn.rotation import rotate_input
+
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(3))
+    m = QuantLinear.from_float(w, None, quantize_tensor(w, QuantSpec.parse("int4-g32-asym")),
+                               ActivationQuant(QuantSpec.parse("int8-token")), input_rotation=96)
+    x = _x(5, 96)
+    ref = m.reference(x)
+    assert _attach(m) == "w4a8-int-mm"
+    assert _rel(m(x), ref) < 1e-5
+    assert _rel(ref, rotate_input(x, 96) @ m.dequantized_weight().T) < 0.02  # the kernel got the rotated input
+
+
+@pytest.mark.parametrize("spec, out_f, in_f, act, why", [
+    ("int4-g48", 20, 96, "int8-token", "out_features 20 must be"),      # groups fine, 20 outputs are not
+    ("int4-g40", 32, 100, "int8-token", "last group 20"),             # 100 = 40 + 40 + 20
+    ("int4-g36", 32, 72, "int8-token", "group size 36"),              # not a multiple of 8
+    ("int4-g32", 32, 96, "int4-token", "not 8-bit integer per token"),
+])
+def test_w4a8_declines_what_it_cannot_run_exactly(spec, out_f, in_f, act, why):
+    m = _linear(out_f, in_f, spec, act=act)
+    report = use_kernels(m)
+    assert why in report.reasons[""]["w4a8-int-mm"]
+    x = _x(3, in_f)
+    assert torch.equal(m(x), m.reference(x))
+
+
 def test_int8_weight_only_kernel_declines_inputs_not_a_multiple_of_16():
     m = _linear(32, 200, "int8")
     report = use_kernels(m)
