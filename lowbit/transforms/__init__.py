@@ -18,6 +18,10 @@ recorded in the manifest with the transform's entry in ``REBUILD``, before it re
 | `rotate`          | `rotate_residual` plus online Hadamards on the o_proj and down_proj inputs (QuaRot)     |
 | `rotate_inputs`   | an online Hadamard on the input of every linear in the blocks (any architecture)        |
 | `smoothquant`     | activation outliers moved into the weights by per-channel scales, alpha searched per block (needs data) |
+| `awq_scales`      | AWQ's activation-aware scales, shared by each norm's linears and folded into the norm (needs data) |
+
+Scaling transforms (``smoothquant``, ``awq_scales``) come after ``fuse_norms`` and any rotation: those would fuse
+the scaled norm gains back into the weights.
 
 The Hadamard math (matrices, the fast transform, random rotations) is in ``lowbit.hadamard``; the rotations
 in ``lowbit.transforms.rotate``.
@@ -42,7 +46,7 @@ from lowbit.transforms.rotate import (
     rotate_inputs,
     rotate_residual,
 )
-from lowbit.transforms.smooth import smoothquant
+from lowbit.transforms.smooth import awq_scales, smoothquant
 
 # the names recipes may list under ``transforms:``
 TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
@@ -51,8 +55,9 @@ TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
     "rotate": rotate,
     "rotate_inputs": rotate_inputs,
     "smoothquant": smoothquant,
+    "awq_scales": awq_scales,
 }
-NEEDS_DATA = ("smoothquant",)
+NEEDS_DATA = ("smoothquant", "awq_scales")
 # per transform: (float architecture, the saved state's keys) -> None, restoring what it changed in the structure
 REBUILD: dict[str, Callable[[nn.Module, set[str]], None]] = {
     "fuse_norms": rebuild_fuse_norms,
@@ -60,8 +65,10 @@ REBUILD: dict[str, Callable[[nn.Module, set[str]], None]] = {
     "rotate": rebuild_rotate,
     "rotate_inputs": rebuild_rotate_inputs,
     "smoothquant": lambda model, keys: None,  # scales only: weights and gains, no structure
+    "awq_scales": lambda model, keys: None,
 }
 _ROTATIONS = ("rotate_residual", "rotate", "rotate_inputs")
+_SCALINGS = ("smoothquant", "awq_scales")
 
 
 class Originals:
@@ -121,12 +128,15 @@ def check_transforms(names: Iterable[str], where: str = "plan") -> tuple[str, ..
         raise InputError(f"{where}: at most one rotation transform, got {rotations}")
     if rotations and "fuse_norms" in names and names.index("fuse_norms") > names.index(rotations[0]):
         raise InputError(f"{where}: fuse_norms must come before {rotations[0]} (which runs it itself anyway)")
-    if rotations and "smoothquant" in names:
-        raise InputError(f"{where}: smoothquant and {rotations[0]} do not combine (a rotation spreads the outliers "
-                         f"itself, and would fuse the smoothed norm gains back into the weights); pick one")
-    if "smoothquant" in names and "fuse_norms" in names and names.index("fuse_norms") > names.index("smoothquant"):
-        raise InputError(f"{where}: fuse_norms after smoothquant would move the smoothing back into the weights; "
-                         f"list it first")
+    for scaling in _SCALINGS:
+        if scaling not in names:
+            continue
+        later = [n for n in names[names.index(scaling) + 1:] if n == "fuse_norms" or n in _ROTATIONS]
+        if later:
+            raise InputError(f"{where}: {later[0]} after {scaling} would fuse the scaled norm gains back into the "
+                             f"weights; list {scaling} after it")
+    if all(s in names for s in _SCALINGS):
+        raise InputError(f"{where}: smoothquant and awq_scales both rescale the same channels; pick one")
     return names
 
 
@@ -159,4 +169,4 @@ def rebuild_structure(model: nn.Module, names: Iterable[str], keys: set[str]) ->
 
 __all__ = ["REBUILD", "TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "fuse_norms",
            "hadamard_transform", "rebuild_structure", "rotate", "rotate_inputs", "rotate_residual", "smoothquant",
-           "NEEDS_DATA"]
+           "awq_scales", "NEEDS_DATA"]

@@ -26,8 +26,13 @@ fixed 0.5 (0.75-0.85 for some models, section 5); searching it per block is the 
 (e.g. OmniQuant learns the scales).
 
 It needs calibration data (``quantize(..., data=)``) and is exact in float arithmetic: the float model's
-outputs move by rounding only. Not combined with a rotation (a rotation spreads the outliers itself, and its
-``fuse_norms`` step would move the smoothed gains back into the weights).
+outputs move by rounding only. After a rotation it scales the rotated channels; before one it would be undone
+(the rotation's ``fuse_norms`` step moves the scaled gains back into the weights), so ``check_transforms``
+refuses that order.
+
+:func:`awq_scales` is the same machinery with AWQ's scale rule (``mean|x_j|^alpha``, Lin et al. 2024) for
+weight-only plans: one scale per norm shared by the linears it feeds, folded into the norm, so the quantized
+layers need no input scale of their own.
 """
 
 from __future__ import annotations
@@ -71,23 +76,49 @@ def smoothquant(model: nn.Module, originals: "Originals | None" = None, *, data:
 
     Raises InputError for missing data, an architecture the table does not know or that does not fit it.
     """
+    return _scale_pairs(model, originals, data, plan, progress, "smoothquant")
+
+
+def awq_scales(model: nn.Module, originals: "Originals | None" = None, *, data: Any = None,
+               plan: "QuantPlan | None" = None, progress: bool = False) -> nn.Module:
+    """AWQ's activation-aware scales (Lin et al. 2024), folded into the norms and up projections.
+
+    Per pair ``s_j = mean|x_j|^alpha`` (normalized by ``sqrt(max s * min s)``), ``alpha`` in ``AWQ_ALPHAS``
+    chosen per block by the block's output error with the plan's weight formats simulated; the same pairs and
+    the same folding as :func:`smoothquant`, for weight-only plans: every consumer of a norm shares one ``s``
+    (AWQ's reference code groups q/k/v and gate/up the same way), so nothing is left in the layers and the
+    result exports like any model. ``method: awq`` in a rule instead keeps one ``s`` per layer as its input
+    scale, for layers no norm feeds.
+    """
+    return _scale_pairs(model, originals, data, plan, progress, "awq_scales")
+
+
+AWQ_ALPHAS = tuple(i / 20 for i in range(20))
+
+
+def _scale_pairs(model: nn.Module, originals: "Originals | None", data: Any, plan: "QuantPlan | None",
+                 progress: bool, rule_name: str) -> nn.Module:
     from lowbit.calibration.blocks import find_blocks
     from lowbit.calibration.capture import batches
     from lowbit.calibration.sequential import capture_block_inputs
     from lowbit.transforms import Originals
 
     if data is None:
-        raise InputError("the smoothquant transform needs calibration data (quantize(..., data=...), or a command "
-                         "that loads calibration text)")
+        raise InputError(f"the {rule_name} transform needs calibration data (quantize(..., data=...), or a command "
+                         f"that loads calibration text)")
     if plan is None:
-        raise InputError("the smoothquant transform needs the plan (its formats decide the scales)")
+        raise InputError(f"the {rule_name} transform needs the plan (its formats decide the scales)")
     pairs = smoothing_pairs(model)
     blocks = find_blocks(model)
     rules = {n: plan.rule_for(n, m) for n, m in model.named_modules()}
-    pairs = [p for p in pairs if any(rules.get(c) is not None and rules[c].act is not None for c in p.consumers)]
+    if rule_name == "smoothquant":
+        pairs = [p for p in pairs if any(rules.get(c) is not None and rules[c].act is not None for c in p.consumers)]
+        what = "quantizes its activations"
+    else:
+        pairs = [p for p in pairs if any(rules.get(c) is not None for c in p.consumers)]
+        what = "is quantized"
     if not pairs:
-        log.warning("smoothquant: no linear fed by a smoothing pair quantizes its activations in this plan; "
-                    "nothing to smooth")
+        log.warning("%s: no linear fed by a smoothing pair %s in this plan; nothing to scale", rule_name, what)
         return model
     subset, rows = [], 0
     for b in batches(data):
@@ -98,22 +129,24 @@ def smoothquant(model: nn.Module, originals: "Originals | None" = None, *, data:
     own = originals if originals is not None else Originals()
     inputs = capture_block_inputs(model, blocks, subset, progress)
     modules = dict(model.named_modules())
+    alphas = ALPHAS if rule_name == "smoothquant" else AWQ_ALPHAS
+    scale = _smooth_scales if rule_name == "smoothquant" else _awq_scales
     chosen = []
     with torch.no_grad():
-        for i, (bname, block) in enumerate(tqdm(blocks, desc="smoothquant", unit="block", disable=not progress)):
+        for i, (bname, block) in enumerate(tqdm(blocks, desc=rule_name, unit="block", disable=not progress)):
             mine = [p for p in pairs if p.producer.startswith(bname + ".")]
             ref = [inputs.run(i, block, b) for b in range(len(inputs.hidden))]
             if mine:
-                amax = _input_absmax(inputs, i, block, mine, modules)
-                best = _search(inputs, i, block, bname, mine, amax, modules, rules, ref)
+                stats = _input_stats(inputs, i, block, mine, modules)
+                best = _search(inputs, i, block, bname, mine, stats, modules, rules, ref, alphas, scale)
                 chosen.append(best)
                 if best is not None:
                     for p in mine:
-                        _apply(p, _scales(p, amax[p.producer], best, modules), modules, own)
+                        _apply(p, scale(p, stats[p.producer], best, modules), modules, own)
             for b in range(len(inputs.hidden)):
                 inputs.hidden[b] = ref[b]  # an equivalence: the float outputs are the next block's inputs
-    picked = ", ".join("none" if a is None else f"{a:.1f}" for a in chosen)
-    log.info("smoothquant: %d pair(s) over %d block(s); alpha per block: %s", len(pairs), len(blocks), picked)
+    picked = ", ".join("none" if a is None else f"{a:.2f}" for a in chosen)
+    log.info("%s: %d pair(s) over %d block(s); alpha per block: %s", rule_name, len(pairs), len(blocks), picked)
     return model
 
 
@@ -140,15 +173,19 @@ def smoothing_pairs(model: nn.Module) -> list[Pair]:
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _input_absmax(inputs, i: int, block: nn.Module, pairs: list[Pair], modules: dict) -> dict[str, torch.Tensor]:
-    """Per pair: ``max |x_j|`` (float64 ``(channels,)``) over the block's calibration inputs of its first consumer."""
-    out: dict[str, torch.Tensor] = {}
+def _input_stats(inputs, i: int, block: nn.Module, pairs: list[Pair], modules: dict) -> dict[str, dict]:
+    """Per pair: ``max |x_j|`` and ``mean |x_j|`` (float64 ``(channels,)``) over the block's calibration inputs
+    of its first consumer."""
+    found: dict[str, dict] = {}
     first = {p.consumers[0]: p.producer for p in pairs}
 
     def hook_for(producer: str):
         def hook(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).double()
-            out[producer] = x if producer not in out else torch.maximum(out[producer], x)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().double()
+            st = found.setdefault(producer, {"max": x.amax(0), "sum": torch.zeros_like(x[0]), "n": 0})
+            st["max"] = torch.maximum(st["max"], x.amax(0))
+            st["sum"] += x.sum(0)
+            st["n"] += x.shape[0]
         return hook
 
     handles = [modules[c].register_forward_pre_hook(hook_for(p)) for c, p in first.items()]
@@ -159,16 +196,23 @@ def _input_absmax(inputs, i: int, block: nn.Module, pairs: list[Pair], modules: 
         for h in handles:
             h.remove()
     for p in pairs:
-        if p.producer not in out:
-            raise InputError(f"module {p.consumers[0]!r} did not run on the calibration data; smoothquant cannot "
-                             f"measure its input")
-    return out
+        if p.producer not in found:
+            raise InputError(f"module {p.consumers[0]!r} did not run on the calibration data; the scales cannot "
+                             f"be measured")
+    return {k: {"max": v["max"], "mean": v["sum"] / max(v["n"], 1)} for k, v in found.items()}
 
 
-def _scales(p: Pair, amax: torch.Tensor, alpha: float, modules: dict) -> torch.Tensor:
+def _smooth_scales(p: Pair, stats: dict, alpha: float, modules: dict) -> torch.Tensor:
+    """SmoothQuant's ``max|X_j|^alpha / max|W_j|^(1 - alpha)`` (float64 ``(in,)``)."""
     wmax = torch.stack([float_weight(modules[c]).abs().amax(0).double() for c in p.consumers]).amax(0)  # (in,)
-    s = amax.clamp_min(MIN_SCALE).pow(alpha) / wmax.clamp_min(MIN_SCALE).pow(1 - alpha)
-    return s.clamp_min(MIN_SCALE)  # (in,) float64
+    s = stats["max"].clamp_min(MIN_SCALE).pow(alpha) / wmax.clamp_min(MIN_SCALE).pow(1 - alpha)
+    return s.clamp_min(MIN_SCALE)
+
+
+def _awq_scales(p: Pair, stats: dict, alpha: float, modules: dict) -> torch.Tensor:
+    """AWQ's ``mean|x_j|^alpha``, divided by ``sqrt(max s * min s)`` so the scales centre on 1."""
+    s = stats["mean"].clamp_min(MIN_SCALE).pow(alpha)
+    return (s / (s.max() * s.min()).sqrt()).clamp_min(MIN_SCALE)
 
 
 def _apply(p: Pair, s: torch.Tensor, modules: dict, originals: "Originals") -> None:
@@ -207,20 +251,20 @@ def _scale_columns(lin: nn.Module, f: torch.Tensor, originals: "Originals") -> N
     w.copy_((w.detach().double() * (f[:, None] if transposed else f[None, :])).to(w.dtype))
 
 
-def _search(inputs, i: int, block: nn.Module, bname: str, pairs: list[Pair], amax: dict, modules: dict,
-            rules: dict, ref: list[torch.Tensor]) -> float | None:
+def _search(inputs, i: int, block: nn.Module, bname: str, pairs: list[Pair], stats: dict, modules: dict,
+            rules: dict, ref: list[torch.Tensor], alphas: tuple[float, ...], scale) -> float | None:
     """The alpha (or None: no smoothing) whose smoothed, simulated block is closest to the float block."""
     from lowbit.transforms import Originals
 
     linears = [(n, m) for n, m in modules.items() if n.startswith(bname + ".") and rules.get(n) is not None
                and hasattr(m, "weight") and isinstance(getattr(m, "weight"), torch.Tensor) and m.weight.dim() == 2]
     best, best_err = None, None
-    for alpha in (None, *ALPHAS):
+    for alpha in (None, *alphas):
         trial = Originals()
         try:
             if alpha is not None:
                 for p in pairs:
-                    _apply(p, _scales(p, amax[p.producer], alpha, modules), modules, trial)
+                    _apply(p, scale(p, stats[p.producer], alpha, modules), modules, trial)
             err = _simulated_error(inputs, i, block, linears, rules, ref, trial)
         finally:
             trial.restore()

@@ -95,10 +95,13 @@ def test_smoothquant_needs_data_and_does_not_combine_with_a_rotation():
     assert _plan().needs_data
     with pytest.raises(InputError, match="smoothquant transform needs calibration data"):
         quantize(model, _plan(), progress=False)
-    with pytest.raises(InputError, match="smoothquant and rotate do not combine"):
+    with pytest.raises(InputError, match="rotate after smoothquant would fuse the scaled norm gains back"):
         _plan(transforms=("smoothquant", "rotate"))
-    with pytest.raises(InputError, match="fuse_norms after smoothquant"):
-        _plan(transforms=("smoothquant", "fuse_norms"))
+    with pytest.raises(InputError, match="fuse_norms after awq_scales"):
+        _plan(transforms=("awq_scales", "fuse_norms"))
+    with pytest.raises(InputError, match="pick one"):
+        _plan(transforms=("awq_scales", "smoothquant"))
+    assert _plan(transforms=("rotate", "smoothquant")).transforms == ("rotate", "smoothquant")
 
 
 def test_a_smoothed_model_saves_and_loads_the_same(tmp_path):
@@ -119,3 +122,35 @@ def test_a_failed_quantization_puts_back_the_unsmoothed_model(fail_in_block_1):
         quantize(model, plan, _ids(8, 0), progress=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_awq_scales_fold_into_norms_and_lower_the_weight_only_error(arch, tmp_path):
+    model = with_outliers(ARCHS[arch]())
+    ids = _ids()
+    ref = _logits(model, ids)
+    plan = QuantPlan.from_dict({"rules": [{"pattern": "*", "weight": "int3-g32-asym"}], "transforms": ["awq_scales"]})
+    scaled = copy.deepcopy(model)
+    apply_transforms(scaled, ["awq_scales"], data=ids, plan=plan)
+    assert (_logits(scaled, ids) - ref).abs().max() < RTOL * ref.abs().max()
+    errors = {}
+    for name, p in (("rtn", QuantPlan(plan.rules)), ("awq_scales", plan)):
+        m = copy.deepcopy(model)
+        quantize(m, p, ids, progress=False)
+        errors[name] = float((_logits(m, ids) - ref).norm() / ref.norm())
+        assert not any(getattr(x, "input_scale", None) is not None for x in m.modules())  # folded, none stored
+    assert errors["awq_scales"] < errors["rtn"], errors
+
+
+def test_a_llama_with_awq_scales_exports_to_gguf(tmp_path):
+    pytest.importorskip("gguf")
+    import lowbit
+    from lowbit.export import export_gguf
+
+    lm = lowbit.load_model("tiny-llama")
+    with_outliers(lm.model)
+    ids = _ids(8)
+    plan = QuantPlan.from_dict({"rules": [{"pattern": "*", "weight": "int4-g32", "method": "gptq"}],
+                                "transforms": ["awq_scales"]})
+    quantize(lm.model, plan, ids, progress=False)
+    assert export_gguf(lm.model, lm.source, tmp_path / "m.gguf").stat().st_size > 0
