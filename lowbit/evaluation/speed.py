@@ -91,16 +91,25 @@ class MatmulRow:
 
 
 def matmul_times(in_features: int, out_features: int, batches: tuple[int, ...] = BATCHES,
-                 formats: tuple[str, ...] = tuple(MATMUL_FORMATS), min_time: float = 0.3) -> list[MatmulRow]:
-    """Median seconds of ``y = x @ W.T`` for each batch and format (the layer is built once per format)."""
-    times: dict[int, dict[str, float]] = {b: {} for b in batches}
-    for fmt in formats:
-        layer, dtype, _ = matmul_layer(fmt, in_features, out_features)
-        for b in batches:
-            x = torch.randn(b, in_features, generator=torch.Generator().manual_seed(b)).to(dtype)
-            with torch.inference_mode():
-                times[b][fmt] = median_time(lambda: layer(x), min_time=min_time)
-        del layer
+                 formats: tuple[str, ...] = tuple(MATMUL_FORMATS), min_time: float = 0.3,
+                 rounds: int = 3) -> list[MatmulRow]:
+    """Median seconds of ``y = x @ W.T`` for each batch and format.
+
+    Every format's layer is built first; then, per batch, ``rounds`` rounds each time every format in turn
+    (``min_time / rounds`` each), so a slow spell of the machine lands on all formats alike, and each format's
+    time is the median of its round medians.
+    """
+    layers = {fmt: matmul_layer(fmt, in_features, out_features)[:2] for fmt in formats}
+    times: dict[int, dict[str, float]] = {}
+    for b in batches:
+        x = torch.randn(b, in_features, generator=torch.Generator().manual_seed(b))
+        inputs = {fmt: x.to(dtype) for fmt, (_, dtype) in layers.items()}
+        rounds_of: dict[str, list[float]] = {fmt: [] for fmt in formats}
+        with torch.inference_mode():
+            for _ in range(max(1, rounds)):
+                for fmt, (layer, _) in layers.items():
+                    rounds_of[fmt].append(median_time(lambda: layer(inputs[fmt]), min_time=min_time / max(1, rounds)))
+        times[b] = {fmt: statistics.median(ts) for fmt, ts in rounds_of.items()}
     return [MatmulRow(in_features, out_features, b, times[b]) for b in batches]
 
 

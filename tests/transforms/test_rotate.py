@@ -205,3 +205,19 @@ def test_a_failed_quantization_puts_back_the_unrotated_model(fail_in_block_1):
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "opt"])
+def test_rotate_inputs_with_gptq_activations_and_kv_saves_and_loads_the_same(arch, tmp_path):
+    model = with_random_norms(BUILD[arch]())
+    ids = _ids(4, 5, 32)
+    ref = _logits(model, ids)
+    plan = QuantPlan.from_dict({"rules": [{"pattern": "*", "weight": "int4-ch-asym", "method": "gptq",
+                                           "act": "int8-token"}],
+                                "transforms": ["rotate_inputs"], "kv": {"spec": "int8-token", "rotate": True}})
+    quantize(model, plan, [ids[:2], ids[2:]], progress=False)
+    assert all(m.input_rotation is not None for m in model.modules() if isinstance(m, QuantLinear))
+    out = _logits(model, ids)
+    assert (out - ref).abs().max() < 0.3 * ref.abs().max()
+    loaded = load(save(model, tmp_path / "rot", plan=plan), model=with_random_norms(BUILD[arch](seed=9)))
+    assert torch.equal(_logits(loaded, ids), out)
