@@ -30,10 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +44,7 @@ from lowbit.nn import cached_weights
 from lowbit.nn.kv_cache import attach_kv_quant
 from lowbit.plan import QuantPlan
 from lowbit.spec import KVCacheQuant
+from rows import code_version, cpu_name, row_in_new_process
 
 GPTQ_SEQ = {"name": "gptq", "true_sequential": True, "percdamp": 0.1}
 KV4 = "int4-token-asym"
@@ -115,9 +112,9 @@ def main() -> None:
     if a.row:
         Path(a.row_out).write_text(json.dumps(measure_row(*a.row, a)), encoding="utf-8")
         return
-    a.code = _code_version()
+    a.code = code_version(__file__)
     print(f"calibration: {a.calib_samples} x {a.calib_len} tokens of news text, seed 0; {a.threads} threads; "
-          f"code {a.code}; torch {torch.__version__}; CPU {_cpu()}")
+          f"code {a.code}; torch {torch.__version__}; CPU {cpu_name()}")
     print(_header(), flush=True)
     rows = []
     for name in a.models:
@@ -137,28 +134,13 @@ def run_model(name: str, a: argparse.Namespace) -> list[dict]:
                       "seconds": 0.0, "peak_x": 1.0, "plan": None})]
     del lm
     for rid in a.rows:
-        r = _row_in_new_process(name, rid, a)
+        r = row_in_new_process(__file__, [name, rid], a)
         for key, ppl in r["ppl"].items():
             label = ROWS[rid][0] + (" KV4" if key != "main" else "")
             rows.append(_emit(a, {"model": name, "row": rid + ("+kv4" if key != "main" else ""), "label": label,
                                   "ppl": ppl, "vs_float": ppl / base, "seconds": r["seconds"],
                                   "peak_x": r["peak_x"], "plan": r["plan"] if key == "main" else r["plan_kv"]}))
     return rows
-
-
-def _row_in_new_process(name: str, rid: str, a: argparse.Namespace) -> dict:
-    fd, out = tempfile.mkstemp(prefix="lowbit-row-", suffix=".json")
-    os.close(fd)
-    try:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name, rid, "--row-out", out, "--tokens",
-               str(a.tokens), "--calib-samples", str(a.calib_samples), "--calib-len", str(a.calib_len),
-               "--threads", str(a.threads)]
-        done = subprocess.run(cmd, stdout=sys.stderr)
-        if done.returncode != 0:
-            raise SystemExit(f"row {name} {rid} failed (exit {done.returncode}); its error is above")
-        return json.loads(Path(out).read_text(encoding="utf-8"))
-    finally:
-        Path(out).unlink(missing_ok=True)
 
 
 def measure_row(name: str, rid: str, a: argparse.Namespace) -> dict:
@@ -189,32 +171,6 @@ def measure_row(name: str, rid: str, a: argparse.Namespace) -> dict:
             out["plan_kv"] = {**plan.to_dict(), "kv": kv.to_dict()}
             out["ppl"]["kv"] = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl
     return out
-
-
-def _code_version() -> str:
-    """git's hashes of ``lowbit/`` and this script as committed, ``+changes`` when the tree differs."""
-    here = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        version = git("rev-parse", "--short=12", "HEAD:lowbit") + "-" + git(
-            "rev-parse", "--short=12", "HEAD:benchmarks/llm_activations.py")
-        dirty = git("status", "--porcelain", "--", "lowbit", "benchmarks/llm_activations.py")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return version + ("+changes" if dirty else "")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _emit(a: argparse.Namespace, row: dict) -> dict:

@@ -41,10 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +54,7 @@ from lowbit.models import default_bos, load_model
 from lowbit.nn import cached_weights
 from lowbit.plan import QuantPlan
 from lowbit.quantizer import quantize
+from rows import code_version, row_in_new_process
 
 SCHEMES = {
     "w4g64": "int4-g64-asym",
@@ -155,27 +152,11 @@ def run_model(name: str, a: argparse.Namespace) -> list[dict]:
                 rows.append(a.done[(name, spec, method)])
                 print(_line(rows[-1]) + "  (earlier sitting)", flush=True)
                 continue
-            r = _row_in_new_process(name, spec, method, a)
+            r = row_in_new_process(__file__, [name, spec, method], a)
             rows.append(_emit(a, {"model": name, "scheme": spec, "method": method, "ppl": r["ppl"],
                                   "vs_float": r["ppl"] / base, "seconds": r["seconds"], "peak_x": r["peak_x"],
                                   "bits": r["bits"], "protocol": proto.describe()}))
     return rows
-
-
-def _row_in_new_process(name: str, spec: str, method: str, a: argparse.Namespace) -> dict:
-    """``measure_row`` in a fresh interpreter running this script (its progress goes to our stderr)."""
-    fd, out = tempfile.mkstemp(prefix="lowbit-row-", suffix=".json")
-    os.close(fd)
-    try:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name, spec, method, "--row-out", out,
-               "--tokens", str(a.tokens), "--calib-samples", str(a.calib_samples), "--calib-len",
-               str(a.calib_len), "--threads", str(a.threads)]
-        done = subprocess.run(cmd, stdout=sys.stderr)
-        if done.returncode != 0:
-            raise SystemExit(f"row {name} {spec} {method} failed (exit {done.returncode}); its error is above")
-        return json.loads(Path(out).read_text(encoding="utf-8"))
-    finally:
-        Path(out).unlink(missing_ok=True)
 
 
 def measure_row(name: str, spec: str, method: str, a: argparse.Namespace) -> dict:
@@ -202,26 +183,8 @@ def measure_row(name: str, spec: str, method: str, a: argparse.Namespace) -> dic
 
 def run_key(a: argparse.Namespace) -> dict:
     """What must match for rows of two sittings to belong to one run: code, settings, torch."""
-    return {"code": _code_version(), "tokens": a.tokens, "calib": f"{a.calib_samples}x{a.calib_len}",
+    return {"code": code_version(__file__), "tokens": a.tokens, "calib": f"{a.calib_samples}x{a.calib_len}",
             "threads": a.threads, "torch": torch.__version__}
-
-
-def _code_version() -> str:
-    """What the numbers depend on: git's hashes of ``lowbit/`` and of this script as committed (so commits that
-    touch neither, such as documentation, keep the same version), with ``+changes`` when the working tree
-    differs from them; ``unknown`` outside git."""
-    here = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        version = git("rev-parse", "--short=12", "HEAD:lowbit") + "-" + git("rev-parse", "--short=12",
-                                                                           "HEAD:benchmarks/llm_quality.py")
-        dirty = git("status", "--porcelain", "--", "lowbit", "benchmarks/llm_quality.py")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return version + ("+changes" if dirty else "")
 
 
 def previous_rows(path: str, run: dict) -> dict[tuple[str, str, str], dict]:

@@ -205,7 +205,7 @@ def test_bundled_recipes_parse_and_round_trip():
         assert QuantPlan.from_yaml(plan.to_yaml()) == plan
 
 
-def test_recipes_are_the_plans_their_measurements_used():
+def test_recipes_are_the_plans_their_measurements_used(monkeypatch):
     """The README's numbers for these recipes come from the benchmarks' own plans: keep them the same."""
     import importlib.util
     from pathlib import Path
@@ -214,6 +214,7 @@ def test_recipes_are_the_plans_their_measurements_used():
 
     root = Path(__file__).resolve().parents[1]
     assert QuantPlan.load(root / "recipes/cnn-w8a8-static.yaml") == vision_plan()
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))  # as when the script runs: its folder is on the path
     spec = importlib.util.spec_from_file_location("llm_quality", root / "benchmarks/llm_quality.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -222,13 +223,14 @@ def test_recipes_are_the_plans_their_measurements_used():
         assert QuantPlan.load(root / "recipes" / recipe) == QuantPlan.uniform(scheme, bench.METHODS[method]), recipe
 
 
-def test_activation_recipes_are_the_plans_their_benchmark_rows_use():
+def test_activation_recipes_are_the_plans_their_benchmark_rows_use(monkeypatch):
     import importlib.util
     from pathlib import Path
 
     from lowbit.models import tiny
 
     root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
     spec = importlib.util.spec_from_file_location("llm_activations", root / "benchmarks/llm_activations.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -1,0 +1,64 @@
+"""What the quality benchmarks share: each row measured in a fresh process, and the code version rows carry.
+
+A row runs as ``python SCRIPT --row ... --row-out FILE`` in a new interpreter, as a ``lowbit quantize``
+command would: in one long process the C allocator keeps memory that earlier rows freed, in pieces later rows
+cannot always reuse, which would inflate their peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def row_in_new_process(script: str, row: list[str], a: argparse.Namespace) -> dict:
+    """The JSON a fresh ``script --row ROW...`` wrote (its progress goes to our stderr); SystemExit if it fails.
+
+    The protocol options (``--tokens``, ``--calib-samples``, ``--calib-len``, ``--threads``) are passed on.
+    """
+    fd, out = tempfile.mkstemp(prefix="lowbit-row-", suffix=".json")
+    os.close(fd)
+    try:
+        cmd = [sys.executable, str(Path(script).resolve()), "--row", *row, "--row-out", out,
+               "--tokens", str(a.tokens), "--calib-samples", str(a.calib_samples), "--calib-len",
+               str(a.calib_len), "--threads", str(a.threads)]
+        done = subprocess.run(cmd, stdout=sys.stderr)
+        if done.returncode != 0:
+            raise SystemExit(f"row {' '.join(row)} failed (exit {done.returncode}); its error is above")
+        return json.loads(Path(out).read_text(encoding="utf-8"))
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def code_version(script: str) -> str:
+    """What the numbers depend on: git's hashes of ``lowbit/`` and of ``script`` as committed (so commits that
+    touch neither, such as documentation, keep the same version), with ``+changes`` when the working tree
+    differs from them; ``unknown`` outside git."""
+    here = Path(script).resolve().parent.parent
+    rel = str(Path(script).resolve().relative_to(here))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        version = git("rev-parse", "--short=12", "HEAD:lowbit") + "-" + git("rev-parse", "--short=12", f"HEAD:{rel}")
+        dirty = git("status", "--porcelain", "--", "lowbit", rel)
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return "unknown"
+    return version + ("+changes" if dirty else "")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, or "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
