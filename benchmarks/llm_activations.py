@@ -10,6 +10,7 @@ W8A8               int8 per-channel weights, int8 dynamic per-token activations:
 W4A8 g128          int4 group-128 weights, int8 per-token activations: RTN, rotation + GPTQ
 W4A4, W4A4KV4      int4 per-channel weights, int4 per-token activations (and keys/values int4 per head and
                    token): RTN, SmoothQuant, rotation + RTN, rotation + GPTQ
+W4A4 ... clip      rotation + GPTQ with the activation range clipped to 0.9 per token (KV: 0.95), as QuaRot
 W3 g64, W2 g64     weight-only, GPTQ (true-sequential, damping 0.1) without and with the rotation first
 KV int8 / int4     the float model with only its KV cache quantized (int4: asymmetric; also rotated)
 =================  ===============================================================================
@@ -50,9 +51,9 @@ GPTQ_SEQ = {"name": "gptq", "true_sequential": True, "percdamp": 0.1}
 KV4 = "int4-token-asym"
 
 
-def _row(weight, act=None, method="rtn", transforms=(), kv=None, kv_twin=None):
+def _row(weight, act=None, method="rtn", transforms=(), kv=None, kv_twin=None, clip=1.0):
     return {"weight": weight, "act": act, "method": method, "transforms": list(transforms), "kv": kv,
-            "kv_twin": kv_twin}
+            "kv_twin": kv_twin, "clip": clip}
 
 
 # id -> (label, settings); "rot" is resolved per model (rotate or rotate_inputs); kv_twin: also measured with
@@ -67,6 +68,8 @@ ROWS = {
                                          kv_twin=KV4)),
     "w4a4-rot-rtn": ("W4A4 rot+RTN", _row("int4-ch-asym", "int4-token-asym", transforms=["rot"], kv_twin=KV4)),
     "w4a4-rot-gptq": ("W4A4 rot+GPTQ", _row("int4-ch-asym", "int4-token-asym", "gptq", ["rot"], kv_twin=KV4)),
+    "w4a4-rot-gptq-clip": ("W4A4 rot+GPTQ clip", _row("int4-ch-asym", "int4-token-asym", "gptq", ["rot"],
+                                                      kv_twin={"spec": KV4, "clip": 0.95}, clip=0.9)),
     "w3-gptq": ("W3 g64 GPTQ", _row("int3-g64-asym", method=GPTQ_SEQ)),
     "w3-rot-gptq": ("W3 g64 rot+GPTQ", _row("int3-g64-asym", method=GPTQ_SEQ, transforms=["rot"])),
     "w2-gptq": ("W2 g64 GPTQ", _row("int2-g64-asym", method=GPTQ_SEQ)),
@@ -92,6 +95,8 @@ def plan_for(row: dict, model) -> QuantPlan:
     rule = {"pattern": "*", "weight": weight, "method": row["method"]} if weight else {"pattern": "*", "weight": None}
     if weight and row["act"]:
         rule["act"] = {"spec": row["act"], "dynamic": True}
+        if row.get("clip", 1.0) != 1.0:
+            rule["act"]["clip"] = row["clip"]
     return QuantPlan.from_dict({"rules": [rule], "transforms": transforms, "kv": kv})
 
 
@@ -166,7 +171,8 @@ def measure_row(name: str, rid: str, a: argparse.Namespace) -> dict:
     with cached_weights(lm.model):
         out["ppl"]["main"] = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl
         if row["kv_twin"]:
-            kv = KVCacheQuant(row["kv_twin"], rotate="rot" in row["transforms"])
+            twin = row["kv_twin"] if isinstance(row["kv_twin"], dict) else {"spec": row["kv_twin"]}
+            kv = KVCacheQuant.from_dict({**twin, "rotate": "rot" in row["transforms"]})
             attach_kv_quant(lm.model, kv)
             out["plan_kv"] = {**plan.to_dict(), "kv": kv.to_dict()}
             out["ppl"]["kv"] = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl

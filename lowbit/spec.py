@@ -320,11 +320,14 @@ class ActivationQuant:
             data (``dynamic=False``, per-tensor granularity only).
         observer: for static scales, the observer that sets the range: ``minmax``, ``percentile``, ``mse``
             or ``histogram``.
+        clip: for dynamic scales, the fraction of each token's (or tensor's) range kept, in (0, 1]; values
+            beyond are clipped (QuaRot quantizes 4-bit activations with 0.9, section 5).
     """
 
     spec: QuantSpec
     dynamic: bool = True
     observer: str = "minmax"
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.spec, str):
@@ -340,13 +343,20 @@ class ActivationQuant:
                 f"static activation quantization needs per-tensor granularity, got {self.spec.name}; "
                 f"use a '-tensor' scheme or dynamic: true"
             )
+        _check_clip(self.clip, "activation")
+        if self.clip != 1.0 and not self.dynamic:
+            raise InputError("activation 'clip' applies to dynamic scales; a static range comes from its observer")
 
     @property
     def name(self) -> str:
-        return f"{self.spec.name}:{'dynamic' if self.dynamic else 'static-' + self.observer}"
+        clip = "" if self.clip == 1.0 else f"-clip{self.clip:g}"
+        return f"{self.spec.name}:{'dynamic' if self.dynamic else 'static-' + self.observer}{clip}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec.name, "dynamic": self.dynamic, "observer": self.observer}
+        d = {"spec": self.spec.name, "dynamic": self.dynamic, "observer": self.observer}
+        if self.clip != 1.0:  # only when set: older records and run keys stay as they were
+            d["clip"] = self.clip
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | str) -> "ActivationQuant":
@@ -354,15 +364,15 @@ class ActivationQuant:
             return cls(parse_spec(d))
         if not isinstance(d, dict):
             raise InputError(f"activation settings are a scheme name or a mapping, got {type(d).__name__}")
-        unknown = set(d) - {"spec", "dynamic", "observer"}
+        unknown = set(d) - {"spec", "dynamic", "observer", "clip"}
         if unknown:
-            raise InputError(f"unknown activation field(s) {sorted(unknown)}; known: spec, dynamic, observer")
+            raise InputError(f"unknown activation field(s) {sorted(unknown)}; known: spec, dynamic, observer, clip")
         if "spec" not in d:
             raise InputError("activation settings need a 'spec' (e.g. int8-tensor)")
         spec = d["spec"] if isinstance(d["spec"], QuantSpec) else (
             parse_spec(d["spec"]) if isinstance(d["spec"], str) else QuantSpec.from_dict(d["spec"])
         )
-        return cls(spec, d.get("dynamic", True), d.get("observer", "minmax"))
+        return cls(spec, d.get("dynamic", True), d.get("observer", "minmax"), d.get("clip", 1.0))
 
 
 @dataclass(frozen=True)
@@ -376,10 +386,12 @@ class KVCacheQuant:
         rotate: multiply each head's keys and values by a normalized Hadamard of the head width before
             quantizing (and by its transpose after): the rotation QuaRot applies to queries and keys and to
             the values (section 4), which spreads outlier channels before they are rounded.
+        clip: the fraction of each row's range kept, in (0, 1] (QuaRot: 0.95 for a 4-bit cache).
     """
 
     spec: QuantSpec
     rotate: bool = False
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.spec, str):
@@ -391,13 +403,17 @@ class KVCacheQuant:
                              f"head's channels ('-gN') or per tensor, not {self.spec.granularity}")
         if not isinstance(self.rotate, bool):
             raise InputError(f"kv-cache 'rotate' must be true or false, got {self.rotate!r}")
+        _check_clip(self.clip, "kv-cache")
 
     @property
     def name(self) -> str:
-        return self.spec.name + ("+rot" if self.rotate else "")
+        return self.spec.name + ("+rot" if self.rotate else "") + ("" if self.clip == 1.0 else f"-clip{self.clip:g}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec.name, "rotate": self.rotate}
+        d = {"spec": self.spec.name, "rotate": self.rotate}
+        if self.clip != 1.0:
+            d["clip"] = self.clip
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | str) -> "KVCacheQuant":
@@ -405,11 +421,16 @@ class KVCacheQuant:
             return cls(parse_spec(d))
         if not isinstance(d, dict):
             raise InputError(f"kv-cache settings are a scheme name or a mapping, got {type(d).__name__}")
-        unknown = set(d) - {"spec", "rotate"}
+        unknown = set(d) - {"spec", "rotate", "clip"}
         if unknown:
-            raise InputError(f"unknown kv-cache field(s) {sorted(unknown)}; known: spec, rotate")
+            raise InputError(f"unknown kv-cache field(s) {sorted(unknown)}; known: spec, rotate, clip")
         if "spec" not in d:
             raise InputError("kv-cache settings need a 'spec' (e.g. int8-token)")
         spec = d["spec"] if isinstance(d["spec"], QuantSpec) else (
             parse_spec(d["spec"]) if isinstance(d["spec"], str) else QuantSpec.from_dict(d["spec"]))
-        return cls(spec, d.get("rotate", False))
+        return cls(spec, d.get("rotate", False), d.get("clip", 1.0))
+
+
+def _check_clip(clip: Any, what: str) -> None:
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < float(clip) <= 1.0:
+        raise InputError(f"{what} 'clip' must be a number in (0, 1], got {clip!r}")

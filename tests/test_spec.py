@@ -227,3 +227,33 @@ def test_activation_quant_from_dict_errors():
         ActivationQuant.from_dict({"dynamic": True})
     with pytest.raises(InputError, match="dynamc"):
         ActivationQuant.from_dict({"spec": "int8-token", "dynamc": True})
+
+
+def test_activation_and_kv_clip_ratios():
+    from lowbit.spec import ActivationQuant, KVCacheQuant
+
+    a = ActivationQuant.from_dict({"spec": "int4-token-asym", "clip": 0.9})
+    assert a.clip == 0.9 and a.name == "int4-token-asym:dynamic-clip0.9" and ActivationQuant.from_dict(a.to_dict()) == a
+    assert "clip" not in ActivationQuant.from_dict("int8-token").to_dict()  # unset: the dict is as before
+    for bad in (0, 1.5, "0.9", True):
+        with pytest.raises(InputError, match="'clip' must be a number in \\(0, 1\\]"):
+            ActivationQuant.from_dict({"spec": "int8-token", "clip": bad})
+    with pytest.raises(InputError, match="clip' applies to dynamic scales"):
+        ActivationQuant.from_dict({"spec": "int8-tensor", "dynamic": False, "clip": 0.9})
+    kv = KVCacheQuant.from_dict({"spec": "int4-token-asym", "rotate": True, "clip": 0.95})
+    assert kv.clip == 0.95 and KVCacheQuant.from_dict(kv.to_dict()) == kv
+    with pytest.raises(InputError, match="kv-cache 'clip'"):
+        KVCacheQuant.from_dict({"spec": "int4-token", "clip": -1})
+
+
+def test_a_clipped_dynamic_range_saturates_the_outliers():
+    import torch
+
+    from lowbit.formats import fake_quantize, fake_quantize_dynamic
+
+    x = torch.tensor([[0.1, -0.2, 0.3, 10.0]])
+    spec = parse_spec("int4-token")
+    assert torch.equal(fake_quantize_dynamic(x, spec), fake_quantize(x, spec))
+    clipped = fake_quantize_dynamic(x, spec, 0.1)
+    assert float(clipped[0, 3]) <= 1.0 * 1.001  # cut to a tenth of the range (fp16 scale rounding)
+    assert float((clipped[0, :3] - x[0, :3]).abs().max()) < float((fake_quantize(x, spec)[0, :3] - x[0, :3]).abs().max())

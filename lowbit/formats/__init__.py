@@ -3,7 +3,14 @@
 from lowbit.formats.blocks import as_matrix_shape, block_minmax, grid_shape, to_blocks, from_blocks
 from lowbit.formats.elements import decode_elements, element_max, encode_elements, nf4_levels
 from lowbit.formats.packing import pack, packed_nbytes, unpack
-from lowbit.formats.qtensor import QuantizedTensor, default_range, dequantize, fake_quantize, quantize
+from lowbit.formats.qtensor import (
+    QuantizedTensor,
+    default_range,
+    dequantize,
+    fake_quantize,
+    fake_quantize_dynamic,
+    quantize,
+)
 from lowbit.formats.scales import decode_scale, encode_scale
 
 __all__ = [
@@ -11,6 +18,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_dynamic",
     "default_range",
     "pack",
     "unpack",

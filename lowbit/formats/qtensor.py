@@ -107,6 +107,14 @@ def fake_quantize(
     return dequantize(quantize(x, spec, lo, hi), x.dtype)
 
 
+def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, clip: float = 1.0) -> torch.Tensor:
+    """:func:`fake_quantize` of ``x`` with its own per-tile range times ``clip`` (values beyond are clipped)."""
+    if clip == 1.0:
+        return fake_quantize(x, spec)
+    lo, hi = default_range(x.detach().float(), spec)
+    return fake_quantize(x, spec, lo * clip, hi * clip)
+
+
 def raw_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The fp32 scale of each tile before it is rounded to ``spec.scale_format``: ``(gr, gc)``.
 

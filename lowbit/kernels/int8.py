@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import InputError
-from lowbit.formats import quantize
+from lowbit.formats import default_range, quantize
 from lowbit.formats.elements import element_max
 from lowbit.formats.scales import round_scale
 from lowbit.kernels.checks import int_linear_why_not
@@ -108,7 +108,7 @@ def w8a8_pack(m: QuantLinear) -> dict:
 def w8a8_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     k = m.in_features
     x2 = x.reshape(-1, k)
-    a, t, p = activation_codes(x2, m.act.spec)
+    a, t, p = activation_codes(x2, m.act.spec, m.act.clip)
     acc = torch._int_mm(a, st["weight"].t())  # (M, out) int32
     if st["has_offset"]:
         acc += a.to(torch.int32).sum(1, keepdim=True) * st["offset"]
@@ -120,19 +120,24 @@ def w8a8_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
 
 
-def activation_codes(x2: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def activation_codes(x2: torch.Tensor, spec: QuantSpec, clip: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``x2`` ``(M, K)`` as signed int8 codes ``a``, scale ``t`` ``(M, 1)`` or ``(1, 1)`` and, for an asymmetric
     spec, the offset ``p = 128 - zero point`` int32 ``(M, 1)`` (else None): ``x2 ~ (a + p) * t``, the codes
-    lowbit's quantizer gives."""
+    lowbit's quantizer gives (with the range times ``clip``, as ``fake_quantize_dynamic``)."""
     if not spec.has_zero_point:
-        a, t = symmetric_codes(x2, spec)
+        a, t = symmetric_codes(x2, spec, clip)
         return a, t, None
-    qx = quantize(x2, spec)  # codes uint8 (M, in); scale / zero point (M, 1) or (1, 1)
+    if clip == 1.0:
+        qx = quantize(x2, spec)  # codes uint8 (M, in); scale / zero point (M, 1) or (1, 1)
+    else:
+        lo, hi = default_range(x2.float(), spec)
+        qx = quantize(x2, spec, lo * clip, hi * clip)
     t = qx.scale if qx.global_scale is None else qx.scale * qx.global_scale
     return _signed_codes(qx.codes), t, 128 - qx.zero_point.to(torch.int32)
 
 
-def symmetric_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_codes(x: torch.Tensor, spec: QuantSpec, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 8-bit codes of ``x`` ``(M, K)`` per token or per tensor, as signed int8, and the scale
     ``(M, 1)`` or ``(1, 1)`` float32: the same codes and scale as ``lowbit.formats.quantize`` (its scale
     rule and rounding), in fewer passes over ``x``; it is the hot path of every W8A8 product."""
@@ -140,6 +145,8 @@ def symmetric_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     amax = xf.abs().amax(-1, keepdim=True) if spec.granularity == "token" else xf.abs().amax().reshape(1, 1)
     if not bool(torch.isfinite(amax).all()):
         raise InputError(f"activation of shape {tuple(x.shape)} holds NaN/Inf value(s)")
+    if clip != 1.0:
+        amax = amax * clip
     emax = element_max(spec.format, spec.bits)
     scale = round_scale(amax / emax, spec.scale_format, emax)  # (M, 1) or (1, 1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))

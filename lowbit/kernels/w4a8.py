@@ -68,7 +68,7 @@ def pack(m: QuantLinear) -> dict:
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
     x2 = x.reshape(-1, m.in_features)
-    a, t, p = activation_codes(x2, m.act.spec)  # int8 (M, in); scale (M, 1) or (1, 1); offset or None
+    a, t, p = activation_codes(x2, m.act.spec, m.act.clip)  # int8 (M, in); scale (M, 1) or (1, 1); offset or None
     whole = len(st["bounds"]) == 1
     y = None
     for i, (lo, hi) in enumerate(st["bounds"]):

@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.formats import QuantizedTensor, fake_quantize, grid_shape, pack, packed_nbytes, unpack
+from lowbit.formats import (
+    QuantizedTensor,
+    fake_quantize,
+    fake_quantize_dynamic,
+    grid_shape,
+    pack,
+    packed_nbytes,
+    unpack,
+)
 from lowbit.formats.scales import decode_scale, encode_scale
 from lowbit.spec import ActivationQuant, QuantSpec
 
@@ -215,7 +223,7 @@ class QuantModule(nn.Module):
             return x
         x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
         if self.act.dynamic:
-            y = fake_quantize(x2, self.act.spec)
+            y = fake_quantize_dynamic(x2, self.act.spec, self.act.clip)
         else:
             y = fake_quantize(x2, self.act.spec, self.act_lo, self.act_hi)
         return y.reshape(x.shape)

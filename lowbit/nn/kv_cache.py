@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.formats import fake_quantize
+from lowbit.formats import fake_quantize_dynamic
 from lowbit.hadamard import hadamard_transform, is_hadamard_width
 from lowbit.spec import KVCacheQuant
 
@@ -70,7 +70,7 @@ def quantize_kv(x: torch.Tensor, kv: KVCacheQuant) -> torch.Tensor:
         raise InputError(f"keys/values of shape {tuple(x.shape)} hold NaN/Inf before KV-cache quantization")
     if kv.rotate:
         rows = hadamard_transform(rows.float())
-    q = fake_quantize(rows.float(), kv.spec)
+    q = fake_quantize_dynamic(rows.float(), kv.spec, kv.clip)
     if kv.rotate:
         q = hadamard_transform(q, transpose=True)
     return q.to(x.dtype).reshape(x.shape)

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import InputError
-from lowbit.formats import fake_quantize
+from lowbit.formats import fake_quantize, fake_quantize_dynamic
 from lowbit.nn.convert import float_weight
 
 if TYPE_CHECKING:
@@ -305,7 +305,7 @@ def _act_hook(rule: "Rule"):
         x = args[0]
         x2 = x.reshape(-1, x.shape[-1]).float()
         if act.dynamic:
-            y = fake_quantize(x2, act.spec)
+            y = fake_quantize_dynamic(x2, act.spec, act.clip)
         else:  # a static range: this batch's min-max stands in for the calibrated one
             y = fake_quantize(x2, act.spec, x2.min().reshape(1, 1), x2.max().reshape(1, 1))
         return (y.to(x.dtype).reshape(x.shape), *args[1:])

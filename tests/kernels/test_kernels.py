@@ -337,3 +337,19 @@ def test_w8a8_activation_codes_are_lowbits_own(aspec):
     assert torch.equal(scale, q.scale.reshape(scale.shape).float())
     with pytest.raises(InputError, match="NaN"):
         symmetric_codes(torch.full((2, 8), float("nan")), spec)
+
+
+@pytest.mark.parametrize("wspec, kernel", [("int8", "w8a8-int-mm"), ("int4-g32-asym", "w4a8-int-mm")])
+@pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym"])
+def test_clipped_dynamic_activations_give_the_reference_codes_on_the_integer_kernels(wspec, kernel, aspec):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 64, generator=g)
+    act = ActivationQuant(QuantSpec.parse(aspec), dynamic=True, clip=0.8)
+    m = QuantLinear.from_float(w, None, quantize_tensor(w, QuantSpec.parse(wspec)), act)
+    x = _x(9, 64) * 3
+    x[:, 5] *= 20  # outliers that the clipped range cuts
+    ref = m.reference(x)
+    assert _attach(m) == kernel
+    assert _rel(m(x), ref) < 1e-5
+    unclipped = QuantLinear.from_float(w, None, m.quantized_weight(), ActivationQuant(QuantSpec.parse(aspec)))
+    assert _rel(unclipped.reference(x), ref) > 1e-3  # the clip changed the codes
