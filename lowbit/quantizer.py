@@ -38,7 +38,7 @@ from lowbit.nn.convert import (
     to_quantized,
     unsupported_subclass,
 )
-from lowbit.nn.kv_cache import attach_kv_quant
+from lowbit.nn.kv_cache import attach_kv_quant, check_kv_quant
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
 from lowbit.transforms import apply_transforms
@@ -99,6 +99,8 @@ def quantize(
     check_materialized(model)
     if isinstance(plan, (str, QuantSpec)):
         plan = QuantPlan.uniform(plan)
+    if plan.kv is not None:
+        check_kv_quant(model, plan.kv)  # before anything changes
     # the float pre-pass; undone if anything below fails
     originals = apply_transforms(model, plan.transforms, data=data, plan=plan, progress=progress)
     try:

@@ -29,6 +29,16 @@ KV_ATTR = "_lowbit_kv"  # on the model: its KVCacheQuant; on a cache: the one it
 
 def attach_kv_quant(model: nn.Module, kv: KVCacheQuant) -> None:
     """Quantize ``model``'s KV cache with ``kv`` from now on (replaces an earlier setting)."""
+    check_kv_quant(model, kv)
+    detach_kv_quant(model)
+    object.__setattr__(model, KV_ATTR, kv)
+    handles = [model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+               model.register_forward_hook(_post_hook, with_kwargs=True)]
+    object.__setattr__(model, "_lowbit_kv_handles", handles)
+
+
+def check_kv_quant(model: nn.Module, kv: KVCacheQuant) -> None:
+    """InputError unless ``kv`` can quantize ``model``'s cache (a Hugging Face model; groups tile its heads)."""
     if not isinstance(kv, KVCacheQuant):
         raise InputError(f"attach_kv_quant needs a KVCacheQuant, got {type(kv).__name__}")
     config = getattr(model, "config", None)
@@ -42,11 +52,6 @@ def attach_kv_quant(model: nn.Module, kv: KVCacheQuant) -> None:
     if kv.spec.granularity == "group" and head_dim is not None and head_dim % kv.spec.group_size:
         raise InputError(f"kv-cache format {kv.spec.name}: groups of {kv.spec.group_size} do not tile the head "
                          f"width {head_dim}")
-    detach_kv_quant(model)
-    object.__setattr__(model, KV_ATTR, kv)
-    handles = [model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
-               model.register_forward_hook(_post_hook, with_kwargs=True)]
-    object.__setattr__(model, "_lowbit_kv_handles", handles)
 
 
 def detach_kv_quant(model: nn.Module) -> None:

@@ -106,7 +106,14 @@ def test_bad_kv_settings_in_a_recipe(kv, message):
         QuantPlan.from_dict({"rules": [{"pattern": "*", "weight": "int8"}], "kv": kv})
 
 
-def test_kv_groups_must_tile_the_head_width():
+def test_kv_groups_must_tile_the_head_width_and_quantize_refuses_before_changing_anything():
     lm = lowbit.load_model("tiny-llama")  # head_dim 16
     with pytest.raises(InputError, match="groups of 24 do not tile the head width 16"):
         attach_kv_quant(lm.model, KVCacheQuant("int4-g24"))
+    plan = QuantPlan.from_yaml("rules: [{pattern: '*', weight: int8}]\nkv: int4-g24\n")
+    with pytest.raises(InputError, match="groups of 24"):
+        lowbit.quantize(lm.model, plan, progress=False)
+    assert not any(isinstance(m, lowbit.nn.QuantLinear) for m in lm.model.modules())
+    with pytest.raises(InputError, match="needs a Hugging Face model"):
+        lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(8, 8)), QuantPlan.from_yaml(
+            "rules: [{pattern: '*', weight: int8}]\nkv: int8-token\n"), progress=False)
