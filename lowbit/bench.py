@@ -64,8 +64,8 @@ LM_FORMATS: dict[str, LMFormat] = {f.name: f for f in (
              (("*embed_tokens", "int8", None), ("*", "int8", None))),
     LMFormat("w8a8", "every linear incl. lm_head int8 x dynamic per-token int8 activations, embedding int8",
              (("*embed_tokens", "int8", None), ("*", "int8", "int8-token"))),
-    LMFormat("w4a8", "every linear incl. lm_head int4-g64-asym x dynamic per-token int8 activations, "
-             "embedding int8", (("*embed_tokens", "int8", None), ("*", "int4-g64-asym", "int8-token"))),
+    LMFormat("w4a8", "every linear incl. lm_head int4 per channel (asym) x dynamic per-token int8 activations, "
+             "embedding int8", (("*embed_tokens", "int8", None), ("*", "int4-ch-asym", "int8-token"))),
 )}
 
 
