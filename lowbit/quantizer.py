@@ -104,10 +104,13 @@ def quantize(
     # the float pre-pass; undone if anything below fails
     originals = apply_transforms(model, plan.transforms, data=data, plan=plan, progress=progress)
     try:
+        originals.offload()  # the float tensors the transforms changed wait on disk, not in memory
         _quantize(model, plan, data, progress, sequential, checkpoint)
     except BaseException:
         originals.restore()
         raise
+    finally:
+        originals.close()
     if plan.kv is not None:
         attach_kv_quant(model, plan.kv)
     return model

@@ -29,7 +29,10 @@ in ``lowbit.transforms.rotate``.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +50,8 @@ from lowbit.transforms.rotate import (
     rotate_residual,
 )
 from lowbit.transforms.smooth import awq_scales, smoothquant
+
+log = logging.getLogger(__name__)
 
 # the names recipes may list under ``transforms:``
 TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
@@ -75,8 +80,11 @@ class Originals:
     """The tensors transforms changed, as they were before (on the CPU), to put back with :meth:`restore`."""
 
     def __init__(self) -> None:
-        # (id(owner), attribute) -> (owner, attribute, saved value, kept by object)
+        # (id(owner), attribute) -> (owner, attribute, saved value, kept by object); an offloaded tensor's saved
+        # value is its key in the file
         self._slots: dict[tuple[int, str], tuple[Any, str, Any, bool]] = {}
+        self._file: Path | None = None
+        self._offloaded: set[tuple[int, str]] = set()
 
     def keep(self, module: nn.Module, key: str) -> None:
         """Remember parameter or buffer ``key`` of ``module`` (None if it has none); the first call wins."""
@@ -97,6 +105,7 @@ class Originals:
     def restore(self) -> None:
         """Put every kept tensor back, bit for bit; a tensor that did not exist (a created bias) is removed;
         objects kept with :meth:`keep_object` are set back."""
+        self._read_back()
         with torch.no_grad():
             for module, key, saved, by_object in reversed(list(self._slots.values())):
                 if by_object:
@@ -109,6 +118,49 @@ class Originals:
                     setattr(module, key, nn.Parameter(saved, requires_grad=False))
                 else:
                     current.data = saved.to(current.device)
+
+    def offload(self) -> None:
+        """Move the kept tensors to a temporary safetensors file (in a ``lowbit-undo-*`` folder, see
+        ``lowbit.calibration.undo``) so that undo costs no memory while quantization runs; :meth:`restore`
+        reads them back, :meth:`close` deletes the file. Where the file cannot be written they stay in memory."""
+        from safetensors.torch import save_file
+
+        from lowbit.calibration.undo import _new_folder
+
+        tensors = {f"t{i}": saved.contiguous() for i, (k, (_, _, saved, by_object)) in enumerate(self._slots.items())
+                   if not by_object and isinstance(saved, torch.Tensor) and saved.numel()}
+        if not tensors:
+            return
+        try:
+            folder = _new_folder()
+            self._file = folder / "transforms.safetensors"
+            save_file(tensors, str(self._file))
+        except OSError as e:
+            log.warning("cannot write the tensors the transforms changed to a temporary file (%s); they stay in "
+                        "memory until quantize() returns", e)
+            self._file = None
+            return
+        for i, (k, (owner, attr, saved, by_object)) in enumerate(list(self._slots.items())):
+            if f"t{i}" in tensors:
+                self._slots[k] = (owner, attr, f"t{i}", False)
+                self._offloaded.add(k)
+
+    def _read_back(self) -> None:
+        if not self._offloaded or self._file is None:
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(self._file), framework="pt") as f:
+            for k in self._offloaded:
+                owner, attr, name, by_object = self._slots[k]
+                self._slots[k] = (owner, attr, f.get_tensor(name), by_object)
+        self._offloaded.clear()
+
+    def close(self) -> None:
+        """Delete the temporary file of :meth:`offload` (the undo is no longer possible afterwards)."""
+        if self._file is not None:
+            shutil.rmtree(self._file.parent, ignore_errors=True)
+            self._file = None
 
     def __len__(self) -> int:
         return len(self._slots)

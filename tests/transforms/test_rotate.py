@@ -221,3 +221,29 @@ def test_rotate_inputs_with_gptq_activations_and_kv_saves_and_loads_the_same(arc
     assert (out - ref).abs().max() < 0.3 * ref.abs().max()
     loaded = load(save(model, tmp_path / "rot", plan=plan), model=with_random_norms(BUILD[arch](seed=9)))
     assert torch.equal(_logits(loaded, ids), out)
+
+
+def test_the_float_tensors_kept_for_undo_wait_on_disk_and_are_deleted(monkeypatch, tmp_path, fail_in_block_1):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    from lowbit.transforms import Originals
+
+    seen = []
+    real = Originals.offload
+
+    def spy(self):
+        real(self)
+        seen.append((self._file, len(self._offloaded)))
+    monkeypatch.setattr(Originals, "offload", spy)
+    model = with_random_norms(tiny.tiny_llama())
+    before = copy.deepcopy(model.state_dict())
+    plan = QuantPlan(QuantPlan.uniform("int4-g32-asym", "gptq").rules, transforms=("rotate",))
+    with pytest.raises(InputError, match="boom"):
+        quantize(model, plan, _ids(8, 0, 32), progress=False)
+    (file, count), = seen
+    assert count > 20 and file.parent.parent == tmp_path  # every changed tensor went to the file
+    assert not file.parent.exists()  # deleted once quantize() returned
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # read back bit for bit
