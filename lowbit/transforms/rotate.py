@@ -173,7 +173,7 @@ def _rotate_residual(model: nn.Module, originals: "Originals") -> None:
     from lowbit.transforms.fuse_norms import fuse_norms
 
     stream = residual_stream(model)  # before anything changes: refuses unknown or unfit models
-    _untie_head(model, stream, originals)
+    _untie_head(model, originals)
     fuse_norms(model, originals)
     modules = dict(model.named_modules())
     for n in stream.norms:  # every norm on the stream must now be a pure normalization
@@ -238,7 +238,7 @@ def _head_and_embedding(model: nn.Module) -> tuple[nn.Module | None, nn.Module |
     return (get_out() if callable(get_out) else None), (get_in() if callable(get_in) else None)
 
 
-def _untie_head(model: nn.Module, stream, originals: "Originals") -> None:
+def _untie_head(model: nn.Module, originals: "Originals") -> None:
     head, emb = _head_and_embedding(model)
     if head is None or emb is None or head.weight is not emb.weight:
         return

@@ -115,19 +115,18 @@ def test_a_width_without_a_hadamard_matrix_is_refused_naming_the_module_and_the_
 
 def test_a_model_whose_stream_the_table_misses_is_caught_by_the_logit_check():
     model = with_random_norms(tiny.tiny_llama())
+    shift = torch.randn(64, generator=torch.Generator().manual_seed(2))
 
-    class Extra(nn.Module):  # writes into the residual stream behind the table's back
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner, self.shift = inner, nn.Linear(64, 64)
+    def extra_writer(module, args, out):  # a write into the residual stream that the table does not list
+        return (out[0] + shift, *out[1:])
 
-        def forward(self, x, *args, **kwargs):
-            return self.inner(x + self.shift(x), *args, **kwargs)
-
-    model.model.layers[1] = Extra(model.model.layers[1])
-    model.model.layers[1].inner.self_attn.layer_idx = 1
-    with pytest.raises(InputError):  # not the table's layout: a block of a different class, or the logit check
+    model.model.layers[1].self_attn.register_forward_hook(extra_writer)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InputError, match=r"logits moved by .* the model does not fit lowbit/models/arch.py"):
         apply_transforms(model, ["rotate_residual"])
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)  # undone
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
 
 
 def test_two_rotations_or_fuse_norms_after_one_are_refused():
