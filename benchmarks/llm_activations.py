@@ -45,7 +45,7 @@ from lowbit.nn import cached_weights
 from lowbit.nn.kv_cache import attach_kv_quant
 from lowbit.plan import QuantPlan
 from lowbit.spec import KVCacheQuant
-from rows import code_version, cpu_name, row_in_new_process
+from rows import code_version, cpu_name, emit, row_in_new_process
 
 GPTQ_SEQ = {"name": "gptq", "true_sequential": True, "percdamp": 0.1}
 KV4 = "int4-token-asym"
@@ -181,11 +181,7 @@ def measure_row(name: str, rid: str, a: argparse.Namespace) -> dict:
 
 def _emit(a: argparse.Namespace, row: dict) -> dict:
     row["code"] = a.code
-    print(_line(row), flush=True)
-    if a.json:
-        with open(a.json, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-    return row
+    return emit(a.json, row, _line(row))
 
 
 def _header() -> str:

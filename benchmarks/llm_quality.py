@@ -54,7 +54,7 @@ from lowbit.models import default_bos, load_model
 from lowbit.nn import cached_weights
 from lowbit.plan import QuantPlan
 from lowbit.quantizer import quantize
-from rows import code_version, row_in_new_process
+from rows import code_version, emit, row_in_new_process
 
 SCHEMES = {
     "w4g64": "int4-g64-asym",
@@ -208,11 +208,7 @@ def previous_rows(path: str, run: dict) -> dict[tuple[str, str, str], dict]:
 
 def _emit(a: argparse.Namespace, row: dict) -> dict:
     row["run"] = a.run
-    print(_line(row), flush=True)
-    if a.json:
-        with open(a.json, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-    return row
+    return emit(a.json, row, _line(row))
 
 
 def _header() -> str:

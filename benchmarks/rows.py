@@ -53,6 +53,15 @@ def code_version(script: str) -> str:
     return version + ("+changes" if dirty else "")
 
 
+def emit(path: str | None, row: dict, line: str) -> dict:
+    """Print ``line`` (the row as a table line) and append ``row`` as one JSON line to ``path`` (if given)."""
+    print(line, flush=True)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo, or "unknown"."""
     try:

@@ -22,7 +22,7 @@ from lowbit.plan import QuantPlan
 from lowbit.quantizer import quantize
 from lowbit.transforms import apply_transforms, check_transforms
 
-from tests.transforms.test_fuse_norms import with_random_norms
+from tests.transforms.test_fuse_norms import _ids, _logits, with_random_norms
 
 # fp32 rounding: measured max |diff| / max |logit| of 3.7e-7 (llama rotate), 2.9e-7 (llama rotate_inputs),
 # 7.3e-7 (gemma3 rotate_inputs), 3.1e-7 (gpt2), 3.5e-7 (opt)
@@ -44,15 +44,6 @@ ALLOWED = [("llama", "rotate_residual"), ("llama", "rotate"), ("llama", "rotate_
            ("tied_llama", "rotate"), ("gemma3", "rotate_inputs"), ("gpt2", "rotate_inputs"), ("opt", "rotate_inputs")]
 BUILD = {"llama": tiny.tiny_llama, "tied_llama": tied_llama, "gemma3": tiny.tiny_gemma3, "gpt2": tiny.tiny_gpt2,
          "opt": tiny.tiny_opt}
-
-
-def _ids(n: int, seed: int, length: int = 24) -> torch.Tensor:
-    return torch.randint(3, 256, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(ids).logits
 
 
 @pytest.mark.parametrize("arch, transform", ALLOWED)
