@@ -16,6 +16,9 @@ from pathlib import Path
 
 from lowbit.errors import InputError
 
+# where lowbit keeps files it builds once (an assembled model file, compiled kernels)
+CACHE_ENV = "LOWBIT_CACHE"
+
 # what an atomic write (lowbit.atomic) adds to a name: "." before it, ".lowbit-tmp-PID-RANDOM" after it
 TMP_SUFFIX_BYTES = 1 + len(".lowbit-tmp-") + len(str(2**22)) + 1 + 8
 
@@ -30,6 +33,11 @@ def check_utf8(path: str | os.PathLike, what: str = "path") -> str:
         raise InputError(f"{what} {os.fsencode(text)!r} is not valid UTF-8 (byte(s) {bad.hex(' ')}); lowbit, "
                          f"safetensors and the tokenizers handle UTF-8 paths only: rename it") from None
     return text
+
+
+def cache_dir() -> Path:
+    """Where lowbit keeps files it builds once: ``$LOWBIT_CACHE``, or ``~/.cache/lowbit``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lowbit").expanduser()
 
 
 def output_path(path: str | os.PathLike) -> Path:

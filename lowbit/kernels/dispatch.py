@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowbit.kernels import conv_int8, embedding, int4, int8, w4a8
+from lowbit.kernels import conv_int8, embedding, int4, int8, w4a8, w4a8_avx2, w8a8_avx2
 from lowbit.errors import InputError
 from lowbit.nn.base import KERNEL_ATTR, QuantModule
 
@@ -59,9 +59,16 @@ class Packed:
 KERNELS: tuple[Kernel, ...] = (
     Kernel("int4-weight-bf16", "4-bit integer weights in groups of 32-256 (or per channel), bf16 activations: "
            "torch's int4 CPU matmul (_weight_int4pack_mm_for_cpu)", int4.why_not, int4.pack, int4.run),
+    Kernel("w8a8-avx2", "8-bit per-channel weights x 8-bit dynamic per-token (or per-tensor) activations on CPUs "
+           "without VNNI: each code split into two 4-bit halves for lowbit's C++ W4A8 kernel (exact)",
+           w8a8_avx2.why_not, w8a8_avx2.pack, w8a8_avx2.run),
     Kernel("w8a8-int-mm", "8-bit per-channel weights x 8-bit dynamic per-token (or per-tensor) activations: "
            "int8 x int8 -> int32 (torch._int_mm, VNNI), exact integer correction terms",
            int8.w8a8_why_not, int8.w8a8_pack, int8.w8a8_run),
+    Kernel("w4a8-avx2", "4-bit integer weights (per channel, or groups of a multiple of 32) x 8-bit dynamic "
+           "per-token (or per-tensor) activations: lowbit's C++ kernel (AVX2 vpmaddubsw, exact int32 sums per "
+           "group), reading the packed 4-bit codes; built on first use", w4a8_avx2.why_not, w4a8_avx2.pack,
+           w4a8_avx2.run),
     Kernel("w4a8-int-mm", "4-bit integer weights (per channel, or groups of a multiple of 8) x 8-bit dynamic "
            "per-token (or per-tensor) activations: int8 x int8 -> int32 per group (torch._int_mm), exact integer "
            "corrections; the codes widened to int8 in memory", w4a8.why_not, w4a8.pack, w4a8.run),

