@@ -54,7 +54,10 @@ from lowbit.models import default_bos, load_model
 from lowbit.nn import cached_weights
 from lowbit.plan import QuantPlan
 from lowbit.quantizer import quantize
-from rows import code_version, emit, row_in_new_process
+from rows import emit, previous_rows, row_in_new_process, run_key
+
+# what identifies a row of the --json file (for --resume)
+ROW_KEY = ("model", "scheme", "method")
 
 SCHEMES = {
     "w4g64": "int4-g64-asym",
@@ -117,8 +120,8 @@ def main() -> None:
                 plan_for(SCHEMES.get(scheme, scheme), method)
             except InputError as e:
                 p.error(f"--schemes {scheme}: {e}")
-    a.run = run_key(a)
-    a.done = previous_rows(a.json, a.run) if a.resume else {}
+    a.run = run_key(__file__, a)
+    a.done = previous_rows(a.json, a.run, ROW_KEY) if a.resume else {}
 
     rows = []
     print(f"calibration: {a.calib_samples} x {a.calib_len} tokens of news text, seed 0; {a.threads} threads; "
@@ -179,31 +182,6 @@ def measure_row(name: str, spec: str, method: str, a: argparse.Namespace) -> dic
         ppl = perplexity(lm.model, lm.tokenizer, proto, progress=False).ppl
     return {"ppl": ppl, "seconds": seconds, "peak_x": (float_bytes + max(0, mem.peak - mem.start)) / float_bytes,
             "bits": model_size(lm.model).bits_per_quantized_weight}
-
-
-def run_key(a: argparse.Namespace) -> dict:
-    """What must match for rows of two sittings to belong to one run: code, settings, torch."""
-    return {"code": code_version(__file__), "tokens": a.tokens, "calib": f"{a.calib_samples}x{a.calib_len}",
-            "threads": a.threads, "torch": torch.__version__}
-
-
-def previous_rows(path: str, run: dict) -> dict[tuple[str, str, str], dict]:
-    """Rows of ``path`` by (model, scheme, method); every row must carry ``run`` (else SystemExit)."""
-    if not Path(path).exists():
-        return {}
-    if run["code"] == "unknown" or run["code"].endswith("+changes"):
-        raise SystemExit(f"--resume needs committed code (this is {run['code']}): rows of two sittings could "
-                         "otherwise come from different code")
-    rows = {}
-    for i, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not text.strip():
-            continue
-        row = json.loads(text)
-        if row.get("run") != run:
-            raise SystemExit(f"{path}, line {i}: measured by {row.get('run')}, not by this run {run}; "
-                             "use another --json file")
-        rows[(row["model"], row["scheme"], row["method"])] = row
-    return rows
 
 
 def _emit(a: argparse.Namespace, row: dict) -> dict:

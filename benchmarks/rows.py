@@ -16,17 +16,18 @@ import tempfile
 from pathlib import Path
 
 
-def row_in_new_process(script: str, row: list[str], a: argparse.Namespace) -> dict:
+def row_in_new_process(script: str, row: list[str], a: argparse.Namespace, extra: list[str] = ()) -> dict:
     """The JSON a fresh ``script --row ROW...`` wrote (its progress goes to our stderr); SystemExit if it fails.
 
-    The protocol options (``--tokens``, ``--calib-samples``, ``--calib-len``, ``--threads``) are passed on.
+    The protocol options (``--tokens``, ``--calib-samples``, ``--calib-len``, ``--threads``) are passed on, and
+    the script's own ``extra`` arguments.
     """
     fd, out = tempfile.mkstemp(prefix="lowbit-row-", suffix=".json")
     os.close(fd)
     try:
         cmd = [sys.executable, str(Path(script).resolve()), "--row", *row, "--row-out", out,
                "--tokens", str(a.tokens), "--calib-samples", str(a.calib_samples), "--calib-len",
-               str(a.calib_len), "--threads", str(a.threads)]
+               str(a.calib_len), "--threads", str(a.threads), *extra]
         done = subprocess.run(cmd, stdout=sys.stderr)
         if done.returncode != 0:
             raise SystemExit(f"row {' '.join(row)} failed (exit {done.returncode}); its error is above")
@@ -51,6 +52,37 @@ def code_version(script: str) -> str:
     except (OSError, subprocess.CalledProcessError, ValueError):
         return "unknown"
     return version + ("+changes" if dirty else "")
+
+
+def run_key(script: str, a: argparse.Namespace) -> dict:
+    """What must match for rows of two sittings to belong to one run: code, protocol settings, torch."""
+    return {"code": code_version(script), "tokens": a.tokens, "calib": f"{a.calib_samples}x{a.calib_len}",
+            "threads": a.threads, "torch": torch_version()}
+
+
+def previous_rows(path: str, run: dict, key: tuple[str, ...]) -> dict[tuple, dict]:
+    """Rows of ``path`` by their ``key`` fields; every row must carry ``run`` (else SystemExit)."""
+    if not Path(path).exists():
+        return {}
+    if run["code"] == "unknown" or run["code"].endswith("+changes"):
+        raise SystemExit(f"--resume needs committed code (this is {run['code']}): rows of two sittings could "
+                         "otherwise come from different code")
+    rows = {}
+    for i, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        row = json.loads(text)
+        if row.get("run") != run:
+            raise SystemExit(f"{path}, line {i}: measured by {row.get('run')}, not by this run {run}; "
+                             "use another --json file")
+        rows[tuple(row[k] for k in key)] = row
+    return rows
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def emit(path: str | None, row: dict, line: str) -> dict:
