@@ -142,25 +142,11 @@ def bench_matmul(shapes, batches, formats, min_time, say) -> list[dict]:
 
 
 def bench_decode(model: str, formats, artifacts, prompt_tokens, new_tokens, say) -> list[dict]:
-    from lowbit.io import save
-    from lowbit.models import load_model
-
     work = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
     try:
-        jobs: list[tuple[str, str, Path, str]] = []  # (label, description, artifact folder, float dtype)
         say(f"\n## {model}: decode (batch 1, greedy, {new_tokens} new tokens after a {prompt_tokens}-token prompt)")
         t0 = time.perf_counter()
-        for name in formats:
-            fmt = LM_FORMATS[name]
-            lm = load_model(model)
-            if fmt.rules:
-                from lowbit.quantizer import quantize
-
-                quantize(lm.model, lm_plan(fmt), None, progress=False)
-            folder = work / name
-            save(lm.model, folder, source=lm.source)
-            jobs.append((name, fmt.description, folder, fmt.dtype))
-            del lm
+        jobs = save_lm_formats(model, formats, work)
         for a in artifacts:
             jobs.append((Path(a).name, f"saved artifact {a}", Path(a), "float32"))
         log.info("prepared %d artifacts in %.0f s", len(jobs), time.perf_counter() - t0)
@@ -168,8 +154,7 @@ def bench_decode(model: str, formats, artifacts, prompt_tokens, new_tokens, say)
             f"{'anon MB':>8}  kernels")
         rows, base = [], None
         for label, desc, folder, dtype in jobs:
-            r = _in_fresh_process({"task": "decode", "folder": str(folder), "dtype": dtype,
-                                   "prompt_tokens": prompt_tokens, "new_tokens": new_tokens})
+            r = decode_in_fresh_process(folder, dtype, prompt_tokens, new_tokens)
             r.update(format=label, description=desc)
             base = base or r
             kern = ", ".join(f"{k} {v}" for k, v in sorted(r["kernels"].items())) or "-"
@@ -186,6 +171,32 @@ def bench_decode(model: str, formats, artifacts, prompt_tokens, new_tokens, say)
         return rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def save_lm_formats(model: str, formats, work: Path) -> list[tuple[str, str, Path, str]]:
+    """Each of ``formats`` (``LM_FORMATS`` names) of ``model``, quantized by round to nearest and saved under
+    ``work``: (name, description, artifact folder, float dtype) per format."""
+    from lowbit.io import save
+    from lowbit.models import load_model
+    from lowbit.quantizer import quantize
+
+    jobs = []
+    for name in formats:
+        fmt = LM_FORMATS[name]
+        lm = load_model(model)
+        if fmt.rules:
+            quantize(lm.model, lm_plan(fmt), None, progress=False)
+        folder = work / name
+        save(lm.model, folder, source=lm.source)
+        jobs.append((name, fmt.description, folder, fmt.dtype))
+        del lm
+    return jobs
+
+
+def decode_in_fresh_process(folder: Path, dtype: str, prompt_tokens: int, new_tokens: int) -> dict:
+    """:func:`decode_worker` on a saved artifact, in a new process with torch's current thread count."""
+    return _in_fresh_process({"task": "decode", "folder": str(folder), "dtype": dtype,
+                              "prompt_tokens": prompt_tokens, "new_tokens": new_tokens})
 
 
 def decode_worker(folder: str, dtype: str, prompt_tokens: int, new_tokens: int) -> dict:
