@@ -33,20 +33,20 @@ def why_not(m: QuantModule) -> str | None:
     why = act_why_not(m)
     if why is not None:
         return why
-    g = _group(m.spec, m.in_features)
-    last = m.in_features - (_groups(m.in_features, g) - 1) * g
+    g = group_width(m.spec, m.in_features)
+    last = m.in_features - (group_count(m.in_features, g) - 1) * g
     if g % 8 or last % 8 or m.out_features % 8:
         return (f"group size {g}, last group {last} and out_features {m.out_features} must be multiples of 8 "
                 f"(torch._int_mm)")
     return None
 
 
-def _group(spec, in_features: int) -> int:
+def group_width(spec, in_features: int) -> int:
     """Columns per stored scale: the group size, or the whole row (per channel, or one group longer than it)."""
     return min(spec.group_size, in_features) if spec.granularity == "group" else in_features
 
 
-def _groups(in_features: int, g: int) -> int:
+def group_count(in_features: int, g: int) -> int:
     return -(-in_features // g)
 
 
@@ -55,10 +55,10 @@ def pack(m: QuantLinear) -> dict:
     ``(groups, out)``; ``offset`` int32 ``(groups, out)`` or None; ``bounds``: each group's columns."""
     q = m.quantized_weight()
     n, k = m.weight_shape
-    g = _group(m.spec, k)
+    g = group_width(m.spec, k)
     scale = (q.scale if q.global_scale is None else q.scale * q.global_scale).float()  # (out, groups)
     c = (q.codes.to(torch.int16) - 8).to(torch.int8)  # (out, in) in -8..7
-    bounds = [(i * g, min(k, (i + 1) * g)) for i in range(_groups(k, g))]
+    bounds = [(i * g, min(k, (i + 1) * g)) for i in range(group_count(k, g))]
     weight = [c[:, a:b].t().contiguous() for a, b in bounds]  # (width, out) each
     offset = (8 - q.zero_point.to(torch.int32)).t().contiguous() if q.zero_point is not None else None  # (groups, out)
     return {"weight": weight, "scale": scale.t().contiguous(), "offset": offset, "bounds": bounds,

@@ -22,6 +22,7 @@ from lowbit.errors import InputError
 from lowbit.kernels import native
 from lowbit.kernels.checks import int_linear_why_not
 from lowbit.kernels.int8 import activation_codes, act_why_not
+from lowbit.kernels.w4a8 import group_count, group_width
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
 
@@ -33,28 +34,19 @@ def why_not(m: QuantModule) -> str | None:
     if why is not None:
         return why
     k, n = m.in_features, m.out_features
-    g = _group(m.spec, k)
-    last = k - (_groups(k, g) - 1) * g
+    g = group_width(m.spec, k)
+    last = k - (group_count(k, g) - 1) * g
     if g % CHUNK or last % CHUNK or n % 8:
         return (f"group size {g} and last group {last} must be multiples of {CHUNK}, out_features {n} a "
                 f"multiple of 8")
     return native.why_unavailable()
 
 
-def _group(spec, in_features: int) -> int:
-    """Columns per stored scale: the group size, or the whole row (per channel, or one group longer than it)."""
-    return min(spec.group_size, in_features) if spec.granularity == "group" else in_features
-
-
-def _groups(in_features: int, g: int) -> int:
-    return -(-in_features // g)
-
-
 def pack(m: QuantLinear) -> dict:
     """The kernel's copy of ``m``'s weight (see :func:`pack_codes`)."""
     q = m.quantized_weight()
     n, k = m.weight_shape
-    g = _group(m.spec, k)
+    g = group_width(m.spec, k)
     scale = (q.scale if q.global_scale is None else q.scale * q.global_scale).float().reshape(n, -1)
     zero = q.zero_point.reshape(n, -1) if q.zero_point is not None else torch.full_like(scale, 8, dtype=torch.uint8)
     return pack_codes(q.codes, zero, scale, g)
@@ -66,7 +58,7 @@ def pack_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g: 
     kernel's layout); ``zero`` int8 ``(out, groups)``; ``scale`` float32 and ``corr`` int32 ``(groups, out)``;
     ``wsum`` float32 ``(out,)``; ``group``: columns per group."""
     n, k = codes.shape
-    groups = _groups(k, g)
+    groups = group_count(k, g)
     zero = zero.to(torch.int16)
     widths = torch.tensor([min(k, (i + 1) * g) - i * g for i in range(groups)])
     centered = codes.to(torch.int16) - zero.repeat_interleave(widths, dim=1)  # (out, in), q - zp
@@ -87,9 +79,14 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
-    x2 = x.reshape(-1, m.in_features)
-    xu, t, p = activation(x2, m.act)  # uint8 (M, in) a + 128; (M, 1) or (1, 1); offset or None
-    y = product(st, xu, m.out_features)
+    xu, t, p = activation(x.reshape(-1, m.in_features), m.act)  # uint8 (M, in) a + 128; (M, 1); offset or None
+    return finish(m, st, product(st, xu, m.out_features), t, p, x)
+
+
+def finish(m: QuantLinear, st: dict, y: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None,
+           x: torch.Tensor) -> torch.Tensor:
+    """The layer's output from the integer product ``y`` float32 ``(M, out)``: the asymmetric-activation term
+    ``p * wsum``, the activation scale ``t``, the bias; in ``x``'s dtype and leading shape."""
     if p is not None:
         y += p.float() * st["wsum"]  # (M, 1) * (out,)
     y.mul_(t)

@@ -46,12 +46,6 @@ def pack(m: QuantLinear) -> dict:
 
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
-    x2 = x.reshape(-1, m.in_features)
-    xu, t, p = w4a8_avx2.activation(x2, m.act)  # uint8 (M, in) a + 128; (M, 1) or (1, 1); offset or None
-    y = w4a8_avx2.product(st, torch.cat([xu, xu], 1), m.out_features)
-    if p is not None:
-        y += p.float() * st["wsum"]  # (M, 1) * (out,)
-    y.mul_(t)
-    if m.bias is not None:
-        y += m.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+    xu, t, p = w4a8_avx2.activation(x.reshape(-1, m.in_features), m.act)  # uint8 (M, in) a + 128; (M, 1); offset
+    y = w4a8_avx2.product(st, torch.cat([xu, xu], 1), m.out_features)  # the codes for both nibbles
+    return w4a8_avx2.finish(m, st, y, t, p, x)
