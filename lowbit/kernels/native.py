@@ -36,14 +36,16 @@ from lowbit.paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = ("w4a8_avx2.cpp",)
-FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
+FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
+         "-ffp-contract=off")
 ENV = "LOWBIT_NATIVE"  # "0" turns the native kernels off (to compare against the torch kernels, or to debug)
-ABI = 1  # lowbit_native_abi() of a library this module can call
+ABI = 2  # lowbit_native_abi() of a library this module can call
 BUILD_TIMEOUT_S = 300
 
 _VOID, _INT = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "lowbit_w4a8_avx2": (_INT, [_VOID, _VOID, _VOID, _VOID, _VOID, _VOID, _INT, _INT, _INT, _INT, _INT]),
+    "lowbit_w4a8_avx2": (_INT, [_VOID, _VOID, _VOID, _VOID, _VOID, _VOID, _INT, _INT, _INT, _INT, _INT, _INT]),
+    "lowbit_w4a8_linear_s8": (_INT, [_VOID] * 9 + [_INT] * 7),
     "lowbit_quantize_rows_s8": (_INT, [_VOID, _VOID, _VOID, _INT, _INT, _INT, _INT]),
     "lowbit_native_abi": (_INT, []),
 }

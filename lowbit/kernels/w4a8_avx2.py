@@ -79,8 +79,34 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
-    xu, t, p = activation(x.reshape(-1, m.in_features), m.act)  # uint8 (M, in) a + 128; (M, 1); offset or None
-    return finish(m, st, product(st, xu, m.out_features), t, p, x)
+    return linear(m, st, x, repeat=1)
+
+
+def linear(m: QuantLinear, st: dict, x: torch.Tensor, repeat: int) -> torch.Tensor:
+    """The layer on the packed ``st`` (whose columns are ``repeat`` x ``in_features``: each group of
+    ``in_features`` columns reads the activation codes from their start, as W8A8's two nibbles do).
+
+    Symmetric per-token int8 activations with fp16/fp32 scales (every decode step of the usual recipes) run
+    as one C call: quantize, product, scale and bias. Anything else quantizes through torch first."""
+    x2 = x.reshape(-1, m.in_features)
+    half = _native_scale(m.act)
+    if half is not None:
+        xf = x2.float().contiguous()
+        rows, n = xf.shape[0], m.out_features
+        y = torch.empty(rows, n, dtype=torch.float32)
+        codes = torch.empty(rows, m.in_features, dtype=torch.uint8)
+        scales = torch.empty(rows, dtype=torch.float32)
+        bias = None if m.bias is None else m.bias.float().contiguous()
+        if rows:
+            rc = native.library().lowbit_w4a8_linear_s8(
+                xf.data_ptr(), codes.data_ptr(), scales.data_ptr(), st["weight"].data_ptr(), st["zero"].data_ptr(),
+                st["scale"].data_ptr(), st["corr"].data_ptr(), None if bias is None else bias.data_ptr(),
+                y.data_ptr(), rows, n, repeat * m.in_features, m.in_features, st["group"], half,
+                torch.get_num_threads())
+            _check(rc, x2, f"M={rows}, N={n}, K={repeat * m.in_features}, group={st['group']}")
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    xu, t, p = activation(x2, m.act)  # uint8 (M, in) a + 128; (M, 1) or (1, 1); offset or None
+    return finish(m, st, product(st, xu, m.out_features, repeat), t, p, x)
 
 
 def finish(m: QuantLinear, st: dict, y: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None,
@@ -95,18 +121,25 @@ def finish(m: QuantLinear, st: dict, y: torch.Tensor, t: torch.Tensor, p: torch.
     return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
 
 
-def product(st: dict, xu: torch.Tensor, n: int) -> torch.Tensor:
+def product(st: dict, xu: torch.Tensor, n: int, repeat: int = 1) -> torch.Tensor:
     """``y[m, n] = sum_g s[n, g] * sum_{k in g} a[m, k] (q[n, k] - zp[n, g])`` float32 ``(M, n)``, from the
-    codes ``xu = a + 128`` uint8 ``(M, K)`` and a :func:`pack_codes` state."""
+    codes ``xu = a + 128`` uint8 ``(M, K / repeat)`` and a :func:`pack_codes` state of ``K`` columns."""
     rows, k = xu.shape
     y = torch.empty(rows, n, dtype=torch.float32)
     if rows:
         rc = native.library().lowbit_w4a8_avx2(
             xu.data_ptr(), st["weight"].data_ptr(), st["zero"].data_ptr(), st["scale"].data_ptr(),
-            st["corr"].data_ptr(), y.data_ptr(), rows, n, k, st["group"], torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"lowbit_w4a8_avx2 refused shape M={rows}, N={n}, K={k}, group={st['group']}")
+            st["corr"].data_ptr(), y.data_ptr(), rows, n, repeat * k, k, st["group"], torch.get_num_threads())
+        _check(rc, xu, f"M={rows}, N={n}, K={repeat * k}, group={st['group']}")
     return y
+
+
+def _check(rc: int, x: torch.Tensor, shape: str) -> None:
+    """Raise for a non-zero return code of the C library (3: ``x`` holds NaN/Inf; else shapes or memory)."""
+    if rc == 3:
+        raise InputError(f"activation of shape {tuple(x.shape)} holds NaN/Inf value(s)")
+    if rc != 0:
+        raise RuntimeError(f"lowbit's W4A8 kernel refused {shape} (code {rc})")
 
 
 # scale formats the C quantizer rounds to exactly as lowbit.formats.scales.round_scale does
@@ -116,13 +149,12 @@ _NATIVE_SCALES = {"fp16": 1, "fp32": 0}
 def activation(x2: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Codes ``a + 128`` uint8 ``(M, K)``, scale and offset as :func:`lowbit.kernels.int8.activation_codes`.
 
-    Symmetric per-token int8 with fp16 or fp32 scales (the common case, and every decode step) runs in one
-    pass of lowbit's C quantizer, which gives the same codes and scales; anything else goes through torch.
+    Symmetric per-token int8 with fp16 or fp32 scales runs in one pass of lowbit's C quantizer, which gives
+    the same codes and scales; anything else goes through torch.
     """
-    spec = act.spec
-    half = _NATIVE_SCALES.get(spec.scale_format)
-    if spec.has_zero_point or spec.granularity != "token" or act.clip != 1.0 or half is None:
-        a, t, p = activation_codes(x2, spec, act.clip)
+    half = _native_scale(act)
+    if half is None:
+        a, t, p = activation_codes(x2, act.spec, act.clip)
         return (a.view(torch.uint8) ^ 128).contiguous(), t, p
     xf = x2.float().contiguous()
     rows, k = xf.shape
@@ -130,6 +162,14 @@ def activation(x2: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor, torch
     scale = torch.empty(rows, 1, dtype=torch.float32)
     rc = native.library().lowbit_quantize_rows_s8(xf.data_ptr(), codes.data_ptr(), scale.data_ptr(), rows, k, half,
                                                   torch.get_num_threads())
-    if rc == 3:
-        raise InputError(f"activation of shape {tuple(x2.shape)} holds NaN/Inf value(s)")
+    _check(rc, x2, f"M={rows}, K={k}")
     return codes, scale, None
+
+
+def _native_scale(act) -> int | None:
+    """The C quantizer's scale flag (1: fp16, 0: fp32) when it makes ``act``'s codes (symmetric int8 per token,
+    no clipping, fp16 or fp32 scales), else None."""
+    spec = act.spec
+    if spec.has_zero_point or spec.granularity != "token" or act.clip != 1.0:
+        return None
+    return _NATIVE_SCALES.get(spec.scale_format)

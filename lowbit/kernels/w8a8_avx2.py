@@ -46,6 +46,4 @@ def pack(m: QuantLinear) -> dict:
 
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
-    xu, t, p = w4a8_avx2.activation(x.reshape(-1, m.in_features), m.act)  # uint8 (M, in) a + 128; (M, 1); offset
-    y = w4a8_avx2.product(st, torch.cat([xu, xu], 1), m.out_features)  # the codes for both nibbles
-    return w4a8_avx2.finish(m, st, y, t, p, x)
+    return w4a8_avx2.linear(m, st, x, repeat=2)  # both nibble groups read the same activation codes

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from lowbit.errors import InputError
 from lowbit.formats import quantize as quantize_tensor
 from lowbit.kernels import KERNELS, cpu_features, kernel_name, native, use_kernels, w4a8_avx2
 from lowbit.kernels.int8 import activation_codes
@@ -222,3 +223,15 @@ def test_w8a8_declines_inputs_not_a_multiple_of_32(no_vnni):
     m = _layer(16, 48, "int8")
     report = use_kernels(m, tuple(k for k in KERNELS if k.name == "w8a8-avx2"))
     assert "in_features 48 must be a multiple of 32" in report.reasons[""]["w8a8-avx2"]
+
+
+@pytest.mark.parametrize("wspec, kernel", [("int4-g32", "w4a8-avx2"), ("int8", "w8a8-avx2")])
+def test_a_layer_refuses_nan_and_inf_inputs_with_a_clear_error(no_vnni, wspec, kernel):
+    """Symmetric per-token activations go through the one-call C path (quantize, product, scale, bias)."""
+    m = _layer(16, 64, wspec)
+    assert use_kernels(m).chosen[""] == kernel
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(3, 64)
+        x[1, 7] = bad
+        with pytest.raises(InputError, match="NaN/Inf"):
+            m(x)

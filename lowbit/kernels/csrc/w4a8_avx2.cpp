@@ -64,6 +64,7 @@ inline __m256i lanes(const int32_t* v) {
 struct Args {
     const uint8_t* x; const uint8_t* w; const int8_t* z; const float* s; const int32_t* corr; float* y;
     int M, N, K, g, G, wstride;
+    int xk;  // columns of x: K, or K / 2 when every group reads x from its start again (W8A8's two nibbles)
 };
 
 // the signed weights q - z of rows [n0, n0 + 8), one byte each: (8, K) at `out` (batches reuse them per token)
@@ -96,7 +97,7 @@ void tile(const Args& A, int n0, int m0, const int8_t* wu) {
     static_assert(R * T == 8, "a tile fills one register of 8 sums");
     const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t* xt[T];
-    for (int t = 0; t < T; ++t) xt[t] = A.x + (size_t)(m0 + t) * A.K;
+    for (int t = 0; t < T; ++t) xt[t] = A.x + (size_t)(m0 + t) * A.xk;
     const uint8_t* wp[R];
     const int8_t* wq[R];
     for (int r = 0; r < R; ++r) {
@@ -107,6 +108,7 @@ void tile(const Args& A, int n0, int m0, const int8_t* wu) {
     for (int gi = 0; gi < A.G; ++gi) {
         const int c_begin = gi * A.g / 32;
         const int c_end = (gi == A.G - 1 ? A.K : (gi + 1) * A.g) / 32;
+        const int xoff = (c_begin * 32) % A.xk - c_begin * 32;  // x column of weight column k: k + xoff
         __m256i zr[R];
         if (!Unpacked)
             for (int r = 0; r < R; ++r) zr[r] = _mm256_set1_epi8(A.z[(n0 + r) * A.G + gi]);
@@ -122,7 +124,7 @@ void tile(const Args& A, int n0, int m0, const int8_t* wu) {
                     wv[r] = Unpacked ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[r] + c * 32))
                                      : nibbles(wp[r], c, zr[r]);
                 for (int t = 0; t < T; ++t) {
-                    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt[t] + c * 32));
+                    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt[t] + xoff + c * 32));
                     for (int r = 0; r < R; ++r)
                         acc[r * T + t] = _mm256_add_epi16(acc[r * T + t], _mm256_maddubs_epi16(xv, wv[r]));
                 }
@@ -159,92 +161,145 @@ void row_block(const Args& A, int n0, int8_t* buf) {
 
 }  // namespace
 
-extern "C" int lowbit_w4a8_avx2(const uint8_t* x, const uint8_t* w, const int8_t* z, const float* s,
-                                const int32_t* corr, float* y, int M, int N, int K, int g, int threads) {
-    if (M < 0 || N % 8 || K % 32 || g % 32 || g <= 0) return 1;
-    const int G = (K + g - 1) / g;
-    if ((K - (G - 1) * g) % 32) return 1;
-    Args A{x, w, z, s, corr, y, M, N, K, g, G, ((K + 63) / 64) * 32};
-    const int blocks = N / 8;
+namespace {
+
+// the product into y (M, N); x has A.xk columns
+int product(Args& A, int threads) {
+    const int blocks = A.N / 8;
     int8_t* bufs = nullptr;
-    if (M > 1) {
-        bufs = static_cast<int8_t*>(std::aligned_alloc(64, (size_t)(threads > 0 ? threads : 1) * 8 * K));
+    if (A.M > 1) {
+        bufs = static_cast<int8_t*>(std::aligned_alloc(64, (size_t)(threads > 0 ? threads : 1) * 8 * A.K));
         if (!bufs) return 2;
     }
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads > 0 ? threads : 1)
     for (int b = 0; b < blocks; ++b)
-        row_block(A, b * 8, bufs ? bufs + (size_t)omp_get_thread_num() * 8 * K : nullptr);
+        row_block(A, b * 8, bufs ? bufs + (size_t)omp_get_thread_num() * 8 * A.K : nullptr);
     std::free(bufs);
     return 0;
 }
 
-// Symmetric 8-bit codes of each row of x (M, K) float32, as lowbit's quantizer makes them for an int8
-// per-token spec with fp16 (half = 1) or fp32 (half = 0) scales: amax = max |x|, raw = amax / 127 clamped to
-// the scale format's [smallest normal, max], rounded to the format (nearest, one step up where that fell
-// below the raw value), codes = round_half_even(x / scale) clamped to -128..127; written as codes + 128
-// (uint8, what lowbit_w4a8_avx2 reads) with the scale per row. Returns 3 when a row holds NaN or Inf.
-extern "C" int lowbit_quantize_rows_s8(const float* x, uint8_t* codes, float* scales, int M, int K, int half,
-                                       int threads) {
-    int bad = 0;
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) reduction(| : bad) if (M >= 8)
-    for (int m = 0; m < M; ++m) {
-        const float* row = x + (size_t)m * K;
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        const __m256 inf = _mm256_set1_ps(__builtin_inff());
-        __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
-        int k = 0;
-        for (; k + 8 <= K; k += 8) {
-            const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k));
-            vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // NaN or +-Inf
-            vmax = _mm256_max_ps(vmax, a);
-        }
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, vmax);
-        float amax = 0.0f;
-        for (int j = 0; j < 8; ++j) amax = lanes[j] > amax ? lanes[j] : amax;
-        int row_bad = _mm256_movemask_ps(vbad) != 0;
-        for (; k < K; ++k) {
-            const float a = __builtin_fabsf(row[k]);
-            row_bad |= !(a < __builtin_inff());
-            amax = a > amax ? a : amax;
-        }
-        if (row_bad) { bad = 1; continue; }
-        float scale = amax / 127.0f;
-        if (half) {
-            const float c = scale < 6.103515625e-05f ? 6.103515625e-05f : (scale > 65504.0f ? 65504.0f : scale);
-            uint16_t h = _cvtss_sh(c, _MM_FROUND_TO_NEAREST_INT);
-            if (_cvtsh_ss(h) < c) h += 1;  // positive and below max: the next fp16 up
-            scale = _cvtsh_ss(h);
-        } else {
-            const float tiny = 1.17549435e-38f;
-            scale = scale < tiny ? tiny : scale;
-        }
-        scales[m] = scale;
-        const __m256 vs = _mm256_set1_ps(scale);
-        const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
-        uint8_t* out = codes + (size_t)m * K;
-        k = 0;
-        for (; k + 32 <= K; k += 32) {
-            __m256i q[4];
-            for (int j = 0; j < 4; ++j) {
-                __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + k + 8 * j), vs),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
-            }
-            // int32 -> int16 -> int8 with saturation (values already in range); packs interleave 128-bit lanes
-            const __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
-            __m256i b = _mm256_packs_epi16(w01, w23);
-            b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            b = _mm256_xor_si256(b, _mm256_set1_epi8((char)0x80));  // + 128
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), b);
-        }
-        for (; k < K; ++k) {
-            float v = __builtin_nearbyintf(row[k] / scale);
-            v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-            out[k] = (uint8_t)((int)v + 128);
-        }
-    }
-    return bad ? 3 : 0;
+// 0 when the shapes fit the kernel (see the header), else 1; sets A's derived fields
+int check(Args& A) {
+    if (A.M < 0 || A.N % 8 || A.K % 32 || A.g % 32 || A.g <= 0 || A.xk <= 0 || A.xk % 32) return 1;
+    A.G = (A.K + A.g - 1) / A.g;
+    if ((A.K - (A.G - 1) * A.g) % 32) return 1;
+    if (A.xk != A.K && (A.xk % A.g || A.K % A.xk)) return 1;  // a group never wraps around x's columns
+    A.wstride = ((A.K + 63) / 64) * 32;
+    return 0;
 }
 
-extern "C" int lowbit_native_abi(void) { return 1; }
+}  // namespace
+
+// x (M, xk) with xk = K (or K / 2: each group of K / 2 columns reads x from its start); see the header
+extern "C" int lowbit_w4a8_avx2(const uint8_t* x, const uint8_t* w, const int8_t* z, const float* s,
+                                const int32_t* corr, float* y, int M, int N, int K, int xk, int g, int threads) {
+    Args A{x, w, z, s, corr, y, M, N, K, g, 0, 0, xk};
+    if (check(A)) return 1;
+    return product(A, threads);
+}
+
+namespace {
+
+// Symmetric 8-bit codes of one row of K floats, as lowbit's quantizer makes them for an int8 per-token spec
+// with fp16 (half = 1) or fp32 (half = 0) scales: amax = max |x|, raw = amax / 127 clamped to the scale
+// format's [smallest normal, max], rounded to the format (nearest, one step up where that fell below the raw
+// value), codes = round_half_even(x / scale) clamped to -128..127, written as codes + 128 (uint8, what the
+// product reads). Returns false (and writes nothing) when the row holds NaN or Inf.
+bool quantize_row(const float* row, uint8_t* out, float* scale_out, int K, int half) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 inf = _mm256_set1_ps(__builtin_inff());
+    __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k));
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // NaN or +-Inf
+        vmax = _mm256_max_ps(vmax, a);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    float amax = 0.0f;
+    for (int j = 0; j < 8; ++j) amax = lanes[j] > amax ? lanes[j] : amax;
+    bool bad = _mm256_movemask_ps(vbad) != 0;
+    for (; k < K; ++k) {
+        const float a = __builtin_fabsf(row[k]);
+        bad |= !(a < __builtin_inff());
+        amax = a > amax ? a : amax;
+    }
+    if (bad) return false;
+    float scale = amax / 127.0f;
+    if (half) {
+        const float c = scale < 6.103515625e-05f ? 6.103515625e-05f : (scale > 65504.0f ? 65504.0f : scale);
+        uint16_t h = _cvtss_sh(c, _MM_FROUND_TO_NEAREST_INT);
+        if (_cvtsh_ss(h) < c) h += 1;  // positive and below max: the next fp16 up
+        scale = _cvtsh_ss(h);
+    } else {
+        const float tiny = 1.17549435e-38f;
+        scale = scale < tiny ? tiny : scale;
+    }
+    *scale_out = scale;
+    const __m256 vs = _mm256_set1_ps(scale);
+    const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i q[4];
+        for (int j = 0; j < 4; ++j) {
+            __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + k + 8 * j), vs),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+        }
+        // int32 -> int16 -> int8 with saturation (values already in range); packs interleave 128-bit lanes
+        const __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
+        __m256i b = _mm256_packs_epi16(w01, w23);
+        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        b = _mm256_xor_si256(b, _mm256_set1_epi8((char)0x80));  // + 128
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), b);
+    }
+    for (; k < K; ++k) {
+        float v = __builtin_nearbyintf(row[k] / scale);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        out[k] = (uint8_t)((int)v + 128);
+    }
+    return true;
+}
+
+// every row of x (M, K) through quantize_row; false when any row holds NaN or Inf
+bool quantize_rows(const float* x, uint8_t* codes, float* scales, int M, int K, int half, int threads) {
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) reduction(| : bad) if (M >= 8)
+    for (int m = 0; m < M; ++m)
+        bad |= !quantize_row(x + (size_t)m * K, codes + (size_t)m * K, scales + m, K, half);
+    return !bad;
+}
+
+}  // namespace
+
+// codes + 128 and scales of each row of x (M, K): quantize_row; returns 3 when a row holds NaN or Inf
+extern "C" int lowbit_quantize_rows_s8(const float* x, uint8_t* codes, float* scales, int M, int K, int half,
+                                       int threads) {
+    return quantize_rows(x, codes, scales, M, K, half, threads) ? 0 : 3;
+}
+
+// A whole W4A8 linear for symmetric int8 per-token activations, in one call: x (M, xk) float32 quantized by
+// quantize_row into `codes` (M, xk) and `scales` (M) (scratch), the product, then y = y * scale[m] + bias[n]
+// (bias may be null). xk = K, or K / 2 for W8A8's two nibbles. Returns 1 (shapes), 2 (memory) or 3 (NaN/Inf).
+extern "C" int lowbit_w4a8_linear_s8(const float* x, uint8_t* codes, float* scales, const uint8_t* w,
+                                     const int8_t* z, const float* s, const int32_t* corr, const float* bias,
+                                     float* y, int M, int N, int K, int xk, int g, int half, int threads) {
+    Args A{codes, w, z, s, corr, y, M, N, K, g, 0, 0, xk};
+    if (check(A)) return 1;
+    if (!quantize_rows(x, codes, scales, M, xk, half, threads)) return 3;
+    const int rc = product(A, threads);
+    if (rc) return rc;
+    for (int m = 0; m < M; ++m) {
+        float* row = y + (size_t)m * N;
+        const __m256 t = _mm256_set1_ps(scales[m]);
+        for (int n = 0; n < N; n += 8) {  // N is a multiple of 8
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + n), t);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+            _mm256_storeu_ps(row + n, v);
+        }
+    }
+    return 0;
+}
+
+extern "C" int lowbit_native_abi(void) { return 2; }
