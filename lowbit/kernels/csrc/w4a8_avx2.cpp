@@ -4,7 +4,9 @@
 // OpenMP runtime is the one torch already loaded, so torch.set_num_threads and this kernel share one pool).
 //
 // Inputs (all row-major, contiguous):
-//   x  uint8 (M, K)        activation codes a + 128 (a: signed int8 codes of the token, so x in 0..255)
+//   x  uint8 (M, xk)       activation codes a + 128 (a: signed int8 codes of the token, so x in 0..255);
+//                          xk = K, or a divisor of K that is a multiple of g: each group then reads x from
+//                          column (group start mod xk) (W8A8's two nibble groups both read all of x)
 //   w  uint8 (N, KB * 32)  weight codes q in 0..15, two per byte: 32-column chunk c of a row lies in the
 //                          32 bytes at (c / 2) * 32, in the low nibbles when c is even, the high ones when odd
 //                          (KB = ceil(K / 64) blocks of 64 columns; a last odd chunk leaves high nibbles 0)
