@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 
 def row_in_new_process(script: str, row: list[str], a: argparse.Namespace, extra: list[str] = ()) -> dict:
     """The JSON a fresh ``script --row ROW...`` wrote (its progress goes to our stderr); SystemExit if it fails.
@@ -57,7 +59,7 @@ def code_version(script: str) -> str:
 def run_key(script: str, a: argparse.Namespace) -> dict:
     """What must match for rows of two sittings to belong to one run: code, protocol settings, torch."""
     return {"code": code_version(script), "tokens": a.tokens, "calib": f"{a.calib_samples}x{a.calib_len}",
-            "threads": a.threads, "torch": torch_version()}
+            "threads": a.threads, "torch": torch.__version__}
 
 
 def previous_rows(path: str, run: dict, key: tuple[str, ...]) -> dict[tuple, dict]:
@@ -77,12 +79,6 @@ def previous_rows(path: str, run: dict, key: tuple[str, ...]) -> dict[tuple, dic
                              "use another --json file")
         rows[tuple(row[k] for k in key)] = row
     return rows
-
-
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def emit(path: str | None, row: dict, line: str) -> dict:

@@ -11,7 +11,7 @@ called through ctypes, which releases the GIL; its OpenMP loops run on the OpenM
 loaded (``libgomp.so.1``), with the thread count torch uses (``torch.get_num_threads()``), so
 ``torch.set_num_threads`` governs them as it governs torch's own kernels.
 
-When the library cannot be had (no compiler, a CPU without AVX2 and FMA, not Linux/x86-64, or
+When the library cannot be had (no compiler, a CPU without AVX2, FMA and F16C, not Linux/x86-64, or
 ``LOWBIT_NATIVE=0``), :func:`why_unavailable` says why; the dispatch table then uses the next kernel that fits
 and ``use_kernels``' report carries that reason.
 """
@@ -108,8 +108,9 @@ def _platform_why_not() -> str | None:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 

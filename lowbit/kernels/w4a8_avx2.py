@@ -147,15 +147,20 @@ _NATIVE_SCALES = {"fp16": 1, "fp32": 0}
 
 
 def activation(x2: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Codes ``a + 128`` uint8 ``(M, K)``, scale and offset as :func:`lowbit.kernels.int8.activation_codes`.
+    """Codes ``a + 128`` uint8 ``(M, K)``, scale and offset of :func:`lowbit.kernels.int8.activation_codes`
+    (the layers whose activations the one-call C path does not quantize)."""
+    a, t, p = activation_codes(x2, act.spec, act.clip)
+    return (a.view(torch.uint8) ^ 128).contiguous(), t, p
 
-    Symmetric per-token int8 with fp16 or fp32 scales runs in one pass of lowbit's C quantizer, which gives
-    the same codes and scales; anything else goes through torch.
-    """
+
+def native_codes(x2: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``a + 128`` uint8 ``(M, K)`` and scales float32 ``(M, 1)`` of ``x2`` by lowbit's C quantizer: the
+    ones the one-call path computes inside C (the same ``quantize_row``), exposed so that they can be checked
+    against lowbit's own quantizer. ``act`` must be one the C quantizer takes (:func:`_native_scale`)."""
     half = _native_scale(act)
     if half is None:
-        a, t, p = activation_codes(x2, act.spec, act.clip)
-        return (a.view(torch.uint8) ^ 128).contiguous(), t, p
+        raise InputError(f"lowbit's C quantizer takes symmetric int8 per-token activations with fp16 or fp32 "
+                         f"scales and no clipping, not {act.name}")
     xf = x2.float().contiguous()
     rows, k = xf.shape
     codes = torch.empty(rows, k, dtype=torch.uint8)
@@ -163,7 +168,7 @@ def activation(x2: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor, torch
     rc = native.library().lowbit_quantize_rows_s8(xf.data_ptr(), codes.data_ptr(), scale.data_ptr(), rows, k, half,
                                                   torch.get_num_threads())
     _check(rc, x2, f"M={rows}, K={k}")
-    return codes, scale, None
+    return codes, scale
 
 
 def _native_scale(act) -> int | None:

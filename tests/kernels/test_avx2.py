@@ -86,9 +86,9 @@ def test_the_c_quantizer_gives_lowbits_codes_and_scales(scale_format, shape, mag
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * magnitude
     x[0, :3] = 0
     x[-1] = 0  # an all-zero row: the smallest scale of the format
-    a, t, _ = activation_codes(x, spec)
-    xu, t2, p2 = w4a8_avx2.activation(x, ActivationQuant(spec, dynamic=True))
-    assert p2 is None and torch.equal(t.reshape(-1), t2.reshape(-1))
+    a, t, p = activation_codes(x, spec)
+    xu, t2 = w4a8_avx2.native_codes(x, ActivationQuant(spec, dynamic=True))
+    assert p is None and torch.equal(t.reshape(-1), t2.reshape(-1))
     assert torch.equal(a.view(torch.uint8) ^ 128, xu)
 
 
@@ -97,18 +97,18 @@ def test_the_c_quantizer_rounds_half_to_even_and_refuses_nan_and_inf():
     act = ActivationQuant(spec, dynamic=True)
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -126.5] * 5])  # scale 1: ties everywhere
     a, t, _ = activation_codes(x, spec)
-    xu, t2, _ = w4a8_avx2.activation(x, act)
+    xu, t2 = w4a8_avx2.native_codes(x, act)
     assert torch.equal(a.view(torch.uint8) ^ 128, xu) and torch.equal(t.reshape(-1), t2.reshape(-1))
     assert xu[0, 1:4].tolist() == [128, 130, 130]  # 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.ones(2, 40)
         x[1, 37] = bad  # in the scalar tail of a row
         with pytest.raises(Exception, match="NaN/Inf"):
-            w4a8_avx2.activation(x, act)
+            w4a8_avx2.native_codes(x, act)
         x = torch.ones(2, 40)
         x[0, 3] = bad  # in the vector part
         with pytest.raises(Exception, match="NaN/Inf"):
-            w4a8_avx2.activation(x, act)
+            w4a8_avx2.native_codes(x, act)
 
 
 @pytest.mark.parametrize("spec, out_f, in_f, why", [

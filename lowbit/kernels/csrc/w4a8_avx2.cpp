@@ -32,7 +32,6 @@
 
 #include <immintrin.h>
 #include <stdint.h>
-#include <string.h>
 #include <cstdlib>
 #include <omp.h>
 
