@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
     q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
     q.add_argument("--seed", type=_seed, default=0, help="calibration sampling seed (0 to 2**64 - 1)")
-    q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float "
-                   "(default: lm_head type:Embedding)")
+    q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float, or role:head, "
+                   "role:embedding, type:CLASS (default: role:head role:embedding type:Embedding)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     q.add_argument("--no-resume", action="store_true", help="ignore (and replace) the finished blocks an "
@@ -230,7 +230,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         print(f"protocol: {proto.describe()}")
         r = perplexity(target, tokenizer, proto, progress=_progress())
         print(f"perplexity {r.ppl:.3f} over {r.n_tokens} tokens ({r.seconds:.0f} s)")
-    else:
+    elif kind == "image-classifier":
         from lowbit.data import imagenet_views
         from lowbit.evaluation import classifier_agreement
 
@@ -243,6 +243,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         r = classifier_agreement(ref, target, images, progress=_progress())
         print(f"vs float over {r.n_images} views: top-1 agreement {100 * r.top1:.2f}%, "
               f"top-5 {100 * r.top5:.2f}%, KL {r.kl:.5f} nats")
+    else:
+        raise InputError(f"{name}: lowbit eval measures causal LMs (perplexity) and image classifiers (agreement "
+                         f"with float); it has no measure for {kind} models yet: compare the quantized and float "
+                         f"models' outputs from Python (lowbit.load(path) rebuilds the quantized one)")
     return 0
 
 
@@ -256,6 +260,10 @@ def _load_target(path: str):
         manifest = read_manifest(p)
         if manifest.get("source") is None:
             raise InputError(f"{p} records no model source; evaluate it from Python with lowbit.load(path, model=...)")
+        if manifest["source"].get("type") == "hf-config":
+            raise InputError(f"{p} was saved from Python: it records its class ({manifest['source'].get('class')}) "
+                             f"and config but not its float weights or tokenizer, which evaluation compares with; "
+                             f"evaluate it from Python (lowbit.load(path) rebuilds it)")
         model = load(p)  # verify the artifact first: its source is followed only once the files check out
         ref = load_model_from_source(manifest["source"])
         return model, ref.model, ref.kind, ref.tokenizer, f"{ref.name} [{p}]"
@@ -277,8 +285,12 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     manifest = read_manifest(a.path)
     model = load(a.path)
     ref = None
-    if not a.no_reference and manifest.get("source") is not None:
-        ref = load_model_from_source(manifest["source"]).model
+    source = manifest.get("source")
+    if source is not None and source.get("type") == "hf-config" and not a.no_reference:
+        print(f"no float reference: {a.path} was saved from Python and records the class {source.get('class')} "
+              f"and its config, not where its float weights are (error columns left empty)")
+    elif not a.no_reference and source is not None:
+        ref = load_model_from_source(source).model
         transforms = (manifest.get("plan") or {}).get("transforms") or []
         if transforms:  # compare each layer with the float weight it was made from: the transformed one
             from lowbit.transforms import apply_transforms
@@ -325,6 +337,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         if manifest.get("source") is None:
             raise InputError(f"{path} records no model source, so its tokenizer cannot be found")
         src = manifest["source"]
+        if src.get("type") == "hf-config":
+            raise InputError(f"{path} was saved from Python and records its class and config only: no tokenizer or "
+                             f"float model to benchmark it against; save it with source=LoadedModel.source")
         sources[path] = str(src.get("name") if src.get("type") == "bundled" else src.get("path"))
     model = a.model
     if model is None:  # the float baseline is the model the artifacts were made from

@@ -6,11 +6,14 @@ quantizable module (``lowbit.nn.convert.SUPPORTED``), the skip list is checked f
 order; the first match wins. Patterns are shell globs over the module's dotted name (``*`` also crosses
 dots, so ``*.mlp.*`` matches every MLP linear) or, with a ``re:`` prefix, full-match regular expressions.
 Skip patterns may also name a module class with ``type:`` (``type:Embedding`` skips every ``nn.Embedding``
-and subclass, whatever the model calls it: ``embed_tokens``, ``wte``, ``word_embeddings``).
+and subclass, whatever the model calls it: ``embed_tokens``, ``wte``, ``word_embeddings``), or a role with
+``role:`` (``lowbit.nn.roles``: ``role:head`` is the output head whatever its name, ``lm_head``, ``proj_out``,
+``cls.predictions.decoder``; ``role:embedding`` the input embedding). The default skip keeps the head, the
+input embedding and every other embedding in float.
 
 Recipes are plans written as YAML::
 
-    skip: [lm_head, "type:Embedding"]
+    skip: ["role:head", "role:embedding", "type:Embedding"]
     rules:
       - pattern: "*.down_proj"
         weight: int8
@@ -37,14 +40,24 @@ import yaml
 
 from lowbit.algorithms import Algorithm, RTN, make_algorithm
 from lowbit.errors import InputError
+from lowbit.nn.roles import HEAD_NAME, ROLES
 from lowbit.spec import ActivationQuant, KVCacheQuant, QuantSpec, parse_spec
 from lowbit.transforms import NEEDS_DATA, check_transforms
 
-DEFAULT_SKIP = ("lm_head", "type:Embedding")
+DEFAULT_SKIP = ("role:head", "role:embedding", "type:Embedding")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few rules; anything larger is the wrong file (or /dev/zero)
 
 
-def _match(pattern: str, name: str, module: Any = None) -> bool:
+def _check_role(pattern: str, where: str) -> None:
+    if pattern.startswith("role:") and pattern[5:] not in ROLES:
+        raise InputError(f"{where} {pattern!r}: unknown role {pattern[5:]!r}; roles are {', '.join(ROLES)}")
+
+
+def _match(pattern: str, name: str, module: Any = None, roles: dict[str, str] | None = None) -> bool:
+    if pattern.startswith("role:"):
+        if roles is None:  # no model to ask: the head is what a model without get_output_embeddings calls it
+            return pattern == "role:head" and (name == HEAD_NAME or name.endswith("." + HEAD_NAME))
+        return roles.get(name) == pattern[5:]
     if pattern.startswith("type:"):
         return module is not None and any(c.__name__ == pattern[5:] for c in type(module).__mro__)
     if pattern.startswith("re:"):
@@ -74,6 +87,7 @@ class Rule:
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise InputError(f"a rule needs a non-empty module-name pattern, got {self.pattern!r}")
+        _check_role(self.pattern, f"rule {self.pattern!r}")
         if self.pattern.startswith("re:"):
             try:
                 re.compile(self.pattern[3:])
@@ -91,8 +105,8 @@ class Rule:
         if not isinstance(self.bias_correction, bool):
             raise InputError(f"rule {self.pattern!r}: bias_correction must be true or false")
 
-    def matches(self, name: str) -> bool:
-        return _match(self.pattern, name)
+    def matches(self, name: str, roles: dict[str, str] | None = None) -> bool:
+        return _match(self.pattern, name, roles=roles)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"pattern": self.pattern, "weight": None if self.weight is None else self.weight.name}
@@ -135,6 +149,8 @@ class QuantPlan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "skip", tuple(self.skip))
+        for p in self.skip:
+            _check_role(p, "skip pattern")
         object.__setattr__(self, "transforms", check_transforms(self.transforms))
         if isinstance(self.kv, (str, dict)):
             object.__setattr__(self, "kv", KVCacheQuant.from_dict(self.kv))
@@ -165,13 +181,13 @@ class QuantPlan:
             for r in self.rules if r.weight is not None
         )
 
-    def rule_for(self, name: str, module: Any = None) -> Rule | None:
-        """The rule that applies to module ``name`` (``module`` is needed for ``type:`` skip patterns), or
-        None if it stays float."""
-        if any(_match(p, name, module) for p in self.skip):
+    def rule_for(self, name: str, module: Any = None, roles: dict[str, str] | None = None) -> Rule | None:
+        """The rule that applies to module ``name`` (``module`` is needed for ``type:`` skip patterns, the model's
+        ``lowbit.nn.roles.module_roles`` for ``role:`` ones), or None if it stays float."""
+        if any(_match(p, name, module, roles) for p in self.skip):
             return None
         for r in self.rules:
-            if r.matches(name):
+            if r.matches(name, roles):
                 return None if r.weight is None else r
         return None
 

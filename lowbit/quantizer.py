@@ -38,6 +38,7 @@ from lowbit.nn.convert import (
     to_quantized,
     unsupported_subclass,
 )
+from lowbit.nn.roles import module_roles
 from lowbit.nn.kv_cache import attach_kv_quant, check_kv_quant
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
@@ -221,6 +222,7 @@ def select_targets(model: nn.Module, plan: QuantPlan, allow_none: bool = False) 
     """The supported modules the plan quantizes, in module order; checks explicit names. InputError when it
     selects none, unless ``allow_none``."""
     modules = dict(model.named_modules())
+    roles = module_roles(model)
     for r in plan.rules:
         exact = not r.pattern.startswith("re:") and not (_WILDCARDS & set(r.pattern))
         if exact and r.pattern in modules and not is_quantizable(modules[r.pattern]):
@@ -230,10 +232,10 @@ def select_targets(model: nn.Module, plan: QuantPlan, allow_none: bool = False) 
     targets = []
     for name, m in modules.items():
         if name and is_quantizable(m):
-            rule = plan.rule_for(name, m)
+            rule = plan.rule_for(name, m, roles)
             if rule is not None:
                 targets.append(Target(name, m, rule))
-    odd = [n for n, m in modules.items() if unsupported_subclass(m) and plan.rule_for(n, m) is not None]
+    odd = [n for n, m in modules.items() if unsupported_subclass(m) and plan.rule_for(n, m, roles) is not None]
     if odd:
         log.warning("%d module(s) subclass a supported layer but compute their own forward, so they stay in "
                     "float: %s", len(odd), ", ".join(f"{n} ({type(modules[n]).__name__})" for n in odd[:5]))

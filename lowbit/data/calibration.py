@@ -13,9 +13,13 @@ from lowbit.data.text import calibration_batches
 from lowbit.errors import InputError
 
 
+# kinds whose forward takes token ids alone: the default calibration set is windows of text for them
+TEXT_KINDS = ("causal-lm", "masked-lm", "sequence-classifier")
+
+
 def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_len: int = 512,
                     seed: int = 0, bos: bool = False) -> torch.Tensor:
-    """Calibration inputs for a model of ``kind`` (``causal-lm`` or ``image-classifier``).
+    """Calibration inputs for a model of ``kind`` (one of :data:`TEXT_KINDS`, or ``image-classifier``).
 
     Returns: LongTensor ``(n, seq_len)`` of token ids (default n = 128) or FloatTensor ``(n, 3, 224, 224)``
     of preprocessed images (default n = 64). ``bos``: start every text window with the BOS token (use the
@@ -27,11 +31,14 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
         raise InputError(f"calibration windows need at least one token (--calib-len), got seq_len={seq_len}")
     if not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:  # torch would take -1 as 2**64 - 1
         raise InputError(f"the calibration seed (--seed) must be an integer from 0 to 2**64 - 1, got {seed!r}")
-    if kind == "causal-lm":
+    if kind in TEXT_KINDS:
         if tokenizer is None:
-            raise InputError("a language model's calibration set needs its tokenizer")
+            raise InputError(f"the calibration set of a {kind} model is text, which needs its tokenizer (none was "
+                             f"found next to the model)")
         return calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed, corpus="news",
                                    bos=bos)
     if kind == "image-classifier":
         return calibration_views(64 if n is None else n, seed=seed)
-    raise InputError(f"no default calibration set for models of kind {kind!r}; pass data to quantize() yourself")
+    raise InputError(f"no default calibration set for models of kind {kind!r} (lowbit has one for "
+                     f"{', '.join(TEXT_KINDS)} and image-classifier models); quantize it from Python with "
+                     f"lowbit.quantize(model, plan, data=[batch, ...]), each batch the keyword inputs of its forward")

@@ -39,6 +39,7 @@ from lowbit.atomic import atomic_folder
 from lowbit.errors import InputError
 from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, file_entry, read_manifest
 from lowbit.nn.convert import layer_record
+from lowbit.nn.hf_classes import source_of
 from lowbit.nn.state import distinct_tensors, for_safetensors, quantized_modules, state_tensors
 from lowbit.paths import check_outside, check_writable, kind, output_path
 from lowbit.plan import QuantPlan
@@ -63,7 +64,9 @@ def save(
         model: any ``nn.Module``; its quantized layers are recorded so ``load`` can rebuild them.
         path: the output folder (parents are created). See the module docstring for what may exist there.
         source: the loader's source dict (``LoadedModel.source``), which lets ``load`` rebuild the
-            architecture without being given a model; None means ``load`` will need ``model=``.
+            architecture without being given a model. None: for a transformers model of a class lowbit can
+            rebuild by name, its class and config are recorded (``lowbit.nn.hf_classes.source_of``); for
+            any other module nothing, and ``load`` will need ``model=``.
         plan: the plan the model was quantized with (recorded for reference; a spec or scheme name is
             taken as a uniform plan).
         extra: any JSON-able dict to keep in the manifest.
@@ -81,6 +84,11 @@ def save(
         raise InputError(f"cannot save: {released[0]}{more} handed its weight storage to a "
                          f"kernel (use_kernels(..., keep_reference=False)); save before packing, or load again")
     dest = check_destination(path, overwrite)
+    if source is None:
+        source = source_of(model)
+        if source is None:
+            log.info("%s records no model source (%s is no transformers class lowbit rebuilds by name): "
+                     "lowbit.load will need model=", dest, type(model).__name__)
     canonical, tied = distinct_tensors(state_tensors(model))
     manifest = _manifest(model, tied, source, plan, extra)
     tensors = _tensors(canonical)

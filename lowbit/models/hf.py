@@ -4,8 +4,12 @@ Nothing here touches the network: every ``from_pretrained`` call passes ``local_
 GGUF weights are dequantized by transformers to fp32 (so the weights of a Q4_1 file stay on its
 4-bit grid, see shared/ASSETS.md). ``transformers`` is imported lazily: it takes seconds.
 
-The model class follows ``config.architectures``: ``*ForCausalLM`` -> ``AutoModelForCausalLM``
-("causal-lm"), ``*ForImageClassification`` -> ``AutoModelForImageClassification`` ("image-classifier").
+The model class is the one ``config.architectures`` names, found in transformers' task mappings (the tables
+its Auto classes read), which also give the model's *kind* (:data:`TASKS`): ``LlamaForCausalLM`` ->
+"causal-lm", ``WhisperForConditionalGeneration`` -> "speech-seq2seq", ``BertModel`` -> "base-model", ... A
+config without ``architectures`` (GGUF metadata, a hand-written config) gets the first task whose mapping
+has its ``model_type``. lowbit never runs a model folder's own code (``trust_remote_code``): a class that
+only such code defines is refused with a message saying how to load it and pass the module instead.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
+from lowbit.nn.hf_classes import KINDS, TASKS, class_by_name, mapping_names, task_of_class, transformers_attr
+__all__ = ["KINDS", "TASKS", "class_by_name", "task_of_class"]  # re-exported: the task table lives in lowbit.nn
+from lowbit.nn.roles import output_embedding, tied_head
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +46,9 @@ BOS_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
 def load_hf_folder(path: Path) -> tuple[nn.Module, str, Any]:
     """(model, kind, tokenizer or None) from a local Hugging Face model folder, fp32, eval mode."""
-    kind, auto_cls = model_class(folder_config(path), path)
+    kind, cls = model_class(folder_config(path), path)
     model = _read(
-        lambda: auto_cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, use_safetensors=True),
+        lambda: cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, use_safetensors=True),
         path, "weights"
     )
     return model.float().eval(), kind, _optional_tokenizer(path, gguf_file=None)
@@ -93,9 +100,17 @@ def skeleton_from_config(config: Any, where: str) -> nn.Module:
     ``to_dict()``), randomly initialised: no weight file is read."""
     if isinstance(config, dict):
         config = config_from_dict(config, where)
-    _, auto_cls = model_class(config, where)
+    _, cls = model_class(config, where)
+    return build_from_config(cls, config)
+
+
+def build_from_config(cls: Any, config: Any) -> nn.Module:
+    """A randomly initialised fp32 eval-mode ``cls`` (a transformers model or Auto class) for ``config``."""
     with torch.random.fork_rng(devices=[]):  # from_config draws random init from the global RNG
-        model = auto_cls.from_config(config, dtype=torch.float32)
+        if hasattr(cls, "from_config"):  # an Auto class
+            model = cls.from_config(config, dtype=torch.float32)
+        else:
+            model = cls._from_config(config, dtype=torch.float32)
     return model.float().eval()
 
 
@@ -115,19 +130,31 @@ def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
 
 
 def model_class(config: Any, where: Path | str) -> tuple[str, Any]:
-    """(kind, transformers Auto class) for a config, from its ``architectures`` list."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
-
-    archs = list(getattr(config, "architectures", None) or [])
-    if not archs:  # GGUF configs carry no architectures; every GGUF architecture is a causal LM
-        archs = ["ForCausalLM"]
-    if any(a.endswith("ForCausalLM") for a in archs):
-        return "causal-lm", AutoModelForCausalLM
-    if any(a.endswith("ForImageClassification") for a in archs):
-        return "image-classifier", AutoModelForImageClassification
+    """(kind, transformers model class) for a config: the class ``config.architectures`` names (the first one
+    transformers' task mappings know), or without ``architectures`` the Auto class of the first task in
+    :data:`TASKS` whose mapping has the config's ``model_type``. InputError naming the class otherwise."""
+    archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    model_type = getattr(config, "model_type", None)
+    for arch in archs:
+        kind = task_of_class(arch)
+        if kind is not None:
+            return kind, transformers_attr(arch)
+    if not archs:
+        for kind, mapping, auto in TASKS:
+            if model_type in mapping_names(mapping):
+                return kind, transformers_attr(auto)
+    remote = getattr(config, "auto_map", None)
+    named = f"architectures {archs}" if archs else f"model_type {model_type!r}"
+    if remote:
+        raise InputError(
+            f"{where}: {named} is defined by the folder's own code (auto_map {sorted(remote)}), which lowbit never "
+            f"runs; load the model yourself (transformers' from_pretrained with trust_remote_code=True, where you "
+            f"trust that code), then pass it to lowbit.quantize() and to lowbit.load(path, model=...)"
+        )
     raise InputError(
-        f"{where}: architectures {archs} are not supported; lowbit loads *ForCausalLM and "
-        f"*ForImageClassification Hugging Face models"
+        f"{where}: {named} is no model class lowbit can build: transformers has no task ({', '.join(KINDS)}) "
+        f"with it; load the model yourself and pass the module to lowbit.quantize() (and "
+        f"lowbit.load(path, model=...))"
     )
 
 
@@ -166,14 +193,14 @@ def needs_bos(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in BOS_MODEL_TYPES
 
 
+def has_head(model: nn.Module) -> bool:
+    """True if ``model`` has an output head (see ``lowbit.nn.roles``)."""
+    return output_embedding(model) is not None
+
+
 def is_tied(model: nn.Module) -> bool:
     """True if the output head shares its weight tensor with the input embedding."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    if get_in is None or get_out is None or get_in() is None or get_out() is None:
-        return False
-    w_in, w_out = getattr(get_in(), "weight", None), getattr(get_out(), "weight", None)
-    return w_in is not None and w_in is w_out
+    return tied_head(model)
 
 
 # ---------------------------------------------------------------------------------------------

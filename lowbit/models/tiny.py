@@ -11,6 +11,10 @@ torch RNG state is left as it was. The causal LMs use a 256-token byte vocabular
 | tiny_opt       | OPTForCausalLM, 2 layers, hidden 64            | nn.Linear with bias, tied head |
 | tiny_gemma3    | Gemma3ForCausalLM, 3 layers (sliding, sliding, global), hidden 64 | nn.Linear, tied head |
 | tiny_cnn       | Conv-BN-ReLU6, depthwise + pointwise, Linear head, input 3x32x32, 10 classes | |
+
+:func:`tiny_hf` builds a tiny random model of any family in :data:`FAMILIES` (one per transformers model class
+lowbit is tested on: decoders, a mixture of experts, a state-space model, encoders, encoder-decoders for text
+and speech, a vision transformer), and :func:`example_inputs` the keyword inputs its forward takes.
 """
 
 from __future__ import annotations
@@ -94,6 +98,75 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
         return model
 
     return _seeded(build, seed)
+
+
+_TEXT = {"vocab_size": VOCAB_SIZE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_HEADS = {"num_attention_heads": N_HEADS, "num_key_value_heads": N_HEADS // 2, "head_dim": HIDDEN // N_HEADS}
+_DECODER = {"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": N_LAYERS,
+            "max_position_embeddings": MAX_POSITIONS, **_HEADS, **_TEXT}
+_ENC_DEC = {"d_model": HIDDEN, "encoder_layers": N_LAYERS, "decoder_layers": N_LAYERS,
+            "encoder_attention_heads": N_HEADS, "decoder_attention_heads": N_HEADS, "encoder_ffn_dim": 2 * HIDDEN,
+            "decoder_ffn_dim": 2 * HIDDEN, **_TEXT}
+# family -> (transformers config class, model class, config arguments): 2 blocks per stack, width 64
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _DECODER),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _DECODER),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**_DECODER, "sliding_window": 16}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": HIDDEN, "n_layer": N_LAYERS, "n_head": N_HEADS,
+                                               "n_positions": MAX_POSITIONS, **_TEXT}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"hidden_size": HIDDEN, "num_hidden_layers": N_LAYERS,
+                                            "ffn_dim": 2 * HIDDEN, "num_attention_heads": N_HEADS,
+                                            "word_embed_proj_dim": HIDDEN, "max_position_embeddings": MAX_POSITIONS,
+                                            **_TEXT}),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**_DECODER, "moe_intermediate_size": HIDDEN // 2,
+                                                            "num_experts": 4, "num_experts_per_tok": 2}),
+    "mamba": ("MambaConfig", "MambaForCausalLM", {"hidden_size": HIDDEN, "state_size": 8,
+                                                  "num_hidden_layers": N_LAYERS, "expand": 2, "conv_kernel": 4,
+                                                  **_TEXT}),
+    "bert": ("BertConfig", "BertForMaskedLM", {"hidden_size": HIDDEN, "num_hidden_layers": N_LAYERS,
+                                               "num_attention_heads": N_HEADS, "intermediate_size": 2 * HIDDEN,
+                                               "max_position_embeddings": MAX_POSITIONS, **_TEXT}),
+    "t5": ("T5Config", "T5ForConditionalGeneration", {"d_model": HIDDEN, "d_kv": HIDDEN // N_HEADS,
+                                                      "d_ff": 2 * HIDDEN, "num_layers": N_LAYERS,
+                                                      "num_heads": N_HEADS, "decoder_start_token_id": 0, **_TEXT}),
+    "bart": ("BartConfig", "BartForConditionalGeneration", {**_ENC_DEC, "max_position_embeddings": MAX_POSITIONS,
+                                                            "decoder_start_token_id": 2}),
+    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", {
+        **_ENC_DEC, "num_mel_bins": 16, "max_source_positions": 16, "max_target_positions": 64,
+        "decoder_start_token_id": 1, "suppress_tokens": [], "begin_suppress_tokens": []}),
+    "vit": ("ViTConfig", "ViTForImageClassification", {"hidden_size": HIDDEN, "num_hidden_layers": N_LAYERS,
+                                                       "num_attention_heads": N_HEADS, "intermediate_size": 2 * HIDDEN,
+                                                       "image_size": 32, "patch_size": 8, "num_labels": 10}),
+}
+
+
+def tiny_hf(family: str, seed: int = 0) -> nn.Module:
+    """A tiny random transformers model of ``family`` (a key of :data:`FAMILIES`), fp32, eval mode."""
+    import transformers
+
+    if family not in FAMILIES:
+        raise KeyError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES)}")
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**kwargs)
+    return _seeded(lambda: getattr(transformers, model_cls)(config), seed)
+
+
+def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Keyword inputs for one forward pass of a tiny model (token ids, decoder ids, mel features or pixels)."""
+    config = getattr(model, "config", None)
+    g = torch.Generator().manual_seed(seed)
+    if config is None:  # tiny_cnn
+        return {"x": torch.randn(batch, *CNN_INPUT, generator=g)}
+    if getattr(config, "model_type", None) == "vit":
+        return {"pixel_values": torch.randn(batch, 3, config.image_size, config.image_size, generator=g)}
+    ids = torch.randint(3, VOCAB_SIZE, (batch, seq), generator=g)
+    if getattr(config, "model_type", None) == "whisper":
+        frames = 2 * config.max_source_positions
+        return {"input_features": torch.randn(batch, config.num_mel_bins, frames, generator=g),
+                "decoder_input_ids": ids}
+    if getattr(config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(3, VOCAB_SIZE, (batch, seq), generator=g)}
+    return {"input_ids": ids}
 
 
 class TinyCNN(nn.Module):

@@ -194,6 +194,14 @@ class QuantModule(nn.Module):
             return self.dequantized_weight(dtype)
         return (self.dequantized_weight(torch.float32) * scale[None, :]).to(dtype)  # (out, in) * (1, in)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the module applies (:meth:`effective_weight`, float32, ``weight_shape``), for model
+        code that reads a layer's ``.weight`` itself: its dtype (T5's feed-forward, ViT's patch embedding) or
+        the tensor (Mamba's depthwise convolution). A new tensor on each read outside ``cached_weights``;
+        assigning to it does not change the stored weight."""
+        return self.effective_weight()
+
     def storage_bytes(self) -> int:
         """Bytes of the quantized weight's storage (codes, scales, zero points, input scale), excluding bias."""
         parts = [self.qweight, self.scale, self.zero_point, self.global_scale, getattr(self, "input_scale", None)]

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import InputError
 from lowbit.formats import fake_quantize, fake_quantize_dynamic
 from lowbit.nn.convert import float_weight
+from lowbit.nn.roles import module_roles
 
 if TYPE_CHECKING:
     from lowbit.plan import QuantPlan, Rule
@@ -110,7 +111,8 @@ def _scale_pairs(model: nn.Module, originals: "Originals | None", data: Any, pla
         raise InputError(f"the {rule_name} transform needs the plan (its formats decide the scales)")
     pairs = smoothing_pairs(model)
     blocks = find_blocks(model)
-    rules = {n: plan.rule_for(n, m) for n, m in model.named_modules()}
+    roles = module_roles(model)
+    rules = {n: plan.rule_for(n, m, roles) for n, m in model.named_modules()}
     if rule_name == "smoothquant":
         pairs = [p for p in pairs if any(rules.get(c) is not None and rules[c].act is not None for c in p.consumers)]
         what = "quantizes its activations"

@@ -1,0 +1,177 @@
+"""Every transformers family lowbit is tested on: loaded as its task's class, quantized, saved with its class and
+config recorded, and rebuilt by ``lowbit.load(path)`` with no ``model=`` into a model with the same outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.errors import InputError
+from lowbit.models import load_model
+from lowbit.models.hf import model_class
+from lowbit.models.tiny import FAMILIES, example_inputs, tiny_cnn, tiny_hf
+from lowbit.nn.base import QuantModule
+from lowbit.nn.roles import module_roles, tied_head
+from lowbit.plan import QuantPlan, Rule
+from lowbit.quantizer import select_targets
+
+KIND = {"llama": "causal-lm", "qwen3": "causal-lm", "gemma3": "causal-lm", "gpt2": "causal-lm", "opt": "causal-lm",
+        "qwen3-moe": "causal-lm", "mamba": "causal-lm", "bert": "masked-lm", "t5": "seq2seq-lm",
+        "bart": "seq2seq-lm", "whisper": "speech-seq2seq", "vit": "image-classifier"}
+HEAD = {"llama": "lm_head", "qwen3": "lm_head", "gemma3": "lm_head", "gpt2": "lm_head", "opt": "lm_head",
+        "qwen3-moe": "lm_head", "mamba": "lm_head", "bert": "cls.predictions.decoder", "t5": "lm_head",
+        "bart": "lm_head", "whisper": "proj_out", "vit": "classifier"}
+
+
+def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def test_every_family_is_in_the_table():
+    assert set(KIND) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_class_and_kind_come_from_the_config(family):
+    model = tiny_hf(family)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained writes it
+    kind, cls = model_class(model.config, family)
+    assert (kind, cls) == (KIND[family], type(model))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_head_role_whatever_its_name(family):
+    model = tiny_hf(family)
+    roles = module_roles(model)
+    assert roles.get(HEAD[family]) == ("head" if family != "vit" else None)  # a classifier is no output embedding
+    plan = QuantPlan.uniform("int8")
+    targets = {t.name for t in select_targets(model, plan)}
+    assert HEAD[family] not in targets or family == "vit"  # the default skip keeps the head in float
+    assert not any(isinstance(m, nn.Embedding) for n, m in model.named_modules() if n in targets)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_rtn_save_load_without_model(family, tmp_path):
+    model = tiny_hf(family)
+    inputs = example_inputs(model)
+    lowbit.quantize(model, "int8", progress=False)
+    assert any(isinstance(m, QuantModule) for m in model.modules())
+    expected = _logits(model, inputs)
+    path = lowbit.save(model, tmp_path / "a")
+    source = json.loads((path / "manifest.json").read_text())["source"]
+    assert source["type"] == "hf-config" and source["class"] == type(model).__name__
+    loaded = lowbit.load(path)
+    assert type(loaded) is type(model)
+    assert torch.equal(_logits(loaded, inputs), expected)
+    if tied_head(model):  # a float tied head stays tied through the round trip
+        assert tied_head(loaded)
+
+
+def test_tied_whisper_head_is_stored_once(tmp_path):
+    model = tiny_hf("whisper")
+    assert tied_head(model)
+    lowbit.quantize(model, "int8", progress=False)
+    path = lowbit.save(model, tmp_path / "a")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["tied_tensors"].get("proj_out.weight") == "model.decoder.embed_tokens.weight"
+
+
+def test_a_head_rule_by_role(tmp_path):
+    model = tiny_hf("bert")
+    plan = QuantPlan((Rule("role:head", "int8"), Rule("*", "int4-g32-asym")), skip=("type:Embedding",))
+    targets = {t.name: t.rule.weight.name for t in select_targets(model, plan)}
+    assert targets["cls.predictions.decoder"] == "int8"
+    assert targets["bert.encoder.layer.0.attention.self.query"] == "int4-g32-asym"
+
+
+def test_unknown_role_is_refused():
+    with pytest.raises(InputError, match="unknown role 'lm_head'.*head, embedding"):
+        QuantPlan.uniform("int8", skip=("role:lm_head",))
+    with pytest.raises(InputError, match="unknown role"):
+        Rule("role:output", "int8")
+
+
+def test_a_plain_module_records_no_source(tmp_path):
+    model = tiny_cnn()
+    lowbit.quantize(model, "int8", progress=False)
+    path = lowbit.save(model, tmp_path / "a")
+    assert json.loads((path / "manifest.json").read_text())["source"] is None
+    with pytest.raises(InputError, match="model="):
+        lowbit.load(path)
+    assert isinstance(lowbit.load(path, model=tiny_cnn()), nn.Module)
+
+
+def test_folder_loads_as_its_task_class(tmp_path):
+    model = tiny_hf("whisper")
+    model.save_pretrained(tmp_path / "w", safe_serialization=True)
+    lm = load_model(tmp_path / "w")
+    assert lm.kind == "speech-seq2seq" and type(lm.model).__name__ == "WhisperForConditionalGeneration"
+    inputs = example_inputs(model)
+    assert torch.allclose(_logits(lm.model, inputs), _logits(model, inputs), atol=1e-5)
+
+
+def test_remote_code_class_is_refused_with_advice(tmp_path):
+    config = tiny_hf("llama").config
+    config.architectures = ["MyOwnForCausalLM"]
+    config.auto_map = {"AutoModelForCausalLM": "modeling_mine.MyOwnForCausalLM"}
+    with pytest.raises(InputError, match=r"MyOwnForCausalLM.*own code.*trust_remote_code=True.*model="):
+        model_class(config, "folder")
+    config.auto_map = None
+    with pytest.raises(InputError, match=r"MyOwnForCausalLM.*no model class lowbit can build"):
+        model_class(config, "folder")
+
+
+def test_config_without_architectures_takes_the_first_task():
+    config = tiny_hf("llama").config
+    config.architectures = None
+    kind, cls = model_class(config, "x")
+    assert kind == "causal-lm" and cls.__name__ == "AutoModelForCausalLM"
+
+
+def test_hf_config_source_is_no_float_model():
+    with pytest.raises(InputError, match="no weights"):
+        load_model({"type": "hf-config", "class": "LlamaForCausalLM", "config": tiny_hf("llama").config.to_dict()})
+    with pytest.raises(InputError, match="'class' string and a 'config'"):
+        load_model({"type": "hf-config", "config": {}})
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from lowbit.cli import main
+
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_quantizes_a_speech_folder_and_inspects_it(tmp_path, capsys):
+    model = tiny_hf("whisper")
+    model.save_pretrained(tmp_path / "w", safe_serialization=True)
+    rc, out, _ = _cli(capsys, "quantize", tmp_path / "w", "--scheme", "int8", "--out", tmp_path / "q")
+    assert rc == 0 and "quantized w" in out
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["source"]["type"] == "hf-folder"
+    assert manifest["tied_tensors"] == {"proj_out.weight": "model.decoder.embed_tokens.weight"}  # stored once
+    rc, out, _ = _cli(capsys, "inspect", tmp_path / "q")
+    assert rc == 0 and "model.encoder.layers.0.fc1" in out
+    rc, _, err = _cli(capsys, "eval", tmp_path / "q")
+    assert rc == 2 and "no measure for speech-seq2seq models yet" in err
+    # a data-aware plan needs a calibration set lowbit cannot make for speech yet: said before any work
+    rc, _, err = _cli(capsys, "quantize", tmp_path / "w", "--scheme", "int4-g32-asym", "--method", "gptq",
+                      "--out", tmp_path / "g")
+    assert rc == 2 and "no default calibration set for models of kind 'speech-seq2seq'" in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_cli_inspects_an_artifact_saved_from_python(tmp_path, capsys):
+    model = tiny_hf("t5")
+    lowbit.quantize(model, "int8", progress=False)
+    lowbit.save(model, tmp_path / "a")
+    rc, out, _ = _cli(capsys, "inspect", tmp_path / "a")
+    assert rc == 0 and "no float reference" in out and "T5ForConditionalGeneration" in out
+    rc, _, err = _cli(capsys, "eval", tmp_path / "a")
+    assert rc == 2 and "saved from Python" in err
