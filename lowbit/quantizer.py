@@ -40,6 +40,7 @@ from lowbit.nn.convert import (
 )
 from lowbit.nn.roles import module_roles
 from lowbit.nn.kv_cache import attach_kv_quant, check_kv_quant
+from lowbit.algorithms import RTN
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
 from lowbit.transforms import apply_transforms
@@ -203,7 +204,12 @@ def quantize_weight(weight: torch.Tensor, rule: Rule, stats: InputStats | None =
     scale the layer multiplies its input by first.
     """
     found = {k: getattr(stats, k, None) for k in rule.method.stats_needed} if stats is not None else {}
-    return rule.method.run(weight, {k: v for k, v in found.items() if v is not None}, rule.weight)
+    found = {k: v for k, v in found.items() if v is not None}
+    if weight.dim() <= 2 or not found:
+        return rule.method.run(weight, found, rule.weight)
+    # a convolution's weight through its 2-D view (out, in * kernel), the layout its input patches have
+    r = rule.method.run(weight.reshape(weight.shape[0], -1), found, rule.weight)
+    return dataclasses.replace(r, q=dataclasses.replace(r.q, codes=r.q.codes.reshape(weight.shape)))
 
 
 def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
@@ -214,8 +220,39 @@ def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
         check_fits(t.name, float_weight(t.module), t.rule.weight)
         check_finite_params(t.name, t.module)
     targets = [_fit_scale_storage(t) for t in targets]
+    targets = _fall_back(targets)
     _log_partial_groups(targets)
     return targets
+
+
+def data_aware_misfit(module: nn.Module, method: Any) -> str | None:
+    """Why ``method`` cannot take ``module`` from its input statistics, or None if it can. A Hessian
+    (``X^T X``: GPTQ, the weighted clipping search) comes from a linear's inputs or from the patches of a
+    convolution with ``groups == 1``; AWQ's per-input-channel scales need a linear."""
+    needs = set(method.stats_needed)
+    if not needs or is_linear_like(module):
+        return None
+    if isinstance(module, nn.modules.conv._ConvNd) and needs <= {"hessian"} and module.weight.dim() in (3, 4):
+        return None if module.groups == 1 else f"a grouped {type(module).__name__} (groups={module.groups})"
+    return f"a {type(module).__name__}"
+
+
+def _fall_back(targets: list[Target]) -> list[Target]:
+    """Targets whose data-aware algorithm cannot take their layer get round-to-nearest (same format, activation
+    and bias correction), said in one warning before any work starts."""
+    out, moved = [], {}
+    for t in targets:
+        why = data_aware_misfit(t.module, t.rule.method)
+        if why is None:
+            out.append(t)
+            continue
+        moved.setdefault((t.rule.method.name, why), []).append(t.name)
+        out.append(Target(t.name, t.module, dataclasses.replace(t.rule, method=RTN())))
+    for (method, why), names in moved.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        log.warning("%s cannot take %d layer(s) that are %s: they use round to nearest instead (%s)", method,
+                    len(names), why, shown)
+    return out
 
 
 def select_targets(model: nn.Module, plan: QuantPlan, allow_none: bool = False) -> list[Target]:
@@ -322,9 +359,9 @@ def _requests(targets: list[Target]) -> dict[str, Request]:
     for t in targets:
         static_act = t.rule.act if t.rule.act is not None and not t.rule.act.dynamic else None
         needs = t.rule.method.stats_needed
-        if needs and not is_linear_like(t.module):
-            raise InputError(f"module {t.name!r}: data-aware {t.rule.method.name} needs a linear layer, "
-                             f"got {type(t.module).__name__}")
+        why = data_aware_misfit(t.module, t.rule.method)
+        if why is not None:  # prepare() moved such targets to round to nearest: a target built elsewhere
+            raise InputError(f"module {t.name!r}: data-aware {t.rule.method.name} cannot take {why}")
         if t.rule.bias_correction and isinstance(t.module, nn.Embedding):
             raise InputError(f"module {t.name!r}: bias correction does not apply to an embedding")
         if static_act is not None or needs or t.rule.bias_correction:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,7 +43,9 @@ class Request:
         act: static activation quantization whose range to calibrate, or None.
         importance: accumulate ``mean(x**2)`` per input feature (linears).
         mean: accumulate ``mean(x)`` per input channel (the feature dim of a linear, dim 1 of a conv).
-        hessian: accumulate ``X^T X / n`` over input vectors (linears; GPTQ's ``H`` up to a factor 2).
+        hessian: accumulate ``X^T X / n`` over input vectors (GPTQ's ``H`` up to a factor 2): a linear's inputs,
+            or the patches a convolution with ``groups == 1`` multiplies (``conv_patches``: each output
+            position's receptive field, the weight's ``(in * kernel)`` columns, as GPTQ does for ResNets).
         abs_mean: accumulate ``mean(|x|)`` per input feature (linears; AWQ's activation magnitude).
     """
 
@@ -234,7 +237,7 @@ class InputCollector:
             if req.abs_mean:
                 self._add((name, "abssum"), x2.abs().sum(0))
             if req.hessian:
-                self._add((name, "xtx"), self._xtx(x, x2))
+                self._add((name, "xtx"), gram(conv_patches(mod, x)) if is_conv else self._xtx(x, x2))
             if req.mean:
                 xc = x.float().transpose(0, 1).reshape(x.shape[1], -1) if is_conv else x2.t()  # (channels, n)
                 self._add((name, "sum"), xc.sum(1))
@@ -268,6 +271,31 @@ class InputCollector:
             out[n] = InputStats(rng, per_row.get("sumsq"), self.rows[n], mean, per_row.get("xtx"),
                                 per_row.get("abssum"))
         return out
+
+
+def conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input vectors a 1-D/2-D convolution's weight multiplies: ``(positions, in * prod(kernel))`` float32,
+    one row per output position and image, columns in the order of ``weight.reshape(out, -1)``. Padding
+    (``padding_mode`` and ``"same"`` included), stride and dilation as the layer applies them; ``groups == 1``."""
+    if conv.groups != 1:
+        raise InputError(f"{type(conv).__name__} with groups={conv.groups}: its input patches differ per group")
+    one_d = x.dim() == 3
+    x = x.float().unsqueeze(2) if one_d else x.float()  # (N, C, 1, L) for a 1-D convolution
+    pad = conv.padding
+    if isinstance(pad, str) or conv.padding_mode != "zeros":  # pad explicitly, as the layer's forward does
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        amounts = conv._reversed_padding_repeated_twice
+        x = F.pad(x, ((*amounts, 0, 0) if one_d else tuple(amounts)), mode=mode)
+        pad = (0,) * (1 if one_d else 2)
+
+    def two(v: Any) -> tuple[int, int]:
+        v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+        return (1, *v) if one_d else (v * 2 if len(v) == 1 else v)
+
+    padding = (0, *pad) if one_d else (tuple(pad) * 2 if len(tuple(pad)) == 1 else tuple(pad))
+    cols = F.unfold(x, two(conv.kernel_size), dilation=two(conv.dilation), padding=padding,
+                    stride=two(conv.stride))  # (N, C * kernel, positions)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def gram(x: torch.Tensor, chunk: int = 384) -> torch.Tensor:

@@ -72,6 +72,11 @@ class BlockInputs:
     calls: list[list[tuple[tuple, dict]]]
     in_kwargs: bool = False  # the hidden states were passed as ``hidden_states=`` rather than first
     returns_tuple: bool = False
+    # a block returns more than its hidden states, which the model hands to the next block (T5's position
+    # biases, computed by the first block): during capture every block but the last then really runs (in
+    # float), so each records the arguments it gets from the one before; otherwise the hidden states pass
+    # through unchanged (the arguments of a Llama layer do not depend on the layer before)
+    passes_more: bool = False
 
     def run(self, block_index: int, block: nn.Module, b: int) -> torch.Tensor:
         """Run ``block`` on batch ``b``'s current hidden states; returns the output hidden states."""
@@ -111,9 +116,17 @@ class _Recorder(nn.Module):
         if self.last:
             raise _Stop
         if self.index == 0 and len(self.inputs.hidden) == 1:  # the real block's output structure, from one call
-            out = self.block[0](*args, hidden_states=h, **kwargs) if in_kwargs else self.block[0](h, *args, **kwargs)
+            out = self._real(h, args, kwargs, in_kwargs)
             self.inputs.returns_tuple = isinstance(out, (tuple, list))
+            self.inputs.passes_more = self.inputs.returns_tuple and len(out) > 1
+            if self.inputs.passes_more:
+                return out
+        if self.inputs.passes_more:  # the next block needs what this one returns besides its hidden states
+            return self._real(h, args, kwargs, in_kwargs)
         return (h,) if self.inputs.returns_tuple else h
+
+    def _real(self, h: torch.Tensor, args: tuple, kwargs: dict, in_kwargs: bool) -> Any:
+        return self.block[0](*args, hidden_states=h, **kwargs) if in_kwargs else self.block[0](h, *args, **kwargs)
 
 
 def capture_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], data: Any,

@@ -88,15 +88,16 @@ def test_quantize_with_gptq_on_a_tiny_llama_beats_rtn_on_the_output():
     assert errs["gptq"] < errs["rtn"]
 
 
-def test_quantize_with_gptq_rejects_convolutions():
+def test_quantize_with_gptq_takes_convolutions():
     from torch import nn
 
+    from lowbit.nn.conv import QuantConv2d
     from lowbit.plan import QuantPlan
     from lowbit.quantizer import quantize
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
-    with pytest.raises(InputError, match="needs a linear layer"):
-        quantize(model, QuantPlan.uniform("int4", method="gptq"), torch.randn(4, 3, 8, 8), progress=False)
+    quantize(model, QuantPlan.uniform("int4", method="gptq"), torch.randn(4, 3, 8, 8), progress=False)
+    assert isinstance(model[0], QuantConv2d)  # its Hessian from the patches (tests/calibration/test_conv_hessian.py)
 
 
 def _laplace(shape, g):
