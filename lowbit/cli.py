@@ -243,10 +243,17 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         r = classifier_agreement(ref, target, images, progress=_progress())
         print(f"vs float over {r.n_images} views: top-1 agreement {100 * r.top1:.2f}%, "
               f"top-5 {100 * r.top5:.2f}%, KL {r.kl:.5f} nats")
+    elif kind == "base-model" and tokenizer is not None:
+        from lowbit.evaluation import encoder_agreement
+
+        if ref is None:
+            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
+            return 0
+        print(encoder_agreement(ref, target, tokenizer, progress=_progress()).describe())
     else:
-        raise InputError(f"{name}: lowbit eval measures causal LMs (perplexity) and image classifiers (agreement "
-                         f"with float); it has no measure for {kind} models yet: compare the quantized and float "
-                         f"models' outputs from Python (lowbit.load(path) rebuilds the quantized one)")
+        raise InputError(f"{name}: lowbit eval measures causal LMs (perplexity), text encoders and image classifiers "
+                         f"(agreement with float); it has no measure for {kind} models yet: compare the quantized "
+                         f"and float models' outputs from Python (lowbit.load(path) rebuilds the quantized one)")
     return 0
 
 

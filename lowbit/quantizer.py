@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.bias_correction import bias_correction
 from lowbit.algorithms.config import WeightResult
 from lowbit.calibration import InputStats, Request, collect_input_stats
-from lowbit.calibration.blocks import find_blocks
+from lowbit.calibration.blocks import find_stacks
 from lowbit.calibration.checkpoint import BlockCheckpoint
 from lowbit.calibration.fingerprint import run_key
-from lowbit.calibration.sequential import run_block_sequential
+from lowbit.calibration.sequential import execution_order, run_block_sequential
 from lowbit.calibration.undo import UndoStore, remove_stale_folders
 from lowbit.checks import check_materialized
 from lowbit.errors import InputError
@@ -73,11 +73,14 @@ def quantize(
     The plan's ``transforms`` (``lowbit.transforms``: float equivalence transforms such as ``fuse_norms``)
     rewrite the float model first, and are undone if quantization then fails.
 
-    When the plan needs statistics of the inputs of layers inside a model's repeated blocks (decoder
-    layers, found by ``lowbit.calibration.find_blocks``), calibration is block-sequential: each block is
-    observed on the outputs of the blocks before it *as quantized*, then quantized, before the next one
-    runs (``lowbit.calibration.sequential``). Layers outside the blocks that need data are observed
-    afterwards on the whole, partly quantized model; layers that need none are quantized first.
+    When the plan needs statistics of the inputs of layers inside a model's repeated blocks (every stack of
+    them, found by ``lowbit.calibration.blocks.find_stacks``: the decoder layers of an LLM; the encoder and
+    the decoder of T5, BART or Whisper; a vision tower and a language model), calibration is
+    block-sequential: each block is observed on the outputs of the blocks before it *as quantized*, then
+    quantized, before the next one runs (``lowbit.calibration.sequential``). Stacks, and the layers outside
+    them that need data, are calibrated in the order a forward pass runs them (traced on the first batch),
+    each on the model quantized so far: a decoder's cross-attention sees the quantized encoder's outputs, a
+    language model the quantized vision tower's. Layers that need no data are quantized first.
 
     Args:
         model: any ``nn.Module``; its supported layers (see ``lowbit.nn.convert.SUPPORTED``) are replaced.
@@ -129,10 +132,10 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
         names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
         raise InputError(f"the plan needs calibration data (static activation ranges, bias correction or "
                          f"data-aware algorithms for {names}); pass data=")
-    blocks = find_blocks(model) if requests and sequential else []
+    stacks = find_stacks(model) if requests and sequential else []
+    stacks = [st for st in stacks if any(t.name in requests and _inside(t.name, st) for t in targets)]
+    blocks = [b for st in stacks for b in st]  # every stack's blocks, one index across the stacks
     in_block = [[t for t in targets if t.name.startswith(name + ".")] for name, _ in blocks]
-    if not any(t.name in requests for ts in in_block for t in ts):
-        blocks, in_block = [], []
     store = _checkpoint(checkpoint, model, plan, data, blocks, in_block)
     if blocks:  # float weights will go to a temporary folder: first delete those killed runs left behind
         remove_stale_folders(tempfile.gettempdir())
@@ -145,6 +148,7 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
             inside = {t.name for ts in in_block for t in ts}
             outside = [t for t in targets if t.name not in inside]
             _swap(model, [(t, _convert(t, None)) for t in outside if t.name not in requests], swapped)
+            rest = [t for t in outside if t.name in requests]
 
             done: set[str] = set()
 
@@ -161,12 +165,16 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
 
             wanted = [{t.name: requests[t.name] for t in ts if t.name in requests} for ts in in_block]
             staged = any(_true_sequential(t.rule.method) for ts in in_block for t in ts)
-            run_block_sequential(model, blocks, wanted, data, solve, progress, true_sequential=staged,
-                                 checkpoint=store)
-            rest = {t.name: requests[t.name] for t in outside if t.name in requests}
-            if rest:
-                stats = collect_input_stats(model, rest, data, progress)
-                _swap(model, [(t, _convert(t, stats[t.name])) for t in outside if t.name in rest], swapped)
+            starts = [sum(len(st) for st in stacks[:k]) for k in range(len(stacks))]
+            for unit in _schedule(model, stacks, rest, data):
+                if isinstance(unit, int):  # a stack, block by block
+                    a, b = starts[unit], starts[unit] + len(stacks[unit])
+                    run_block_sequential(model, blocks[a:b], wanted[a:b], data, solve, progress,
+                                         true_sequential=staged, checkpoint=store, first_index=a)
+                else:  # layers outside the stacks that run here: observed on the model quantized so far
+                    stats = collect_input_stats(model, {t.name: requests[t.name] for t in unit}, data, progress,
+                                                early_stop=True)
+                    _swap(model, [(t, _convert(t, stats[t.name])) for t in unit], swapped)
     except BaseException:
         swapped.restore()  # no half-quantized model
         raise
@@ -174,6 +182,35 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
         swapped.close()
     log.info("quantized %d module(s)%s", len(swapped), f" block by block over {len(blocks)} blocks" if blocks else "")
     return model
+
+
+def _inside(name: str, stack: list[tuple[str, nn.Module]]) -> bool:
+    return any(name.startswith(block + ".") for block, _ in stack)
+
+
+def _schedule(model: nn.Module, stacks: list, rest: list[Target], data: Any) -> list[int | list[Target]]:
+    """The calibration units in the order a forward pass runs them: a stack's index, or a list of layers
+    outside every stack that run one after another between two stacks (each such list is observed in one
+    pass of the model quantized up to there). One stack and nothing outside needs no trace."""
+    if len(stacks) == 1 and not rest:
+        units: list[int | list[Target]] = [0]
+    else:
+        entries = {f"stack {k}": st[0][1] for k, st in enumerate(stacks)}
+        entries.update({t.name: t.module for t in rest})
+        by_name = {t.name: t for t in rest}
+        units = []
+        for key in execution_order(model, entries, data):
+            if key.startswith("stack ") and key not in by_name:
+                units.append(int(key.split()[1]))
+            elif units and isinstance(units[-1], list):
+                units[-1].append(by_name[key])
+            else:
+                units.append([by_name[key]])
+    described = [f"{stacks[u][0][0].rsplit('.', 1)[0]} ({len(stacks[u])} blocks)" if isinstance(u, int)
+                 else ", ".join(t.name for t in u[:3]) + (f" and {len(u) - 3} more" if len(u) > 3 else "")
+                 for u in units]
+    log.info("calibration schedule: %s", " -> ".join(described))
+    return units
 
 
 def _checkpoint(folder: str | os.PathLike | None, model: nn.Module, plan: QuantPlan, data: Any,

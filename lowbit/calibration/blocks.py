@@ -1,9 +1,12 @@
-"""Find a model's repeated blocks (the decoder layers of a transformer) from its module tree alone.
+"""Find a model's stacks of repeated blocks (transformer layers) from its module tree alone.
 
-No per-architecture table: the blocks are the children of the ``nn.ModuleList`` that holds the most
-parameters among those whose children are at least two modules of one class, each containing a layer
-lowbit quantizes. That is ``model.layers`` in Llama/Gemma/Qwen/Mistral, ``transformer.h`` in GPT-2,
-``model.decoder.layers`` in OPT, ``encoder.layer`` in BERT, and nothing in a plain CNN.
+No per-architecture table: a *stack* is an ``nn.ModuleList`` whose children are at least two modules of one
+class, each containing a layer lowbit quantizes, and that lies inside no other such list. That is
+``model.layers`` in Llama/Gemma/Qwen/Mistral, ``transformer.h`` in GPT-2, ``model.decoder.layers`` in OPT,
+``encoder.layer`` in BERT, ``encoder.block`` and ``decoder.block`` in T5, ``model.encoder.layers`` and
+``model.decoder.layers`` in Whisper and BART, and nothing in a plain CNN. :func:`find_blocks` is the stack
+holding the most parameters (the one the architecture tables and transforms work on);
+``lowbit.calibration.sequential.execution_order`` orders stacks and other layers as a forward pass runs them.
 """
 
 from __future__ import annotations
@@ -12,19 +15,27 @@ from torch import nn
 
 from lowbit.nn.convert import is_quantizable
 
+Stack = list[tuple[str, nn.Module]]  # [(dotted block name, block), ...] in index order
 
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``[(dotted name, block), ...]`` in execution order, or ``[]`` when the model has no repeated blocks."""
-    best: list[tuple[str, nn.Module]] = []
-    best_params = 0
+
+def find_stacks(model: nn.Module) -> list[Stack]:
+    """Every stack of repeated blocks (see the module docstring), outermost only, in module order."""
+    found: list[tuple[str, nn.ModuleList]] = []
     for name, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or len(m) < 2:
             continue
-        kinds = {type(c) for c in m}
-        if len(kinds) != 1 or not all(any(is_quantizable(s) for s in c.modules()) for c in m):
+        if len({type(c) for c in m}) != 1 or not all(any(is_quantizable(s) for s in c.modules()) for c in m):
             continue
-        params = sum(p.numel() for p in m.parameters())
-        if params > best_params:
-            prefix = f"{name}." if name else ""
-            best, best_params = [(f"{prefix}{i}", c) for i, c in enumerate(m)], params
-    return best
+        if any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
+            continue  # a list inside a block of a stack already found (named_modules visits parents first)
+        found.append((name, m))
+    return [[(f"{name}.{i}" if name else str(i), c) for i, c in enumerate(m)] for name, m in found]
+
+
+def find_blocks(model: nn.Module) -> Stack:
+    """The stack holding the most parameters, ``[(dotted name, block), ...]`` in execution order, or ``[]``
+    when the model has no repeated blocks."""
+    stacks = find_stacks(model)
+    if not stacks:
+        return []
+    return max(stacks, key=lambda s: sum(p.numel() for _, b in s for p in b.parameters()))

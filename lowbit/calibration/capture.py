@@ -322,17 +322,25 @@ def collect_input_stats(
     wanted: dict[str, Request],
     data: Iterable[Any],
     progress: bool = True,
+    early_stop: bool = False,
 ) -> dict[str, InputStats]:
     """Run ``model`` on ``data`` once, observing the inputs of the modules in ``wanted``.
+
+    ``early_stop``: the model's outputs are not needed, so after a first batch in which every wanted module
+    ran once, each later batch stops as soon as the last of them has been observed (see
+    :class:`InputCollector`); the statistics are the same.
 
     Raises:
         InputError: ``data`` holds no batch, or a module never ran.
     """
-    with InputCollector(wanted) as c, torch.inference_mode():
+    with InputCollector(wanted, early_stop=early_stop) as c, torch.inference_mode():
         for b in tqdm(batches(data), total=batch_count(data), desc="calibrate", unit="batch",
                       disable=not progress, leave=False):
             c.new_batch()
-            run_model(model, b, check_fit=c.n_batches == 1)
+            try:
+                run_model(model, b, check_fit=c.n_batches == 1)
+            except StopObserving:
+                pass
     out = c.result()
     log.info("calibrated %d module(s) on %d batch(es)", len(out), c.n_batches)
     return out

@@ -129,6 +129,36 @@ class _Recorder(nn.Module):
         return self.block[0](*args, hidden_states=h, **kwargs) if in_kwargs else self.block[0](h, *args, **kwargs)
 
 
+def execution_order(model: nn.Module, entries: dict[str, nn.Module], data: Any) -> list[str]:
+    """The keys of ``entries`` (modules: a stack's first block, a layer outside any stack) in the order one
+    forward pass on the first batch of ``data`` first calls them; those it never calls come last, in the
+    given order. The model runs once, up to the last entry it reaches."""
+    seen: list[str] = []
+
+    def hook_for(key: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if key not in seen:
+                seen.append(key)
+            if len(seen) == len(entries):
+                raise _Stop  # every entry has been reached: the rest of the pass tells nothing more
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(k), with_kwargs=True) for k, m in entries.items()]
+    try:
+        with torch.inference_mode():
+            first = next(iter(batches(data)), None)
+            if first is None:
+                raise InputError("the calibration data set is empty: it yielded no batch")
+            try:
+                run_model(model, first)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [k for k in entries if k not in seen]
+
+
 def capture_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], data: Any,
                          progress: bool = True) -> BlockInputs:
     """Run ``model`` on every batch of ``data`` up to its first block, recording every block's call.
@@ -168,6 +198,7 @@ def run_block_sequential(
     progress: bool = True,
     true_sequential: bool = False,
     checkpoint: BlockCheckpoint | None = None,
+    first_index: int = 0,
 ) -> None:
     """For each block in order: observe ``wanted[i]`` on its inputs, ``solve`` (quantize and swap), then
     compute its outputs with the quantized modules as the next block's inputs.
@@ -180,25 +211,28 @@ def run_block_sequential(
         checkpoint: where finished blocks are kept (``lowbit.calibration.checkpoint``). A block it holds is
             handed to ``solve`` as stored modules (no observing, no solving) and then run as usual, so the
             hidden states are recomputed, not stored; every block solved here is saved to it.
+        first_index: the index of ``blocks[0]`` among all blocks of the run (a model with several stacks runs
+            them one after another): ``solve`` and the checkpoint see ``first_index + i``.
     """
     inputs = capture_block_inputs(model, blocks, data, progress)
     n_tokens = sum(h.shape[0] * h.shape[1] if h.dim() >= 2 else h.shape[0] for h in inputs.hidden)
-    log.info("block-sequential calibration: %d block(s), %d batch(es), %d token(s); hidden states %.0f MB",
-             len(blocks), len(inputs.hidden), n_tokens,
+    log.info("block-sequential calibration of %s: %d block(s), %d batch(es), %d token(s) or positions; hidden "
+             "states %.0f MB", blocks[0][0].rsplit(".", 1)[0], len(blocks), len(inputs.hidden), n_tokens,
              sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20)
     bar = tqdm(blocks, desc="blocks", unit="block", disable=not progress)
     with torch.inference_mode():
         for i, (name, _) in enumerate(bar):
             t0 = time.perf_counter()
             block = model.get_submodule(name)
-            stored = checkpoint.restore(i, block) if checkpoint is not None else None
+            stored = checkpoint.restore(first_index + i, block) if checkpoint is not None else None
             if stored is not None:
-                solve(i, name, {}, stored)
+                solve(first_index + i, name, {}, stored)
             else:
-                _solve_block(inputs, i, name, block, wanted[i], solve, true_sequential)
+                _solve_block(inputs, i, name, block, wanted[i],
+                             lambda _, *rest: solve(first_index + i, *rest), true_sequential)
             block = model.get_submodule(name)  # solve may have replaced modules inside it
             if checkpoint is not None and stored is None:
-                checkpoint.save(i, block)
+                checkpoint.save(first_index + i, block)
             if i + 1 < len(blocks):
                 with cached_weights(block):  # dequantize each new quantized layer once, not once per batch
                     for b in range(len(inputs.hidden)):

@@ -19,7 +19,8 @@ TEXT_KINDS = ("causal-lm", "masked-lm", "sequence-classifier")
 
 def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_len: int = 512,
                     seed: int = 0, bos: bool = False) -> torch.Tensor:
-    """Calibration inputs for a model of ``kind`` (one of :data:`TEXT_KINDS`, or ``image-classifier``).
+    """Calibration inputs for a model of ``kind`` (one of :data:`TEXT_KINDS`, a ``base-model`` with a tokenizer,
+    or ``image-classifier``).
 
     Returns: LongTensor ``(n, seq_len)`` of token ids (default n = 128) or FloatTensor ``(n, 3, 224, 224)``
     of preprocessed images (default n = 64). ``bos``: start every text window with the BOS token (use the
@@ -31,7 +32,7 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
         raise InputError(f"calibration windows need at least one token (--calib-len), got seq_len={seq_len}")
     if not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:  # torch would take -1 as 2**64 - 1
         raise InputError(f"the calibration seed (--seed) must be an integer from 0 to 2**64 - 1, got {seed!r}")
-    if kind in TEXT_KINDS:
+    if kind in TEXT_KINDS or (kind == "base-model" and tokenizer is not None):  # a text encoder
         if tokenizer is None:
             raise InputError(f"the calibration set of a {kind} model is text, which needs its tokenizer (none was "
                              f"found next to the model)")

