@@ -8,7 +8,9 @@ codes directly (bf16 activations; with fp32 ones it is many times slower). lowbi
 The kernel takes groups of 32, 64, 128 or 256 columns. A lowbit group size (or a whole row, per channel)
 that is a multiple of one of those, with ``in_features`` also a multiple of it, is given to the kernel as
 that smaller group with each stored scale repeated, which is exact; this also covers a shorter last group
-(576 inputs in groups of 128 run as groups of 64). Numerics: activations, scales and the ``z`` terms are
+(576 inputs in groups of 128 run as groups of 64). The kernel needs output rows in multiples of
+:data:`ROW_BLOCK`: a layer of any other width (a vocabulary head of 51,865 rows) is packed with rows of zero
+scale added, and the output cut back. Numerics: activations, scales and the ``z`` terms are
 bf16 inside the kernel, so results match the reference path to bf16 precision, not bit for bit.
 """
 
@@ -22,6 +24,7 @@ from lowbit.nn.linear import QuantLinear
 from lowbit.spec import QuantSpec
 
 KERNEL_GROUPS = (256, 128, 64, 32)
+ROW_BLOCK = 16
 
 
 def kernel_group(spec: QuantSpec, in_features: int) -> int | None:
@@ -40,8 +43,6 @@ def why_not(m: QuantModule) -> str | None:
     spec = m.spec
     if m.act is not None:
         return f"its activations are quantized ({m.act.name}); this kernel is weight-only"
-    if m.out_features % 16:
-        return f"out_features {m.out_features} is not a multiple of 16"
     if kernel_group(spec, m.in_features) is None:
         g = spec.group_size if spec.granularity == "group" else m.in_features
         return f"no group of {KERNEL_GROUPS} divides both the group size {g} and in_features {m.in_features}"
@@ -49,7 +50,8 @@ def why_not(m: QuantModule) -> str | None:
 
 
 def pack(m: QuantLinear) -> dict:
-    """``weight``: the kernel's packed uint8 codes; ``scale_zeros``: bf16 ``(in // group, out, 2)``."""
+    """``weight``: the kernel's packed uint8 codes; ``scale_zeros``: bf16 ``(in // group, n, 2)``, ``n`` the
+    output rows rounded up to :data:`ROW_BLOCK`."""
     q = m.quantized_weight()
     n, k = m.weight_shape
     kg = kernel_group(m.spec, k)
@@ -58,8 +60,12 @@ def pack(m: QuantLinear) -> dict:
     zp = q.zero_point.float() if q.zero_point is not None else torch.full_like(scale, 8.0)
     idx = torch.arange(k // kg) * kg // g  # stored group of each kernel group
     s, z = scale[:, idx], zp[:, idx]  # (out, in // kg)
+    codes = q.codes
+    pad = -n % ROW_BLOCK
+    if pad:  # rows of zero scale and zero offset: they compute zeros, cut off in run()
+        s, z, codes = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (s, z, codes))
     scale_zeros = torch.stack([s.t(), ((8.0 - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32).contiguous(), 1)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
     return {"weight": weight, "scale_zeros": scale_zeros, "group": kg}
 
 
@@ -67,7 +73,7 @@ def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` any float dtype -> ``(..., out)`` in ``x``'s dtype."""
     x2 = x.reshape(-1, m.in_features).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, st["weight"], st["group"], st["scale_zeros"])
-    y = y.to(x.dtype)
+    y = y[:, :m.out_features].to(x.dtype)
     if m.bias is not None:
         y = y + m.bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], m.out_features)

@@ -27,6 +27,7 @@ from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
 
 CHUNK = 32  # columns per AVX2 register of int8 codes
+ROW_BLOCK = 8  # the kernel's output rows come in blocks of 8: a layer of any other width is padded with zero rows
 
 
 def why_not(m: QuantModule) -> str | None:
@@ -36,9 +37,8 @@ def why_not(m: QuantModule) -> str | None:
     k, n = m.in_features, m.out_features
     g = group_width(m.spec, k)
     last = k - (group_count(k, g) - 1) * g
-    if g % CHUNK or last % CHUNK or n % 8:
-        return (f"group size {g} and last group {last} must be multiples of {CHUNK}, out_features {n} a "
-                f"multiple of 8")
+    if g % CHUNK or last % CHUNK:
+        return f"group size {g} and last group {last} must be multiples of {CHUNK}"
     return native.why_unavailable()
 
 
@@ -54,9 +54,13 @@ def pack(m: QuantLinear) -> dict:
 
 def pack_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g: int) -> dict:
     """4-bit codes ``(out, in)`` in 0..15 with zero points and scales ``(out, groups)`` of ``g`` columns (the
-    last group may be shorter) -> ``weight`` uint8 ``(out, ceil(in / 64) * 32)`` (two codes a byte, the
-    kernel's layout); ``zero`` int8 ``(out, groups)``; ``scale`` float32 and ``corr`` int32 ``(groups, out)``;
-    ``wsum`` float32 ``(out,)``; ``group``: columns per group."""
+    last group may be shorter) -> ``weight`` uint8 ``(n, ceil(in / 64) * 32)`` (two codes a byte, the
+    kernel's layout); ``zero`` int8 ``(n, groups)``; ``scale`` float32 and ``corr`` int32 ``(groups, n)``;
+    ``wsum`` float32 ``(n,)``; ``group``: columns per group; ``n``: ``out`` rounded up to :data:`ROW_BLOCK`
+    (the extra rows have zero codes, zero points and scales: they compute zeros, and are cut off)."""
+    pad = -codes.shape[0] % ROW_BLOCK
+    if pad:
+        codes, zero, scale = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (codes, zero, scale))
     n, k = codes.shape
     groups = group_count(k, g)
     zero = zero.to(torch.int16)
@@ -65,7 +69,7 @@ def pack_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g: 
     csum = torch.stack([part.sum(1) for part in centered.split(widths.tolist(), dim=1)], 1).to(torch.int32)
     return {"weight": _pack_nibbles(codes), "zero": zero.to(torch.int8).contiguous(),
             "scale": scale.t().contiguous(), "corr": (128 * csum).t().contiguous(),
-            "wsum": (scale * csum.float()).sum(1), "group": g}
+            "wsum": (scale * csum.float()).sum(1), "group": g, "n": n}
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -92,11 +96,11 @@ def linear(m: QuantLinear, st: dict, x: torch.Tensor, repeat: int) -> torch.Tens
     half = _native_scale(m.act)
     if half is not None:
         xf = x2.float().contiguous()
-        rows, n = xf.shape[0], m.out_features
+        rows, n, out = xf.shape[0], st["n"], m.out_features
         y = torch.empty(rows, n, dtype=torch.float32)
         codes = torch.empty(rows, m.in_features, dtype=torch.uint8)
         scales = torch.empty(rows, dtype=torch.float32)
-        bias = None if m.bias is None else m.bias.float().contiguous()
+        bias = None if m.bias is None else torch.nn.functional.pad(m.bias.float(), (0, n - out)).contiguous()
         if rows:
             rc = native.library().lowbit_w4a8_linear_s8(
                 xf.data_ptr(), codes.data_ptr(), scales.data_ptr(), st["weight"].data_ptr(), st["zero"].data_ptr(),
@@ -104,18 +108,19 @@ def linear(m: QuantLinear, st: dict, x: torch.Tensor, repeat: int) -> torch.Tens
                 y.data_ptr(), rows, n, repeat * m.in_features, m.in_features, st["group"], half,
                 torch.get_num_threads())
             _check(rc, x2, f"M={rows}, N={n}, K={repeat * m.in_features}, group={st['group']}")
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        return y[:, :out].to(x.dtype).reshape(*x.shape[:-1], out)
     xu, t, p = activation(x2, m.act)  # uint8 (M, in) a + 128; (M, 1) or (1, 1); offset or None
-    return finish(m, st, product(st, xu, m.out_features, repeat), t, p, x)
+    return finish(m, st, product(st, xu, st["n"], repeat), t, p, x)
 
 
 def finish(m: QuantLinear, st: dict, y: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None,
            x: torch.Tensor) -> torch.Tensor:
-    """The layer's output from the integer product ``y`` float32 ``(M, out)``: the asymmetric-activation term
+    """The layer's output from the integer product ``y`` float32 ``(M, n)``: the asymmetric-activation term
     ``p * wsum``, the activation scale ``t``, the bias; in ``x``'s dtype and leading shape."""
     if p is not None:
-        y += p.float() * st["wsum"]  # (M, 1) * (out,)
+        y += p.float() * st["wsum"]  # (M, 1) * (n,)
     y.mul_(t)
+    y = y[:, :m.out_features]  # the rows padding added
     if m.bias is not None:
         y += m.bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)

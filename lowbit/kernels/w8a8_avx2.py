@@ -27,8 +27,8 @@ def why_not(m: QuantModule) -> str | None:
     why = int_linear_why_not(m, 8, ("channel",)) or act_why_not(m)
     if why is not None:
         return why
-    if m.in_features % w4a8_avx2.CHUNK or m.out_features % 8:
-        return f"in_features {m.in_features} must be a multiple of 32 and out_features {m.out_features} of 8"
+    if m.in_features % w4a8_avx2.CHUNK:
+        return f"in_features {m.in_features} must be a multiple of 32"
     if cpu_features.has_vnni():
         return "this CPU has VNNI, where w8a8-int-mm (torch._int_mm) is the faster 8-bit product"
     return native.why_unavailable()

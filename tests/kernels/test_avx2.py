@@ -114,7 +114,6 @@ def test_the_c_quantizer_rounds_half_to_even_and_refuses_nan_and_inf():
 @pytest.mark.parametrize("spec, out_f, in_f, why", [
     ("int4-g48", 32, 96, "group size 48"),
     ("int4-g64", 32, 80, "last group 16"),
-    ("int4-g32", 20, 64, "out_features 20"),
 ])
 def test_declines_shapes_it_cannot_run_and_the_next_kernel_takes_them(spec, out_f, in_f, why):
     m = _layer(out_f, in_f, spec)
@@ -123,6 +122,18 @@ def test_declines_shapes_it_cannot_run_and_the_next_kernel_takes_them(spec, out_
     assert use_kernels(m).chosen[""] != "w4a8-avx2"
     x = torch.randn(3, in_f)
     assert _rel(m(x), m.reference(x)) < 1e-5
+
+
+@pytest.mark.parametrize("out_f", [1, 20, 51])
+@pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym"])  # the one-call C path, and the torch one
+@pytest.mark.parametrize("wspec, kernel", [("int4-g32", "w4a8-avx2"), ("int8", "w8a8-avx2")])
+def test_any_number_of_outputs_is_padded_to_the_row_block(no_vnni, out_f, aspec, wspec, kernel):
+    m = _layer(out_f, 64, wspec, aspec)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    ref = m.reference(x)
+    assert use_kernels(m).chosen[""] == kernel
+    y = m(x)
+    assert y.shape == (3, out_f) and _rel(y, ref) < 1e-6
 
 
 def test_turned_off_by_the_environment_the_dispatch_says_so_and_falls_back(monkeypatch):
