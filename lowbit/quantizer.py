@@ -38,7 +38,7 @@ from lowbit.nn.convert import (
     to_quantized,
     unsupported_subclass,
 )
-from lowbit.nn.roles import module_roles
+from lowbit.nn.roles import input_embedding, module_roles, output_embedding, tied_head
 from lowbit.nn.kv_cache import attach_kv_quant, check_kv_quant
 from lowbit.algorithms import RTN
 from lowbit.plan import QuantPlan, Rule
@@ -127,6 +127,7 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
     targets = prepare(model, plan)
     if not targets:  # a plan that only quantizes the KV cache
         return model
+    tie = _tied_pair(model, targets)
     requests = _requests(targets)
     if requests and data is None:
         names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
@@ -175,6 +176,8 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
                     stats = collect_input_stats(model, {t.name: requests[t.name] for t in unit}, data, progress,
                                                 early_stop=True)
                     _swap(model, [(t, _convert(t, stats[t.name])) for t in unit], swapped)
+        if tie is not None:
+            _share_storage(model, *tie)
     except BaseException:
         swapped.restore()  # no half-quantized model
         raise
@@ -182,6 +185,51 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
         swapped.close()
     log.info("quantized %d module(s)%s", len(swapped), f" block by block over {len(blocks)} blocks" if blocks else "")
     return model
+
+
+def _tied_pair(model: nn.Module, targets: list[Target]) -> tuple[str, str] | None:
+    """``(head, embedding)`` names when the plan quantizes a head tied to the input embedding and the embedding
+    alike (same format, data-free method, no bias): the head then shares the embedding's quantized storage,
+    so the tie holds and the weight is stored once. A tied head quantized otherwise breaks the tie; said here,
+    before any work."""
+    if not tied_head(model):
+        return None
+    head, emb = output_embedding(model), input_embedding(model)
+    by_module = {id(t.module): t for t in targets}
+    h, e = by_module.get(id(head)), by_module.get(id(emb))
+    if h is None:
+        return None
+    alike = (e is not None and h.rule.weight == e.rule.weight and not h.rule.method.stats_needed
+             and not e.rule.method.stats_needed and getattr(head, "bias", None) is None)
+    if alike:
+        return h.name, e.name
+    mb = float_weight(head).numel() * float_weight(head).element_size() / 2**20
+    log.warning("the head %r shares its weight with the input embedding %r; %s, so the tie breaks and the "
+                "artifact stores both (the %.1f MB %s embedding and the quantized head). Quantize the embedding "
+                "with the same format and a data-free method (rule role:embedding) to keep one copy, or keep the "
+                "head in float (skip role:head)", h.name, getattr(e, "name", None) or _name_of(model, emb),
+                "the embedding stays float" if e is None else "the two are quantized differently", mb,
+                "float" if e is None else "quantized")
+    return None
+
+
+def _name_of(model: nn.Module, module: nn.Module | None) -> str:
+    return next((n for n, m in model.named_modules() if m is module), "?")
+
+
+def _share_storage(model: nn.Module, head: str, embedding: str) -> None:
+    """Point the quantized head's weight storage at the quantized embedding's (the same codes: checked)."""
+    h, e = model.get_submodule(head), model.get_submodule(embedding)
+    names = ("qweight", "scale", "zero_point", "global_scale")
+    pairs = [(getattr(h, n, None), getattr(e, n, None)) for n in names]
+    if not all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs):
+        log.warning("the tied head %r and embedding %r were quantized to different codes; both are kept", head,
+                    embedding)
+        return
+    for n in names:
+        if getattr(e, n, None) is not None:
+            h._buffers[n] = e._buffers[n]
+    log.info("the head %r shares the quantized embedding %r (tied: stored once)", head, embedding)
 
 
 def _inside(name: str, stack: list[tuple[str, nn.Module]]) -> bool:

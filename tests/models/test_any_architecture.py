@@ -241,3 +241,29 @@ def test_schedule_is_the_order_a_forward_pass_runs(caplog):
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration schedule")]
     assert said == ["calibration schedule: vit.embeddings.patch_embeddings.projection -> vit.layers (2 blocks) -> "
                     "classifier"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "whisper"])
+def test_a_tied_head_quantized_alike_is_quantized_and_stored_once(family, tmp_path):
+    model = tiny_hf(family)
+    inputs = example_inputs(model)
+    lowbit.quantize(model, QuantPlan.uniform("int8", skip=()), progress=False)  # head and embedding too
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.qweight is emb.qweight and head.scale is emb.scale
+    expected = _logits(model, inputs)
+    path = lowbit.save(model, tmp_path / "a")
+    tied = json.loads((path / "manifest.json").read_text())["tied_tensors"]
+    head_name = HEAD[family]
+    assert tied[f"{head_name}.qweight"].endswith("embed_tokens.qweight" if family == "whisper" else "wte.qweight")
+    loaded = lowbit.load(path)
+    assert loaded.get_output_embeddings().qweight is loaded.get_input_embeddings().qweight
+    assert torch.equal(_logits(loaded, inputs), expected)
+
+
+def test_a_tied_head_quantized_alone_says_the_tie_breaks(caplog):
+    model = tiny_hf("whisper")
+    with caplog.at_level(logging.WARNING, logger="lowbit.quantizer"):
+        lowbit.quantize(model, QuantPlan.uniform("int8", skip=("type:Embedding",)), progress=False)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "'proj_out' shares its weight with the input embedding 'model.decoder.embed_tokens'" in said
+    assert "the tie breaks" in said and "role:embedding" in said
