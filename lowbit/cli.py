@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration samples when the plan needs "
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
     q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
+    q.add_argument("--calib-data", default=None, help="your own calibration text: a UTF-8 text file, or .jsonl with "
+                   "one {\"text\": ...} object per line (default: the bundled news text)")
+    q.add_argument("--calib-field", default="text", help="the text field of --calib-data's JSON lines (default: text)")
     q.add_argument("--seed", type=_seed, default=0, help="calibration sampling seed (0 to 2**64 - 1)")
     q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float, or role:head, "
                    "role:embedding, type:CLASS (default: role:head role:embedding type:Embedding)")
@@ -84,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="prepend BOS to every perplexity window (default: the model's rule, "
                    "lowbit.models.default_bos: yes for Gemma, no for SmolLM2 and the tiny models)")
     e.add_argument("--views", type=_positive_int, default=None, help="image views for classifiers (default: all)")
+    e.add_argument("--data", default=None, help="your own evaluation text instead of the bundled Wikipedia text: a "
+                   "UTF-8 text file, or .jsonl with one {\"text\": ...} object per line (perplexity; for text "
+                   "encoders its sentences)")
+    e.add_argument("--data-field", default="text", help="the text field of --data's JSON lines (default: text)")
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer table of a saved quantized folder")
@@ -178,6 +185,13 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
             plan = QuantPlan(plan.rules, plan.skip, tuple(a.transforms or ()), a.kv)
     # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
     check_destination(a.out, a.overwrite, inputs=(a.model,))  # also refuses --out inside the model's folder
+    user_text = None
+    if a.calib_data is not None:  # read (and refuse) the user's text before loading anything
+        from lowbit.data.user_text import read_text
+
+        user_text = read_text(a.calib_data, a.calib_field)
+        if not plan.needs_data:
+            log.warning("--calib-data %s is not used: the plan needs no calibration data", a.calib_data)
     # finished blocks are kept next to --out until the artifact is saved, so that a killed run resumes
     with resume_scope(resume_folder(a.out), fresh=a.no_resume) as resume:
         lm = load_model(a.model)
@@ -187,8 +201,11 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
             from lowbit.models import default_bos
 
             data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=a.seed,
-                                   bos=lm.kind == "causal-lm" and default_bos(lm))
-            print(f"calibration set: {tuple(data.shape)} (seed {a.seed})")
+                                   bos=lm.kind == "causal-lm" and default_bos(lm), text=user_text,
+                                   source=str(a.calib_data))
+            origin = a.calib_data if user_text is not None else (
+                "the bundled news text" if lm.tokenizer is not None else "lowbit's calibration photos")
+            print(f"calibration set: {tuple(data.shape)} from {origin} (seed {a.seed})")
         t0 = time.perf_counter()
         quantize(lm.model, plan, data, progress=_progress(), checkpoint=resume)
         dt = time.perf_counter() - t0
@@ -215,6 +232,11 @@ def _method(name: str, clip_search: bool):
 def _cmd_eval(a: argparse.Namespace) -> int:
     from lowbit.evaluation import model_size
 
+    user_text = None
+    if a.data is not None:  # read (and refuse) the user's text before loading anything
+        from lowbit.data.user_text import read_text
+
+        user_text = read_text(a.data, a.data_field)
     target, ref, kind, tokenizer, name = _load_target(a.target)
     print(f"{name}: {model_size(target).describe()}")
     if kind == "causal-lm":
@@ -227,10 +249,15 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
         bos = default_bos(target if ref is None else ref) if a.bos is None else a.bos  # float model's rule
         proto = fitting_protocol(target, a.tokens, a.window, bos)
-        print(f"protocol: {proto.describe()}")
-        r = perplexity(target, tokenizer, proto, progress=_progress())
+        described = proto.describe()
+        if user_text is not None:
+            described = f"{a.data}" + described[len(proto.corpus):]
+        print(f"protocol: {described}")
+        r = perplexity(target, tokenizer, proto, progress=_progress(), text=user_text)
         print(f"perplexity {r.ppl:.3f} over {r.n_tokens} tokens ({r.seconds:.0f} s)")
     elif kind == "image-classifier":
+        if user_text is not None:
+            raise InputError("--data is text; an image classifier is evaluated on lowbit's photo set (leave --data out)")
         from lowbit.data import imagenet_views
         from lowbit.evaluation import classifier_agreement
 
@@ -249,7 +276,12 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         if ref is None:
             print("float model: agreement is 1 by definition; pass a quantized folder to compare")
             return 0
-        print(encoder_agreement(ref, target, tokenizer, progress=_progress()).describe())
+        sentences = None
+        if user_text is not None:
+            from lowbit.evaluation.embeddings import sentences_of
+
+            sentences = sentences_of(user_text, str(a.data))
+        print(encoder_agreement(ref, target, tokenizer, sentences, progress=_progress()).describe())
     else:
         raise InputError(f"{name}: lowbit eval measures causal LMs (perplexity), text encoders and image classifiers "
                          f"(agreement with float); it has no measure for {kind} models yet: compare the quantized "

@@ -180,7 +180,7 @@ def test_cnn_with_bias_correction_then_eval_prints_agreement(capsys, tmp_path):
     rc, printed, err = run(capsys, "quantize", "tiny-cnn", "--scheme", "int8", "--bias-correction",
                            "--calib-samples", "16", "--out", out)
     assert rc == 0, err
-    assert "calibration set: (16, 3, 224, 224) (seed 0)" in printed
+    assert "calibration set: (16, 3, 224, 224) from lowbit's calibration photos (seed 0)" in printed
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["plan"]["rules"][0]["bias_correction"] is True
     assert len(manifest["layers"]) == 5  # 4 convolutions + the classifier

@@ -18,13 +18,15 @@ TEXT_KINDS = ("causal-lm", "masked-lm", "sequence-classifier")
 
 
 def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_len: int = 512,
-                    seed: int = 0, bos: bool = False) -> torch.Tensor:
+                    seed: int = 0, bos: bool = False, text: str | None = None,
+                    source: str = "news") -> torch.Tensor:
     """Calibration inputs for a model of ``kind`` (one of :data:`TEXT_KINDS`, a ``base-model`` with a tokenizer,
     or ``image-classifier``).
 
     Returns: LongTensor ``(n, seq_len)`` of token ids (default n = 128) or FloatTensor ``(n, 3, 224, 224)``
     of preprocessed images (default n = 64). ``bos``: start every text window with the BOS token (use the
-    model's evaluation rule, ``lowbit.models.default_bos``).
+    model's evaluation rule, ``lowbit.models.default_bos``). ``text``: the user's own text for a text model
+    (``lowbit.data.user_text.read_text``), named ``source`` in messages, instead of the bundled news corpus.
     """
     if n is not None and n < 1:
         raise InputError(f"the calibration set needs at least one sample, got n={n}")
@@ -36,9 +38,12 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
         if tokenizer is None:
             raise InputError(f"the calibration set of a {kind} model is text, which needs its tokenizer (none was "
                              f"found next to the model)")
-        return calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed, corpus="news",
-                                   bos=bos)
+        return calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed,
+                                   corpus="news" if text is None else source, bos=bos, text=text)
     if kind == "image-classifier":
+        if text is not None:
+            raise InputError(f"{source}: an image classifier calibrates on images; lowbit's own photo set is used "
+                             f"without --calib-data (image folders as calibration data are not supported yet)")
         return calibration_views(64 if n is None else n, seed=seed)
     raise InputError(f"no default calibration set for models of kind {kind!r} (lowbit has one for "
                      f"{', '.join(TEXT_KINDS)} and image-classifier models); quantize it from Python with "

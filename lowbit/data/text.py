@@ -90,7 +90,8 @@ def token_windows(
 
 
 def calibration_batches(
-    tokenizer: Any, n_sequences: int, seq_len: int, seed: int = 0, corpus: str = "news", bos: bool = False
+    tokenizer: Any, n_sequences: int, seq_len: int, seed: int = 0, corpus: str = "news", bos: bool = False,
+    text: str | None = None,
 ) -> torch.Tensor:
     """``n_sequences`` random windows of ``seq_len`` tokens from a bundled corpus.
 
@@ -98,7 +99,8 @@ def calibration_batches(
     ``seed``, so the result depends only on (tokenizer, n_sequences, seq_len, seed, corpus); the
     global RNG is untouched. With ``bos`` each window is the tokenizer's BOS token followed by
     ``seq_len - 1`` corpus tokens (for models evaluated with BOS, such as Gemma-3); otherwise no BOS is
-    added. Calibrating on ``"wikipedia"`` overlaps the evaluation text and logs a warning.
+    added. Calibrating on ``"wikipedia"`` overlaps the evaluation text and logs a warning. ``text``: a user's
+    own text (``lowbit.data.user_text``) instead of the bundled corpus; ``corpus`` then names it in messages.
 
     Returns: LongTensor (n_sequences, seq_len).
     """
@@ -106,9 +108,9 @@ def calibration_batches(
         raise InputError(
             f"calibration_batches: n_sequences and seq_len must be >= 1, got {n_sequences}, {seq_len}"
         )
-    if corpus == "wikipedia":
+    if corpus == "wikipedia" and text is None:
         log.warning("calibrating on 'wikipedia', which is also the evaluation corpus: results are optimistic")
-    ids = _tokenize(tokenizer, corpus_text(corpus), None)  # (n_tokens,)
+    ids = _tokenize(tokenizer, corpus_text(corpus) if text is None else text, None)  # (n_tokens,)
     if ids.numel() < seq_len:
         raise InputError(
             f"calibration_batches: corpus {corpus!r} has {ids.numel()} tokens, fewer than seq_len={seq_len} "

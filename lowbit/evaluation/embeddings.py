@@ -34,11 +34,18 @@ def wikipedia_sentences(n: int = 512, min_chars: int = 40, max_chars: int = 300)
     """``n`` sentences of the Wikipedia evaluation text, spread over all of it, in text order."""
     if n < 2:
         raise InputError(f"retrieval needs at least 2 sentences, got n={n}")
-    pool = [s.strip() for s in _SENTENCE_END.split(wikipedia_text())]
+    return sentences_of(wikipedia_text(), "the evaluation text", n, min_chars, max_chars)
+
+
+def sentences_of(text: str, source: str, n: int = 512, min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """Up to ``n`` sentences of ``text`` (``min_chars..max_chars`` long, one line each), spread over all of it,
+    in text order; InputError naming ``source`` when fewer than 2 are found."""
+    pool = [s.strip() for s in _SENTENCE_END.split(text)]
     pool = [s for s in pool if min_chars <= len(s) <= max_chars and "\n" not in s]
-    if len(pool) < n:
-        raise InputError(f"the evaluation text has {len(pool)} sentences of {min_chars}..{max_chars} characters; "
-                         f"asked for {n}")
+    if len(pool) < 2 or (source == "the evaluation text" and len(pool) < n):
+        raise InputError(f"{source} has {len(pool)} sentences of {min_chars}..{max_chars} characters on one line; "
+                         f"retrieval needs {'at least 2' if source != 'the evaluation text' else n}")
+    n = min(n, len(pool))
     step = len(pool) / n
     return [pool[int(i * step)] for i in range(n)]
 

@@ -88,16 +88,18 @@ class PerplexityResult:
 
 
 def perplexity(
-    model: nn.Module, tokenizer: Any, protocol: PerplexityProtocol = PerplexityProtocol(), progress: bool = True
+    model: nn.Module, tokenizer: Any, protocol: PerplexityProtocol = PerplexityProtocol(), progress: bool = True,
+    text: str | None = None,
 ) -> PerplexityResult:
-    """Token-level perplexity of ``model`` on ``protocol.corpus`` (see :class:`PerplexityProtocol`).
+    """Token-level perplexity of ``model`` on ``protocol.corpus`` (see :class:`PerplexityProtocol`), or on
+    ``text`` (a user's own, ``lowbit.data.user_text.read_text``) with the protocol's windows, budget and BOS.
 
     ``model(input_ids)`` must return logits (N, T, vocab) or an object with ``.logits``; it must be in
     eval mode. One window per call, under ``torch.inference_mode``. NLL is accumulated in float64.
     Raises InputError if the model is in training mode or a window produces NaN/Inf logits.
     """
-    windows = token_windows(tokenizer, corpus_text(protocol.corpus), protocol.window, protocol.max_tokens,
-                            protocol.bos)  # (n_windows, window)
+    windows = token_windows(tokenizer, corpus_text(protocol.corpus) if text is None else text, protocol.window,
+                            protocol.max_tokens, protocol.bos)  # (n_windows, window)
     total_nll, n_tokens, seconds = windows_nll(model, windows, progress=progress)
     nll = total_nll / n_tokens
     result = PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_tokens, protocol=protocol, seconds=seconds)

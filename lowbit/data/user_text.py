@@ -1,0 +1,68 @@
+"""A user's own text for calibration (``lowbit quantize --calib-data``) and evaluation (``lowbit eval --data``).
+
+Two file kinds, told apart by the suffix:
+
+* ``.jsonl`` (JSON Lines): one JSON object per line, its text under ``field`` (default ``"text"``); blank lines
+  are skipped; the records are joined by a blank line;
+* anything else: UTF-8 plain text, used as it is.
+
+Errors name the file and, where it applies, the line or byte: a missing path or a folder, a file that is not
+UTF-8, an empty file (or one of whitespace only), a JSON line that is not an object or has no string
+``field``, and a file larger than :data:`MAX_BYTES` (use a part of it). Too little text for one calibration
+window or one evaluation window is refused by the consumer, with the token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lowbit.errors import InputError
+
+MAX_BYTES = 512 * 2**20  # a calibration or evaluation set needs far less; a bigger file is likely the wrong one
+
+
+def read_text(path: str | os.PathLike, field: str = "text") -> str:
+    """The text of ``path`` (see the module docstring); InputError naming what is wrong and where."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{p}: no such file; expected a UTF-8 text file or a .jsonl file of {{\"{field}\": ...}} "
+                         f"records")
+    if not p.is_file():
+        raise InputError(f"{p}: not a regular file; expected a UTF-8 text file or a .jsonl file")
+    size = p.stat().st_size
+    if size > MAX_BYTES:
+        raise InputError(f"{p}: {size / 2**20:.0f} MiB, more than the {MAX_BYTES // 2**20} MiB lowbit reads as text "
+                         f"data; pass a part of it")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); convert it to "
+                         f"UTF-8") from None
+    if p.suffix.lower() == ".jsonl":
+        text = _json_lines(p, text, field)
+    if not text.strip():
+        raise InputError(f"{p}: holds no text" + (f" (no non-empty {field!r} field)" if p.suffix == ".jsonl" else ""))
+    return text
+
+
+def _json_lines(p: Path, text: str, field: str) -> str:
+    parts = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{p}, line {i}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{p}, line {i}: a JSON {type(record).__name__}, not an object with a {field!r} field")
+        value = record.get(field)
+        if not isinstance(value, str):
+            keys = ", ".join(sorted(record)[:8])
+            raise InputError(f"{p}, line {i}: no string field {field!r} (keys: {keys or 'none'}); name the text "
+                             f"field with --calib-field / --data-field")
+        parts.append(value)
+    return "\n\n".join(parts)
