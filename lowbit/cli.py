@@ -310,6 +310,26 @@ def _load_target(path: str):
     return lm.model, None, lm.kind, lm.tokenizer, lm.name
 
 
+def describe_calibration(record: dict) -> list[str]:
+    """Lines of ``lowbit inspect`` for a model's calibration record (``lowbit.nn.state.CALIBRATION_ATTR``)."""
+    lines = []
+    steps = []
+    for step in record.get("schedule") or []:
+        if "stack" in step:
+            steps.append(f"{step['stack']} ({step['blocks']} blocks, {step['tokens']:,} tokens or positions)")
+        elif step.get("one_pass"):
+            steps.append(f"{len(step['layers'])} layer(s) in one pass of the model")
+        else:
+            steps.append(", ".join(step.get("layers") or []))
+    if steps:
+        lines.append("calibration: " + " -> ".join(steps))
+    for change, names in (record.get("fallbacks") or {}).items():
+        lines.append(f"algorithm fallback {change}: {', '.join(names)}")
+    if record.get("tied"):
+        lines.append(f"tied: {record['tied'][0]} shares the quantized {record['tied'][1]}")
+    return lines
+
+
 def load_model_from_source(source: dict):
     """The float model a saved artifact was made from (its manifest's ``source``)."""
     from lowbit.models import load_model
@@ -337,6 +357,10 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
             apply_transforms(ref, transforms)
     print(format_table(layer_table(model, ref)))
     print(model_size(model).describe())
+    calibration = (manifest.get("extra") or {}).get("calibration")
+    if isinstance(calibration, dict):
+        for line in describe_calibration(calibration):
+            print(line)
     return 0
 
 

@@ -38,6 +38,7 @@ from lowbit.nn.convert import (
     to_quantized,
     unsupported_subclass,
 )
+from lowbit.nn.state import CALIBRATION_ATTR
 from lowbit.nn.roles import input_embedding, module_roles, output_embedding, tied_head
 from lowbit.nn.kv_cache import attach_kv_quant, check_kv_quant
 from lowbit.algorithms import RTN
@@ -128,6 +129,7 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
     if not targets:  # a plan that only quantizes the KV cache
         return model
     tie = _tied_pair(model, targets)
+    record: dict[str, Any] = {"schedule": [], "fallbacks": _fallbacks_of(targets, plan, model)}
     requests = _requests(targets)
     if requests and data is None:
         names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
@@ -144,6 +146,8 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
     try:
         if not blocks:
             stats = collect_input_stats(model, requests, data, progress) if requests else {}
+            if requests:
+                record["schedule"].append({"layers": list(requests), "one_pass": True})
             _swap(model, [(t, _convert(t, stats.get(t.name))) for t in _bar(targets, progress)], swapped)
         else:
             inside = {t.name for ts in in_block for t in ts}
@@ -170,21 +174,36 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
             for unit in _schedule(model, stacks, rest, data):
                 if isinstance(unit, int):  # a stack, block by block
                     a, b = starts[unit], starts[unit] + len(stacks[unit])
-                    run_block_sequential(model, blocks[a:b], wanted[a:b], data, solve, progress,
-                                         true_sequential=staged, checkpoint=store, first_index=a)
+                    tokens = run_block_sequential(model, blocks[a:b], wanted[a:b], data, solve, progress,
+                                                  true_sequential=staged, checkpoint=store, first_index=a)
+                    record["schedule"].append({"stack": blocks[a][0].rsplit(".", 1)[0], "blocks": b - a,
+                                               "tokens": int(tokens)})
                 else:  # layers outside the stacks that run here: observed on the model quantized so far
                     stats = collect_input_stats(model, {t.name: requests[t.name] for t in unit}, data, progress,
                                                 early_stop=True)
                     _swap(model, [(t, _convert(t, stats[t.name])) for t in unit], swapped)
-        if tie is not None:
-            _share_storage(model, *tie)
+                    record["schedule"].append({"layers": [t.name for t in unit]})
+        if tie is not None and _share_storage(model, *tie):
+            record["tied"] = list(tie)
     except BaseException:
         swapped.restore()  # no half-quantized model
         raise
     finally:
         swapped.close()
     log.info("quantized %d module(s)%s", len(swapped), f" block by block over {len(blocks)} blocks" if blocks else "")
+    model.__dict__[CALIBRATION_ATTR] = record  # what save() records under the manifest's extra["calibration"]
     return model
+
+
+def _fallbacks_of(targets: list[Target], plan: QuantPlan, model: nn.Module) -> dict[str, list[str]]:
+    """``{"gptq -> rtn": [layer, ...]}``: the layers prepare() moved from the plan's data-aware algorithm."""
+    roles = module_roles(model)
+    out: dict[str, list[str]] = {}
+    for t in targets:
+        planned = plan.rule_for(t.name, t.module, roles)
+        if planned is not None and planned.method.name != t.rule.method.name:
+            out.setdefault(f"{planned.method.name} -> {t.rule.method.name}", []).append(t.name)
+    return out
 
 
 def _tied_pair(model: nn.Module, targets: list[Target]) -> tuple[str, str] | None:
@@ -217,7 +236,7 @@ def _name_of(model: nn.Module, module: nn.Module | None) -> str:
     return next((n for n, m in model.named_modules() if m is module), "?")
 
 
-def _share_storage(model: nn.Module, head: str, embedding: str) -> None:
+def _share_storage(model: nn.Module, head: str, embedding: str) -> bool:
     """Point the quantized head's weight storage at the quantized embedding's (the same codes: checked)."""
     h, e = model.get_submodule(head), model.get_submodule(embedding)
     names = ("qweight", "scale", "zero_point", "global_scale")
@@ -225,11 +244,12 @@ def _share_storage(model: nn.Module, head: str, embedding: str) -> None:
     if not all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs):
         log.warning("the tied head %r and embedding %r were quantized to different codes; both are kept", head,
                     embedding)
-        return
+        return False
     for n in names:
         if getattr(e, n, None) is not None:
             h._buffers[n] = e._buffers[n]
     log.info("the head %r shares the quantized embedding %r (tied: stored once)", head, embedding)
+    return True
 
 
 def _inside(name: str, stack: list[tuple[str, nn.Module]]) -> bool:

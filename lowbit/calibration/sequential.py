@@ -199,7 +199,7 @@ def run_block_sequential(
     true_sequential: bool = False,
     checkpoint: BlockCheckpoint | None = None,
     first_index: int = 0,
-) -> None:
+) -> int:
     """For each block in order: observe ``wanted[i]`` on its inputs, ``solve`` (quantize and swap), then
     compute its outputs with the quantized modules as the next block's inputs.
 
@@ -213,6 +213,8 @@ def run_block_sequential(
             hidden states are recomputed, not stored; every block solved here is saved to it.
         first_index: the index of ``blocks[0]`` among all blocks of the run (a model with several stacks runs
             them one after another): ``solve`` and the checkpoint see ``first_index + i``.
+    Returns:
+        the tokens (or positions: frames, patches) the blocks were calibrated on.
     """
     inputs = capture_block_inputs(model, blocks, data, progress)
     n_tokens = sum(h.shape[0] * h.shape[1] if h.dim() >= 2 else h.shape[0] for h in inputs.hidden)
@@ -245,6 +247,7 @@ def run_block_sequential(
             log.info("block %d/%d (%s): %s, %.1f s, RSS %.0f MB", i + 1, len(blocks), name,
                      "reused from the checkpoint" if stored is not None else f"{len(wanted[i])} module(s) observed",
                      dt, rss)
+    return n_tokens
 
 
 def _solve_block(inputs: BlockInputs, i: int, name: str, block: nn.Module, wanted: dict[str, Request],

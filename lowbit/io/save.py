@@ -40,7 +40,7 @@ from lowbit.errors import InputError
 from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, file_entry, read_manifest
 from lowbit.nn.convert import layer_record
 from lowbit.nn.hf_classes import source_of
-from lowbit.nn.state import distinct_tensors, for_safetensors, quantized_modules, state_tensors
+from lowbit.nn.state import CALIBRATION_ATTR, distinct_tensors, for_safetensors, quantized_modules, state_tensors
 from lowbit.paths import check_outside, check_writable, kind, output_path
 from lowbit.plan import QuantPlan
 from lowbit.spec import QuantSpec
@@ -89,6 +89,9 @@ def save(
         if source is None:
             log.info("%s records no model source (%s is no transformers class lowbit rebuilds by name): "
                      "lowbit.load will need model=", dest, type(model).__name__)
+    calibration = model.__dict__.get(CALIBRATION_ATTR)
+    if calibration is not None and "calibration" not in (extra or {}):
+        extra = {**(extra or {}), "calibration": calibration}
     canonical, tied = distinct_tensors(state_tensors(model))
     manifest = _manifest(model, tied, source, plan, extra)
     tensors = _tensors(canonical)

@@ -15,6 +15,11 @@ from torch import nn
 from lowbit.errors import InputError
 from lowbit.nn.base import QuantModule
 
+# the attribute ``lowbit.quantize`` leaves on a model: how it was calibrated (the order of stacks and layers, the
+# tokens each stack saw, the layers an algorithm could not take, a tie kept); ``lowbit.save`` writes it into the
+# manifest as ``extra["calibration"]`` and ``lowbit inspect`` prints it
+CALIBRATION_ATTR = "lowbit_calibration"
+
 # the buffers QuantModule.storage_bytes() counts: the quantized weight itself, with a linear's per-input
 # scale (AWQ), but not its bias or act range
 WEIGHT_STORAGE = ("qweight", "scale", "zero_point", "global_scale", "input_scale")

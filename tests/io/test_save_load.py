@@ -175,6 +175,8 @@ def test_plan_source_and_extra_are_kept(tmp_path):
     path = save(model, tmp_path / "art", plan=plan, extra={"note": "hello", "n": [1, 2]})
     m = read_manifest(path)
     assert lowbit.QuantPlan.from_dict(m["plan"]) == plan
+    calibration = m["extra"].pop("calibration")  # what quantize() recorded (lowbit.nn.state.CALIBRATION_ATTR)
+    assert calibration == {"schedule": [], "fallbacks": {}}  # round to nearest: nothing observed
     assert m["extra"] == {"note": "hello", "n": [1, 2]} and m["source"] is None
     assert m["lowbit_version"] == lowbit.__version__ and m["format_version"] == 1
 

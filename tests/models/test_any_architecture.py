@@ -267,3 +267,19 @@ def test_a_tied_head_quantized_alone_says_the_tie_breaks(caplog):
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "'proj_out' shares its weight with the input embedding 'model.decoder.embed_tokens'" in said
     assert "the tie breaks" in said and "role:embedding" in said
+
+
+def test_the_calibration_record_is_saved_and_inspect_prints_it(tmp_path, capsys):
+    model = tiny_hf("whisper")
+    data = [example_inputs(model, seed=s) for s in range(2)]
+    lowbit.quantize(model, QuantPlan.uniform("int4-ch-asym", method="awq"), data, progress=False)
+    path = lowbit.save(model, tmp_path / "a")
+    record = json.loads((path / "manifest.json").read_text())["extra"]["calibration"]
+    assert record["schedule"] == [{"stack": "model.encoder.layers", "blocks": 2, "tokens": 64},
+                                  {"stack": "model.decoder.layers", "blocks": 2, "tokens": 32}]
+    assert record["fallbacks"] == {"awq -> rtn": ["model.encoder.conv1", "model.encoder.conv2"]}
+    rc, out, _ = _cli(capsys, "inspect", path)
+    assert rc == 0
+    assert ("calibration: model.encoder.layers (2 blocks, 64 tokens or positions) -> model.decoder.layers "
+            "(2 blocks, 32 tokens or positions)") in out
+    assert "algorithm fallback awq -> rtn: model.encoder.conv1, model.encoder.conv2" in out
