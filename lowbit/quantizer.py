@@ -223,11 +223,11 @@ def _tied_pair(model: nn.Module, targets: list[Target]) -> tuple[str, str] | Non
     if alike:
         return h.name, e.name
     mb = float_weight(head).numel() * float_weight(head).element_size() / 2**20
-    log.warning("the head %r shares its weight with the input embedding %r; %s, so the tie breaks and the "
-                "artifact stores both (the %.1f MB %s embedding and the quantized head). Quantize the embedding "
-                "with the same format and a data-free method (rule role:embedding) to keep one copy, or keep the "
-                "head in float (skip role:head)", h.name, getattr(e, "name", None) or _name_of(model, emb),
-                "the embedding stays float" if e is None else "the two are quantized differently", mb,
+    log.warning("the head %r shares its weight (%.1f MB in float) with the input embedding %r; %s, so the tie "
+                "breaks and the artifact stores two copies (the %s embedding and the quantized head). Quantize the "
+                "embedding with the same format and a data-free method (rule role:embedding) to keep one copy, or "
+                "keep the head in float (skip role:head)", h.name, mb, getattr(e, "name", None) or _name_of(model, emb),
+                "the embedding stays float" if e is None else "the two are quantized differently",
                 "float" if e is None else "quantized")
     return None
 
