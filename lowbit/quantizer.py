@@ -137,6 +137,9 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
                          f"data-aware algorithms for {names}); pass data=")
     stacks = find_stacks(model) if requests and sequential else []
     stacks = [st for st in stacks if any(t.name in requests and _inside(t.name, st) for t in targets)]
+    if len(stacks) > 1:  # in the order the model runs them: blocks are solved (and checkpointed) in that order
+        order = execution_order(model, {str(k): st[0][1] for k, st in enumerate(stacks)}, data)
+        stacks = [stacks[int(k)] for k in order]
     blocks = [b for st in stacks for b in st]  # every stack's blocks, one index across the stacks
     in_block = [[t for t in targets if t.name.startswith(name + ".")] for name, _ in blocks]
     store = _checkpoint(checkpoint, model, plan, data, blocks, in_block)
