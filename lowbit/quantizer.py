@@ -39,7 +39,7 @@ from lowbit.nn.convert import (
     unsupported_subclass,
 )
 from lowbit.nn.state import CALIBRATION_ATTR
-from lowbit.nn.roles import input_embedding, module_roles, output_embedding, tied_head
+from lowbit.nn.roles import input_embedding, module_roles, output_embedding, share_quantized_storage, tied_head
 from lowbit.nn.kv_cache import attach_kv_quant, check_kv_quant
 from lowbit.algorithms import RTN
 from lowbit.plan import QuantPlan, Rule
@@ -58,6 +58,7 @@ class Target:
     name: str
     module: nn.Module
     rule: Rule
+    fallback_from: str | None = None  # the plan's algorithm, where prepare() replaced it (the layer misfits it)
 
 
 def quantize(
@@ -129,7 +130,11 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
     if not targets:  # a plan that only quantizes the KV cache
         return model
     tie = _tied_pair(model, targets)
-    record: dict[str, Any] = {"schedule": [], "fallbacks": _fallbacks_of(targets, plan, model)}
+    fallbacks: dict[str, list[str]] = {}
+    for t in targets:
+        if t.fallback_from is not None:
+            fallbacks.setdefault(f"{t.fallback_from} -> {t.rule.method.name}", []).append(t.name)
+    record: dict[str, Any] = {"schedule": [], "fallbacks": fallbacks}
     requests = _requests(targets)
     if requests and data is None:
         names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
@@ -137,9 +142,13 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
                          f"data-aware algorithms for {names}); pass data=")
     stacks = find_stacks(model) if requests and sequential else []
     stacks = [st for st in stacks if any(t.name in requests and _inside(t.name, st) for t in targets)]
-    if len(stacks) > 1:  # in the order the model runs them: blocks are solved (and checkpointed) in that order
-        order = execution_order(model, {str(k): st[0][1] for k, st in enumerate(stacks)}, data)
-        stacks = [stacks[int(k)] for k in order]
+    # requested layers outside every stack, and the order the model runs stacks and those layers in: blocks are
+    # solved (and checkpointed) in that order
+    rest = [t for t in targets if t.name in requests and not any(_inside(t.name, st) for st in stacks)]
+    units = _schedule(model, stacks, rest, data) if stacks else []
+    ran = [u for u in units if isinstance(u, int)]
+    stacks = [stacks[k] for k in ran]
+    units = [ran.index(u) if isinstance(u, int) else u for u in units]
     blocks = [b for st in stacks for b in st]  # every stack's blocks, one index across the stacks
     in_block = [[t for t in targets if t.name.startswith(name + ".")] for name, _ in blocks]
     store = _checkpoint(checkpoint, model, plan, data, blocks, in_block)
@@ -156,7 +165,6 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
             inside = {t.name for ts in in_block for t in ts}
             outside = [t for t in targets if t.name not in inside]
             _swap(model, [(t, _convert(t, None)) for t in outside if t.name not in requests], swapped)
-            rest = [t for t in outside if t.name in requests]
 
             done: set[str] = set()
 
@@ -174,7 +182,7 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
             wanted = [{t.name: requests[t.name] for t in ts if t.name in requests} for ts in in_block]
             staged = any(_true_sequential(t.rule.method) for ts in in_block for t in ts)
             starts = [sum(len(st) for st in stacks[:k]) for k in range(len(stacks))]
-            for unit in _schedule(model, stacks, rest, data):
+            for unit in units:
                 if isinstance(unit, int):  # a stack, block by block
                     a, b = starts[unit], starts[unit] + len(stacks[unit])
                     tokens = run_block_sequential(model, blocks[a:b], wanted[a:b], data, solve, progress,
@@ -186,7 +194,7 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
                                                 early_stop=True)
                     _swap(model, [(t, _convert(t, stats[t.name])) for t in unit], swapped)
                     record["schedule"].append({"layers": [t.name for t in unit]})
-        if tie is not None and _share_storage(model, *tie):
+        if tie is not None and share_quantized_storage(model, *tie):
             record["tied"] = list(tie)
     except BaseException:
         swapped.restore()  # no half-quantized model
@@ -196,17 +204,6 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
     log.info("quantized %d module(s)%s", len(swapped), f" block by block over {len(blocks)} blocks" if blocks else "")
     model.__dict__[CALIBRATION_ATTR] = record  # what save() records under the manifest's extra["calibration"]
     return model
-
-
-def _fallbacks_of(targets: list[Target], plan: QuantPlan, model: nn.Module) -> dict[str, list[str]]:
-    """``{"gptq -> rtn": [layer, ...]}``: the layers prepare() moved from the plan's data-aware algorithm."""
-    roles = module_roles(model)
-    out: dict[str, list[str]] = {}
-    for t in targets:
-        planned = plan.rule_for(t.name, t.module, roles)
-        if planned is not None and planned.method.name != t.rule.method.name:
-            out.setdefault(f"{planned.method.name} -> {t.rule.method.name}", []).append(t.name)
-    return out
 
 
 def _tied_pair(model: nn.Module, targets: list[Target]) -> tuple[str, str] | None:
@@ -229,7 +226,7 @@ def _tied_pair(model: nn.Module, targets: list[Target]) -> tuple[str, str] | Non
     log.warning("the head %r shares its weight (%.1f MB in float) with the input embedding %r; %s, so the tie "
                 "breaks and the artifact stores two copies (the %s embedding and the quantized head). Quantize the "
                 "embedding with the same format and a data-free method (rule role:embedding) to keep one copy, or "
-                "keep the head in float (skip role:head)", h.name, mb, getattr(e, "name", None) or _name_of(model, emb),
+                "keep the head in float (skip role:head)", h.name, mb, e.name if e is not None else _name_of(model, emb),
                 "the embedding stays float" if e is None else "the two are quantized differently",
                 "float" if e is None else "quantized")
     return None
@@ -237,22 +234,6 @@ def _tied_pair(model: nn.Module, targets: list[Target]) -> tuple[str, str] | Non
 
 def _name_of(model: nn.Module, module: nn.Module | None) -> str:
     return next((n for n, m in model.named_modules() if m is module), "?")
-
-
-def _share_storage(model: nn.Module, head: str, embedding: str) -> bool:
-    """Point the quantized head's weight storage at the quantized embedding's (the same codes: checked)."""
-    h, e = model.get_submodule(head), model.get_submodule(embedding)
-    names = ("qweight", "scale", "zero_point", "global_scale")
-    pairs = [(getattr(h, n, None), getattr(e, n, None)) for n in names]
-    if not all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs):
-        log.warning("the tied head %r and embedding %r were quantized to different codes; both are kept", head,
-                    embedding)
-        return False
-    for n in names:
-        if getattr(e, n, None) is not None:
-            h._buffers[n] = e._buffers[n]
-    log.info("the head %r shares the quantized embedding %r (tied: stored once)", head, embedding)
-    return True
 
 
 def _inside(name: str, stack: list[tuple[str, nn.Module]]) -> bool:
@@ -355,7 +336,7 @@ def _fall_back(targets: list[Target]) -> list[Target]:
             out.append(t)
             continue
         moved.setdefault((t.rule.method.name, why), []).append(t.name)
-        out.append(Target(t.name, t.module, dataclasses.replace(t.rule, method=RTN())))
+        out.append(Target(t.name, t.module, dataclasses.replace(t.rule, method=RTN()), t.rule.method.name))
     for (method, why), names in moved.items():
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         log.warning("%s cannot take %d layer(s) that are %s: they use round to nearest instead (%s)", method,

@@ -297,19 +297,6 @@ def resolve_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[s
     raise InputError(f"{path}: unsupported file; expected a .gguf file or a Hugging Face model folder")
 
 
-def source_model_kind(source: Mapping[str, Any]) -> str:
-    """The kind of the model a (validated) source rebuilds, without building it."""
-    src = resolve_source(source)
-    if src["type"] == "bundled":
-        return BUNDLED_MODELS[src["name"]].kind
-    if src["type"] == "hf-config":
-        return hf.class_by_name(src["class"], f"model source of class {src['class']}")[0]
-    if "config" in src:
-        return hf.model_class(hf.config_from_dict(dict(src["config"]), src["path"]), src["path"])[0]
-    path = Path(src["path"])
-    return hf.model_class(hf.gguf_config(path) if src["type"] == "gguf" else hf.folder_config(path), path)[0]
-
-
 def _check_source_dict(src: dict[str, Any]) -> dict[str, Any]:
     kind = src.get("type")
     if kind not in SOURCE_TYPES:

@@ -14,7 +14,12 @@ are the embedding; a linear holding it is the head). Plans match them with ``rol
 
 from __future__ import annotations
 
+import logging
+
+import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 ROLES = ("head", "embedding")
 HEAD_NAME = "lm_head"  # the head of a model that does not report one
@@ -59,6 +64,24 @@ def tied_head(model: nn.Module) -> bool:
     """True if the output head's weight is the input embedding's weight tensor (a tied head)."""
     w_out, w_in = _weight(output_embedding(model)), _weight(input_embedding(model))
     return w_in is not None and w_in is w_out
+
+
+def share_quantized_storage(model: nn.Module, head: str, embedding: str) -> bool:
+    """Point the quantized ``head``'s weight storage at the quantized ``embedding``'s when both hold the same
+    codes and scales (a tied pair quantized alike), so the weight is kept and saved once; False (and both kept)
+    when they differ."""
+    h, e = model.get_submodule(head), model.get_submodule(embedding)
+    names = ("qweight", "scale", "zero_point", "global_scale")
+    pairs = [(getattr(h, n, None), getattr(e, n, None)) for n in names]
+    if not all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs):
+        log.warning("the tied head %r and embedding %r were quantized to different codes; both are kept", head,
+                    embedding)
+        return False
+    for n in names:
+        if getattr(e, n, None) is not None:
+            h._buffers[n] = e._buffers[n]
+    log.info("the head %r shares the quantized embedding %r (tied: stored once)", head, embedding)
+    return True
 
 
 def _weight(m: nn.Module | None) -> object:
