@@ -327,6 +327,11 @@ def describe_calibration(record: dict) -> list[str]:
         lines.append(f"algorithm fallback {change}: {', '.join(names)}")
     if record.get("tied"):
         lines.append(f"tied: {record['tied'][0]} shares the quantized {record['tied'][1]}")
+    experts = record.get("experts")
+    if isinstance(experts, dict):
+        lines.append(f"experts: {experts.get('linears')} expert linears calibrated on {experts.get('min_tokens')} .. "
+                     f"{experts.get('max_tokens')} tokens each (median {experts.get('median_tokens')}), "
+                     f"{experts.get('no_tokens')} on none")
     return lines
 
 

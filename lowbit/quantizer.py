@@ -24,7 +24,7 @@ from lowbit.calibration import InputStats, Request, collect_input_stats
 from lowbit.calibration.blocks import find_stacks
 from lowbit.calibration.checkpoint import BlockCheckpoint
 from lowbit.calibration.fingerprint import run_key
-from lowbit.calibration.sequential import execution_order, run_block_sequential
+from lowbit.calibration.sequential import first_calls, run_block_sequential
 from lowbit.calibration.undo import UndoStore, remove_stale_folders
 from lowbit.checks import check_materialized
 from lowbit.errors import InputError
@@ -40,11 +40,12 @@ from lowbit.nn.convert import (
 )
 from lowbit.nn.state import CALIBRATION_ATTR
 from lowbit.nn.roles import input_embedding, module_roles, output_embedding, share_quantized_storage, tied_head
+from lowbit.nn.experts import experts_of, unfuse_experts
 from lowbit.nn.kv_cache import attach_kv_quant, check_kv_quant
 from lowbit.algorithms import RTN
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
-from lowbit.transforms import apply_transforms
+from lowbit.transforms import Originals, apply_transforms
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,22 @@ def quantize(
         plan = QuantPlan.uniform(plan)
     if plan.kv is not None:
         check_kv_quant(model, plan.kv)  # before anything changes
-    # the float pre-pass; undone if anything below fails
-    originals = apply_transforms(model, plan.transforms, data=data, plan=plan, progress=progress)
+    # the float pre-pass; undone if anything below fails. Fused mixture-of-experts weights become one linear
+    # pair per expert first (lowbit.nn.experts), so that rules and transforms see the experts' linears
+    unfused = Originals()
+    try:
+        if any(r.weight is not None for r in plan.rules):
+            unfuse_experts(model, unfused)
+        originals = apply_transforms(model, plan.transforms, data=data, plan=plan, progress=progress)
+    except BaseException:
+        unfused.restore()
+        raise
     try:
         originals.offload()  # the float tensors the transforms changed wait on disk, not in memory
         _quantize(model, plan, data, progress, sequential, checkpoint)
     except BaseException:
         originals.restore()
+        unfused.restore()
         raise
     finally:
         originals.close()
@@ -135,17 +145,30 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
         if t.fallback_from is not None:
             fallbacks.setdefault(f"{t.fallback_from} -> {t.rule.method.name}", []).append(t.name)
     record: dict[str, Any] = {"schedule": [], "fallbacks": fallbacks}
-    requests = _requests(targets)
+    routed = tuple(f"{n}." for n in experts_of(model))  # expert linears see only the tokens routed to them
+    requests = _requests(targets, routed)
+    expert_tokens: dict[str, int] = {}  # tokens each expert linear saw
+
+    def convert(t: Target, s: InputStats | None) -> nn.Module:
+        if s is not None and t.name.startswith(routed):
+            expert_tokens[t.name] = s.n_rows
+        return _convert(*_no_tokens(t, s, fallbacks))
     if requests and data is None:
         names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
         raise InputError(f"the plan needs calibration data (static activation ranges, bias correction or "
                          f"data-aware algorithms for {names}); pass data=")
     stacks = find_stacks(model) if requests and sequential else []
     stacks = [st for st in stacks if any(t.name in requests and _inside(t.name, st) for t in targets)]
+    order: list[str] = []
+    if requests:  # one traced pass on the first batch: which requested layers run, and in which order
+        entries = {f"stack {k}": st[0][1] for k, st in enumerate(stacks)}
+        entries.update({n: r.module for n, r in requests.items() if not r.routed})
+        order = first_calls(model, entries, data)
+        targets, requests = _uncalled_fall_back(targets, requests, set(order), fallbacks)
     # requested layers outside every stack, and the order the model runs stacks and those layers in: blocks are
     # solved (and checkpointed) in that order
     rest = [t for t in targets if t.name in requests and not any(_inside(t.name, st) for st in stacks)]
-    units = _schedule(model, stacks, rest, data) if stacks else []
+    units = _schedule(stacks, rest, order) if stacks else []
     ran = [u for u in units if isinstance(u, int)]
     stacks = [stacks[k] for k in ran]
     units = [ran.index(u) if isinstance(u, int) else u for u in units]
@@ -160,11 +183,11 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
             stats = collect_input_stats(model, requests, data, progress) if requests else {}
             if requests:
                 record["schedule"].append({"layers": list(requests), "one_pass": True})
-            _swap(model, [(t, _convert(t, stats.get(t.name))) for t in _bar(targets, progress)], swapped)
+            _swap(model, [(t, convert(t, stats.get(t.name))) for t in _bar(targets, progress)], swapped)
         else:
             inside = {t.name for ts in in_block for t in ts}
             outside = [t for t in targets if t.name not in inside]
-            _swap(model, [(t, _convert(t, None)) for t in outside if t.name not in requests], swapped)
+            _swap(model, [(t, convert(t, None)) for t in outside if t.name not in requests], swapped)
 
             done: set[str] = set()
 
@@ -174,7 +197,7 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
                     now, pairs = in_block[i], [(t, stored[t.name]) for t in in_block[i]]
                 else:
                     now = [t for t in in_block[i] if t.name not in done and (t.name in stats or t.name not in requests)]
-                    pairs = [(t, _convert(t, stats.get(t.name))) for t in now]
+                    pairs = [(t, convert(t, stats.get(t.name))) for t in now]
                 _swap(model, pairs, swapped)
                 done.update(t.name for t in now)
                 swapped.offload([t.name for t in now], f"block{i}-{len(done)}")  # done with their float weights
@@ -192,10 +215,12 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
                 else:  # layers outside the stacks that run here: observed on the model quantized so far
                     stats = collect_input_stats(model, {t.name: requests[t.name] for t in unit}, data, progress,
                                                 early_stop=True)
-                    _swap(model, [(t, _convert(t, stats[t.name])) for t in unit], swapped)
+                    _swap(model, [(t, convert(t, stats[t.name])) for t in unit], swapped)
                     record["schedule"].append({"layers": [t.name for t in unit]})
         if tie is not None and share_quantized_storage(model, *tie):
             record["tied"] = list(tie)
+        if expert_tokens:
+            record["experts"] = _expert_coverage(expert_tokens)
     except BaseException:
         swapped.restore()  # no half-quantized model
         raise
@@ -240,29 +265,54 @@ def _inside(name: str, stack: list[tuple[str, nn.Module]]) -> bool:
     return any(name.startswith(block + ".") for block, _ in stack)
 
 
-def _schedule(model: nn.Module, stacks: list, rest: list[Target], data: Any) -> list[int | list[Target]]:
-    """The calibration units in the order a forward pass runs them: a stack's index, or a list of layers
-    outside every stack that run one after another between two stacks (each such list is observed in one
-    pass of the model quantized up to there). One stack and nothing outside needs no trace."""
-    if len(stacks) == 1 and not rest:
-        units: list[int | list[Target]] = [0]
-    else:
-        entries = {f"stack {k}": st[0][1] for k, st in enumerate(stacks)}
-        entries.update({t.name: t.module for t in rest})
-        by_name = {t.name: t for t in rest}
-        units = []
-        for key in execution_order(model, entries, data):
-            if key.startswith("stack ") and key not in by_name:
-                units.append(int(key.split()[1]))
-            elif units and isinstance(units[-1], list):
-                units[-1].append(by_name[key])
-            else:
-                units.append([by_name[key]])
+def _schedule(stacks: list, rest: list[Target], order: list[str]) -> list[int | list[Target]]:
+    """The calibration units in the order a forward pass runs them (``order``: the keys ``"stack <k>"`` and
+    layer names, as first called on the first batch): a stack's index, or a list of layers outside every stack
+    that run one after another between two stacks (each such list is observed in one pass of the model
+    quantized up to there). Stacks never reached come last."""
+    by_name = {t.name: t for t in rest}
+    keys = [k for k in order if k.startswith("stack ") or k in by_name]
+    keys += [f"stack {k}" for k in range(len(stacks)) if f"stack {k}" not in keys]
+    units: list[int | list[Target]] = []
+    for key in keys:
+        if key.startswith("stack ") and key not in by_name:
+            units.append(int(key.split()[1]))
+        elif units and isinstance(units[-1], list):
+            units[-1].append(by_name[key])
+        else:
+            units.append([by_name[key]])
     described = [f"{stacks[u][0][0].rsplit('.', 1)[0]} ({len(stacks[u])} blocks)" if isinstance(u, int)
                  else ", ".join(t.name for t in u[:3]) + (f" and {len(u) - 3} more" if len(u) > 3 else "")
                  for u in units]
     log.info("calibration schedule: %s", " -> ".join(described))
     return units
+
+
+def _uncalled_fall_back(targets: list[Target], requests: dict[str, Request], called: set[str],
+                        fallbacks: dict[str, list[str]]) -> tuple[list[Target], dict[str, Request]]:
+    """Requested layers that a forward pass never calls as modules (the model reads their weight directly, as
+    Mamba's mixer does with ``dt_proj``) cannot be observed: they get round to nearest (listed in
+    ``fallbacks``), said in one warning before any work. Static activation ranges cannot: InputError."""
+    uncalled = [n for n, r in requests.items() if not r.routed and n not in called]
+    if not uncalled:
+        return targets, requests
+    out = []
+    for t in targets:
+        if t.name not in uncalled:
+            out.append(t)
+            continue
+        if t.rule.act is not None and not t.rule.act.dynamic:
+            raise InputError(f"module {t.name!r} is never called on the calibration data (the model reads its "
+                             f"weight directly), so its static activation range cannot be calibrated; quantize "
+                             f"it with dynamic activations or skip it")
+        fallbacks.setdefault(f"{t.rule.method.name} -> rtn (never called)", []).append(t.name)
+        out.append(Target(t.name, t.module, dataclasses.replace(t.rule, method=RTN(), bias_correction=False),
+                          t.rule.method.name))
+    shown = ", ".join(uncalled[:3]) + (f" and {len(uncalled) - 3} more" if len(uncalled) > 3 else "")
+    log.warning("%d layer(s) are never called as modules on the calibration data (the model reads their weight "
+                "directly), so nothing can be observed at their input: they use round to nearest (%s)",
+                len(uncalled), shown)
+    return out, {n: r for n, r in requests.items() if n not in uncalled}
 
 
 def _checkpoint(folder: str | os.PathLike | None, model: nn.Module, plan: QuantPlan, data: Any,
@@ -442,8 +492,20 @@ def _log_partial_groups(targets: list[Target]) -> None:
                  "and has its own scale (e.g. %s)", len(names), cols, group, cols % group, names[0])
 
 
-def _requests(targets: list[Target]) -> dict[str, Request]:
-    """What must be observed at each target's input (targets that need nothing are left out)."""
+def _expert_coverage(tokens: dict[str, int]) -> dict[str, Any]:
+    """How many calibration tokens the expert linears saw (logged, and recorded in the artifact)."""
+    counts = sorted(tokens.values())
+    out = {"linears": len(counts), "min_tokens": counts[0], "median_tokens": counts[len(counts) // 2],
+           "max_tokens": counts[-1], "no_tokens": sum(c == 0 for c in counts)}
+    log.info("experts: %d expert linears calibrated on %d .. %d tokens each (median %d)%s", out["linears"],
+             out["min_tokens"], out["max_tokens"], out["median_tokens"],
+             f"; {out['no_tokens']} saw none and use round to nearest" if out["no_tokens"] else "")
+    return out
+
+
+def _requests(targets: list[Target], routed: tuple[str, ...] = ()) -> dict[str, Request]:
+    """What must be observed at each target's input (targets that need nothing are left out); targets under
+    the prefixes ``routed`` are mixture-of-experts experts (``Request.routed``)."""
     wanted = {}
     for t in targets:
         static_act = t.rule.act if t.rule.act is not None and not t.rule.act.dynamic else None
@@ -455,8 +517,23 @@ def _requests(targets: list[Target]) -> dict[str, Request]:
             raise InputError(f"module {t.name!r}: bias correction does not apply to an embedding")
         if static_act is not None or needs or t.rule.bias_correction:
             wanted[t.name] = Request(t.module, static_act, mean=t.rule.bias_correction,
-                                     hessian="hessian" in needs, abs_mean="abs_mean" in needs)
+                                     hessian="hessian" in needs, abs_mean="abs_mean" in needs,
+                                     routed=t.name.startswith(routed) if routed else False)
     return wanted
+
+
+def _no_tokens(t: Target, s: InputStats | None, fallbacks: dict[str, list[str]]) -> tuple[Target, InputStats | None]:
+    """``(t, s)`` as given, or for a routed expert that no calibration token reached (``s.n_rows == 0``)
+    ``t`` with round to nearest and no statistics, listed in ``fallbacks`` under ``"<method> -> rtn (no
+    calibration tokens)"``. Static activation ranges cannot come from nothing: InputError."""
+    if s is None or s.n_rows:
+        return t, s
+    if t.rule.act is not None and not t.rule.act.dynamic:
+        raise InputError(f"module {t.name!r}: no calibration token was routed to this expert, so its static "
+                         f"activation range cannot be calibrated; use dynamic activations or more data")
+    fallbacks.setdefault(f"{t.rule.method.name} -> rtn (no calibration tokens)", []).append(t.name)
+    return Target(t.name, t.module, dataclasses.replace(t.rule, method=RTN(), bias_correction=False),
+                  t.rule.method.name), None
 
 
 def _convert(t: Target, s: InputStats | None) -> nn.Module:

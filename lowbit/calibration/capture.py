@@ -47,6 +47,8 @@ class Request:
             or the patches a convolution with ``groups == 1`` multiplies (``conv_patches``: each output
             position's receptive field, the weight's ``(in * kernel)`` columns, as GPTQ does for ResNets).
         abs_mean: accumulate ``mean(|x|)`` per input feature (linears; AWQ's activation magnitude).
+        routed: the module sees only the tokens a router sends it (a mixture-of-experts expert): that no
+            token reached it is a result (``InputStats.n_rows == 0``), not an error.
     """
 
     module: nn.Module
@@ -55,6 +57,7 @@ class Request:
     mean: bool = False
     hessian: bool = False
     abs_mean: bool = False
+    routed: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class InputStats:
     Attributes:
         act_range: ``(lo, hi)`` float32 ``(1, 1)`` each, from the activation observer, or None.
         importance: float32 ``(in_features,)`` mean of ``x**2`` per input feature (linears), or None.
-        n_rows: number of input rows (tokens, or images for convolutions) seen.
+        n_rows: number of input rows (tokens, or images for convolutions) seen; 0 only for a routed module
+            (``Request.routed``) that no token reached, whose statistics are then all None.
         mean: float32 ``(in_channels,)`` mean of ``x`` per input channel, or None.
         hessian: float32 ``(in_features, in_features)`` ``X^T X / n_rows`` (linears), or None.
         abs_mean: float32 ``(in_features,)`` mean of ``|x|`` per input feature (linears), or None.
@@ -253,14 +257,18 @@ class InputCollector:
         Raises:
             InputError: no batch was seen, or a module never ran.
         """
-        if self.n_batches == 0 or not any(self.rows.values()):
+        routed = [n for n, r in self.wanted.items() if r.routed]
+        if self.n_batches == 0 or (not any(self.rows.values()) and len(routed) < len(self.wanted)):
             raise InputError("the calibration data set is empty: it yielded no batch (or only empty ones)")
-        silent = [n for n, r in self.rows.items() if r == 0]
+        silent = [n for n, r in self.rows.items() if r == 0 and not self.wanted[n].routed]
         if silent:
             raise InputError(f"module(s) {', '.join(silent[:5])} never ran on {where}; "
                              "check that the data reaches them")
         out = {}
         for n in self.wanted:
+            if self.rows[n] == 0:  # an expert no token was routed to: nothing seen
+                out[n] = InputStats(None, None, 0)
+                continue
             rng = None
             if n in self.observers:
                 r = self.observers[n].compute()

@@ -133,6 +133,14 @@ def execution_order(model: nn.Module, entries: dict[str, nn.Module], data: Any) 
     """The keys of ``entries`` (modules: a stack's first block, a layer outside any stack) in the order one
     forward pass on the first batch of ``data`` first calls them; those it never calls come last, in the
     given order. The model runs once, up to the last entry it reaches."""
+    seen = first_calls(model, entries, data)
+    return seen + [k for k in entries if k not in seen]
+
+
+def first_calls(model: nn.Module, entries: dict[str, nn.Module], data: Any) -> list[str]:
+    """The keys of ``entries`` that one forward pass on the first batch of ``data`` calls (as modules: a
+    module whose weight the model reads directly is never called), in the order it first calls them. The
+    model runs once, up to the last entry it reaches (to the end when some are never called)."""
     seen: list[str] = []
 
     def hook_for(key: str) -> Callable:
@@ -156,7 +164,7 @@ def execution_order(model: nn.Module, entries: dict[str, nn.Module], data: Any) 
     finally:
         for h in handles:
             h.remove()
-    return seen + [k for k in entries if k not in seen]
+    return seen
 
 
 def capture_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], data: Any,

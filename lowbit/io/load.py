@@ -149,8 +149,13 @@ def _attach_kv(model: nn.Module, manifest: dict[str, Any], folder: Path) -> None
 
 
 def _rebuild_transforms(arch: nn.Module, manifest: dict[str, Any], header: Header, folder: Path) -> None:
-    """Give ``arch`` the structure the plan's transforms gave the saved model (``lowbit.transforms.REBUILD``):
-    biases fused norms created, an untied head, linears that rotate their input online."""
+    """Give ``arch`` the structure quantization gave the saved model: fused mixture-of-experts weights as one
+    linear pair per expert (``lowbit.nn.experts``), then what the plan's transforms changed
+    (``lowbit.transforms.REBUILD``): biases fused norms created, an untied head, linears that rotate their
+    input online."""
+    from lowbit.nn.experts import rebuild_experts
+
+    rebuild_experts(arch, set(header))  # fused experts saved as one linear pair per expert
     plan = manifest["plan"]
     names = plan.get("transforms") if isinstance(plan, dict) else None
     if not names:

@@ -116,6 +116,8 @@ class Originals:
                     setattr(module, key, None)
                 elif current is None:
                     setattr(module, key, nn.Parameter(saved, requires_grad=False))
+                elif current.shape == saved.shape and current.dtype == saved.dtype:
+                    current.data.copy_(saved)  # in place: through a view, the tensor it views is restored too
                 else:
                     current.data = saved.to(current.device)
 
