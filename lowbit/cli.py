@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
                    "UTF-8 text file, or .jsonl with one {\"text\": ...} object per line (perplexity; for text "
                    "encoders its sentences)")
     e.add_argument("--data-field", default="text", help="the text field of --data's JSON lines (default: text)")
+    e.add_argument("--agreement-tokens", type=_positive_int, default=4096,
+                   help="tokens of the evaluation text on which a quantized LM's next-token distributions are "
+                   "compared with the float model's (default 4096)")
+    e.add_argument("--sentences", type=_positive_int, default=128,
+                   help="sentences for encoder-decoder and classifier agreement (default 128)")
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer table of a saved quantized folder")
@@ -202,10 +207,16 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
 
             data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=a.seed,
                                    bos=lm.kind == "causal-lm" and default_bos(lm), text=user_text,
-                                   source=str(a.calib_data))
+                                   source=str(a.calib_data), model=lm.model)
             origin = a.calib_data if user_text is not None else (
                 "the bundled news text" if lm.tokenizer is not None else "lowbit's calibration photos")
-            print(f"calibration set: {tuple(data.shape)} from {origin} (seed {a.seed})")
+            if hasattr(data, "shape"):
+                shown = str(tuple(data.shape))
+            else:  # encoder-decoder batches: sources and the float model's outputs for them
+                rows = sum(b["input_ids"].shape[0] for b in data)
+                shown = (f"{rows} sources x {data[0]['input_ids'].shape[1]} tokens, decoded by the float model "
+                         f"(up to {max(b['decoder_input_ids'].shape[1] for b in data)} decoder tokens)")
+            print(f"calibration set: {shown} from {origin} (seed {a.seed})")
         t0 = time.perf_counter()
         quantize(lm.model, plan, data, progress=_progress(), checkpoint=resume)
         dt = time.perf_counter() - t0
@@ -255,6 +266,16 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         print(f"protocol: {described}")
         r = perplexity(target, tokenizer, proto, progress=_progress(), text=user_text)
         print(f"perplexity {r.ppl:.3f} over {r.n_tokens} tokens ({r.seconds:.0f} s)")
+        if ref is not None:  # a quantized artifact: how closely it follows the float model, token by token
+            from lowbit.data.text import corpus_text, token_windows
+            from lowbit.evaluation.generative import token_agreement
+
+            budget = min(a.agreement_tokens, proto.max_tokens or a.agreement_tokens)
+            windows = token_windows(tokenizer, user_text if user_text is not None else corpus_text(proto.corpus),
+                                    proto.window, budget, bos)
+            batches = [windows[i:i + 1] for i in range(windows.shape[0])]
+            print(token_agreement(ref, target, batches, f"the first {windows.numel():,} tokens of the same text",
+                                  progress=_progress()).describe())
     elif kind == "image-classifier":
         if user_text is not None:
             raise InputError("--data is text; an image classifier is evaluated on lowbit's photo set (leave --data out)")
@@ -282,11 +303,43 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
             sentences = sentences_of(user_text, str(a.data))
         print(encoder_agreement(ref, target, tokenizer, sentences, progress=_progress()).describe())
+    elif kind in ("seq2seq-lm", "masked-lm", "sequence-classifier") and tokenizer is not None:
+        if ref is None:
+            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
+            return 0
+        print(_text_agreement(kind, ref, target, tokenizer, user_text, a).describe())
     else:
-        raise InputError(f"{name}: lowbit eval measures causal LMs (perplexity), text encoders and image classifiers "
-                         f"(agreement with float); it has no measure for {kind} models yet: compare the quantized "
-                         f"and float models' outputs from Python (lowbit.load(path) rebuilds the quantized one)")
+        raise InputError(f"{name}: lowbit eval measures causal LMs (perplexity and token agreement), encoder-decoder "
+                         f"and masked LMs, text classifiers and encoders (token, class or embedding agreement with "
+                         f"float) and image classifiers; it has no measure for {kind} models yet: compare the "
+                         f"quantized and float models' outputs from Python (lowbit.load(path) rebuilds the "
+                         f"quantized one)")
     return 0
+
+
+def _text_agreement(kind: str, ref, target, tokenizer, user_text: str | None, a: argparse.Namespace):
+    """Token (or class) agreement of a quantized text model with its float reference on sentences of the
+    evaluation text (or --data): see lowbit.evaluation.generative."""
+    from lowbit.data import teacher
+    from lowbit.data.text import token_windows, wikipedia_text
+    from lowbit.evaluation.embeddings import sentences_of, wikipedia_sentences
+    from lowbit.evaluation.generative import token_agreement
+
+    n = a.sentences
+    sentences = wikipedia_sentences(n) if user_text is None else sentences_of(user_text, str(a.data), n)
+    source = "the evaluation text" if user_text is None else str(a.data)
+    if kind == "seq2seq-lm":
+        batches = teacher.seq2seq_batches(ref, tokenizer, sentences, progress=_progress())
+        what = f"teacher-forced on the float model's greedy outputs for {len(sentences)} sentences of {source}"
+    elif kind == "masked-lm":
+        windows = token_windows(tokenizer, user_text if user_text is not None else wikipedia_text(), 128,
+                                min(a.agreement_tokens, a.tokens))
+        batches = teacher.masked_batches(tokenizer, windows)
+        what = f"15% of {windows.numel():,} tokens of {source} masked"
+    else:
+        batches = teacher.sentence_batches(tokenizer, sentences)
+        what = f"class distributions of {len(sentences)} sentences of {source}"
+    return token_agreement(ref, target, batches, what, progress=_progress())
 
 
 def _load_target(path: str):

@@ -19,13 +19,16 @@ TEXT_KINDS = ("causal-lm", "masked-lm", "sequence-classifier")
 
 def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_len: int = 512,
                     seed: int = 0, bos: bool = False, text: str | None = None,
-                    source: str = "news") -> torch.Tensor:
+                    source: str = "news", model: Any = None) -> torch.Tensor | list[dict]:
     """Calibration inputs for a model of ``kind`` (one of :data:`TEXT_KINDS`, a ``base-model`` with a tokenizer,
-    or ``image-classifier``).
+    ``seq2seq-lm`` or ``image-classifier``).
 
     Returns: LongTensor ``(n, seq_len)`` of token ids (default n = 128) or FloatTensor ``(n, 3, 224, 224)``
-    of preprocessed images (default n = 64). ``bos``: start every text window with the BOS token (use the
-    model's evaluation rule, ``lowbit.models.default_bos``). ``text``: the user's own text for a text model
+    of preprocessed images (default n = 64). For a ``seq2seq-lm`` (T5, BART, ...; pass the float ``model``): a
+    list of batches, each text window as the encoder input and the float model's own greedy output for it
+    (up to ``min(seq_len, 64)`` tokens) as the decoder input, which is what the decoder reads when it
+    generates. ``bos``: start every text window with the BOS token (use the model's evaluation rule,
+    ``lowbit.models.default_bos``). ``text``: the user's own text for a text model
     (``lowbit.data.user_text.read_text``), named ``source`` in messages, instead of the bundled news corpus.
     """
     if n is not None and n < 1:
@@ -40,11 +43,20 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
                              f"found next to the model)")
         return calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed,
                                    corpus="news" if text is None else source, bos=bos, text=text)
+    if kind == "seq2seq-lm":
+        if tokenizer is None or model is None:
+            raise InputError("the calibration set of a seq2seq-lm model is text run through the float model, which "
+                             "needs the model and its tokenizer")
+        from lowbit.data.teacher import calibration_inputs, seq2seq_batches
+
+        windows = calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed,
+                                      corpus="news" if text is None else source, text=text)
+        return calibration_inputs(seq2seq_batches(model, tokenizer, windows, new_tokens=min(seq_len, 64)))
     if kind == "image-classifier":
         if text is not None:
             raise InputError(f"{source}: an image classifier calibrates on images; lowbit's own photo set is used "
                              f"without --calib-data (image folders as calibration data are not supported yet)")
         return calibration_views(64 if n is None else n, seed=seed)
     raise InputError(f"no default calibration set for models of kind {kind!r} (lowbit has one for "
-                     f"{', '.join(TEXT_KINDS)} and image-classifier models); quantize it from Python with "
+                     f"{', '.join(TEXT_KINDS)}, seq2seq-lm and image-classifier models); quantize it from Python with "
                      f"lowbit.quantize(model, plan, data=[batch, ...]), each batch the keyword inputs of its forward")

@@ -210,6 +210,30 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+def tiny_hf_tokenizer() -> Any:
+    """A Hugging Face fast tokenizer for the tiny transformers models (vocabulary :data:`VOCAB_SIZE`): byte-level,
+    token id = byte value for bytes 5..255; ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2 (appended to every text, as T5's
+    and BART's tokenizers end a source), ``<unk>`` 3 (bytes 0..4), ``<mask>`` 4. ``save_pretrained`` it next to
+    a tiny model's ``config.json`` to give a folder the CLI can calibrate and evaluate on text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # the byte-level pre-tokenizer's byte -> character map: printable Latin-1 bytes stand for themselves, the
+    # others for the characters from U+0100 on, in byte order
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+    vocab = {**{t: i for i, t in enumerate(specials)}, **{chars[b]: b for b in range(len(specials), VOCAB_SIZE)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 
