@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
     q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
     q.add_argument("--calib-data", default=None, help="your own calibration text: a UTF-8 text file, or .jsonl with "
-                   "one {\"text\": ...} object per line (default: the bundled news text)")
+                   "one {\"text\": ...} object per line (default: the bundled news text); for speech models a "
+                   "folder of .wav clips")
     q.add_argument("--calib-field", default="text", help="the text field of --calib-data's JSON lines (default: text)")
     q.add_argument("--seed", type=_seed, default=0, help="calibration sampling seed (0 to 2**64 - 1)")
     q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float, or role:head, "
@@ -89,13 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--views", type=_positive_int, default=None, help="image views for classifiers (default: all)")
     e.add_argument("--data", default=None, help="your own evaluation text instead of the bundled Wikipedia text: a "
                    "UTF-8 text file, or .jsonl with one {\"text\": ...} object per line (perplexity; for text "
-                   "encoders its sentences)")
+                   "encoders its sentences); for speech models a folder of .wav clips, each with an optional "
+                   "same-named .txt transcript (word error rate)")
     e.add_argument("--data-field", default="text", help="the text field of --data's JSON lines (default: text)")
     e.add_argument("--agreement-tokens", type=_positive_int, default=4096,
                    help="tokens of the evaluation text on which a quantized LM's next-token distributions are "
                    "compared with the float model's (default 4096)")
     e.add_argument("--sentences", type=_positive_int, default=128,
-                   help="sentences for encoder-decoder and classifier agreement (default 128)")
+                   help="sentences (or audio clips) for encoder-decoder and classifier agreement (default 128)")
+    e.add_argument("--new-tokens", type=_positive_int, default=64,
+                   help="tokens the float speech model transcribes per clip for agreement and WER (default 64)")
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer table of a saved quantized folder")
@@ -190,11 +194,16 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
             plan = QuantPlan(plan.rules, plan.skip, tuple(a.transforms or ()), a.kv)
     # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
     check_destination(a.out, a.overwrite, inputs=(a.model,))  # also refuses --out inside the model's folder
-    user_text = None
-    if a.calib_data is not None:  # read (and refuse) the user's text before loading anything
-        from lowbit.data.user_text import read_text
+    user_text = audio = None
+    if a.calib_data is not None:  # read (and refuse) the user's text or audio before loading anything
+        if Path(a.calib_data).is_dir():
+            from lowbit.data.audio import audio_folder
 
-        user_text = read_text(a.calib_data, a.calib_field)
+            audio = audio_folder(a.calib_data, a.calib_samples)
+        else:
+            from lowbit.data.user_text import read_text
+
+            user_text = read_text(a.calib_data, a.calib_field)
         if not plan.needs_data:
             log.warning("--calib-data %s is not used: the plan needs no calibration data", a.calib_data)
     # finished blocks are kept next to --out until the artifact is saved, so that a killed run resumes
@@ -205,16 +214,20 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
             from lowbit.data import calibration_set
             from lowbit.models import default_bos
 
+            fe = _feature_extractor(lm.source) if audio is not None else None
             data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=a.seed,
                                    bos=lm.kind == "causal-lm" and default_bos(lm), text=user_text,
-                                   source=str(a.calib_data), model=lm.model)
-            origin = a.calib_data if user_text is not None else (
+                                   source=str(a.calib_data), model=lm.model, audio=audio, feature_extractor=fe)
+            origin = a.calib_data if a.calib_data is not None else (
                 "the bundled news text" if lm.tokenizer is not None else "lowbit's calibration photos")
             if hasattr(data, "shape"):
                 shown = str(tuple(data.shape))
             else:  # encoder-decoder batches: sources and the float model's outputs for them
-                rows = sum(b["input_ids"].shape[0] for b in data)
-                shown = (f"{rows} sources x {data[0]['input_ids'].shape[1]} tokens, decoded by the float model "
+                key = "input_ids" if "input_ids" in data[0] else next(iter(data[0]))
+                rows = sum(b[key].shape[0] for b in data)
+                what = (f"{data[0][key].shape[1]} tokens" if key == "input_ids"
+                        else f"{key} {tuple(data[0][key].shape[1:])}")
+                shown = (f"{rows} sources x {what}, decoded by the float model "
                          f"(up to {max(b['decoder_input_ids'].shape[1] for b in data)} decoder tokens)")
             print(f"calibration set: {shown} from {origin} (seed {a.seed})")
         t0 = time.perf_counter()
@@ -244,12 +257,19 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from lowbit.evaluation import model_size
 
     user_text = None
-    if a.data is not None:  # read (and refuse) the user's text before loading anything
+    audio = None
+    if a.data is not None and Path(a.data).is_dir():  # a folder of audio clips (and transcripts)
+        from lowbit.data.audio import audio_folder
+
+        audio = audio_folder(a.data, a.sentences)
+    elif a.data is not None:  # read (and refuse) the user's text before loading anything
         from lowbit.data.user_text import read_text
 
         user_text = read_text(a.data, a.data_field)
     target, ref, kind, tokenizer, name = _load_target(a.target)
     print(f"{name}: {model_size(target).describe()}")
+    if audio is not None and kind != "speech-seq2seq":
+        raise InputError(f"--data {a.data} is a folder of audio; a {kind} model is evaluated on text")
     if kind == "causal-lm":
         from lowbit.evaluation import fitting_protocol, perplexity
 
@@ -303,6 +323,14 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
             sentences = sentences_of(user_text, str(a.data))
         print(encoder_agreement(ref, target, tokenizer, sentences, progress=_progress()).describe())
+    elif kind == "speech-seq2seq":
+        if ref is None:
+            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
+            return 0
+        if audio is None:
+            raise InputError(f"{name}: a speech model is evaluated on audio and lowbit bundles none: pass --data "
+                             f"FOLDER of .wav files (a same-named .txt beside a clip is its transcript, for WER)")
+        _speech_eval(ref, target, tokenizer, audio, _feature_extractor(_source_of_target(a.target)), a)
     elif kind in ("seq2seq-lm", "masked-lm", "sequence-classifier") and tokenizer is not None:
         if ref is None:
             print("float model: agreement is 1 by definition; pass a quantized folder to compare")
@@ -315,6 +343,55 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                          f"quantized and float models' outputs from Python (lowbit.load(path) rebuilds the "
                          f"quantized one)")
     return 0
+
+
+def _feature_extractor(source: dict | None):
+    """The feature extractor of a model source's folder (None where the source has no folder or none is there)."""
+    from lowbit.models.hf import load_feature_extractor
+
+    if isinstance(source, dict) and source.get("type") == "hf-folder":
+        return load_feature_extractor(source["path"])
+    return None
+
+
+def _source_of_target(target: str) -> dict | None:
+    """The model source of an eval target: a saved artifact's recorded source, or the folder itself."""
+    from lowbit.io import read_manifest
+
+    p = Path(target)
+    if p.is_dir() and (p / "manifest.json").exists():
+        return read_manifest(p).get("source")
+    return {"type": "hf-folder", "path": str(p)} if p.is_dir() else None
+
+
+def _speech_eval(ref, target, tokenizer, clips, feature_extractor, a: argparse.Namespace) -> None:
+    """Token agreement on the float model's transcripts of ``clips``; WER of both models where clips have one."""
+    from lowbit.data.audio import speech_inputs
+    from lowbit.data.teacher import seq2seq_batches
+    from lowbit.evaluation.generative import token_agreement
+    from lowbit.evaluation.wer import word_error_rate
+
+    inputs = speech_inputs(feature_extractor, clips)
+    batches = seq2seq_batches(ref, tokenizer, inputs, new_tokens=a.new_tokens, progress=_progress())
+    what = f"teacher-forced on the float model's greedy transcripts of {len(clips)} clips of {a.data}"
+    print(token_agreement(ref, target, batches, what, progress=_progress()).describe())
+    pairs = [(i, c.transcript) for i, c in enumerate(clips) if c.transcript is not None]
+    if not pairs:
+        print("no transcripts beside the clips (clip.txt next to clip.wav): no word error rate")
+        return
+    if tokenizer is None:
+        raise InputError("word error rate needs the model's tokenizer to read its transcripts; none was found")
+    float_text = [t for b in batches for t in tokenizer.batch_decode(b["decoder_input_ids"], skip_special_tokens=True)]
+    quant_text = []
+    import torch
+
+    with torch.inference_mode():
+        for enc in inputs:
+            out = target.generate(**enc, max_new_tokens=a.new_tokens, do_sample=False, num_beams=1)
+            quant_text += tokenizer.batch_decode(out, skip_special_tokens=True)
+    refs = [t for _, t in pairs]
+    print(f"float     {word_error_rate(refs, [float_text[i] for i, _ in pairs]).describe()}")
+    print(f"quantized {word_error_rate(refs, [quant_text[i] for i, _ in pairs]).describe()}")
 
 
 def _text_agreement(kind: str, ref, target, tokenizer, user_text: str | None, a: argparse.Namespace):

@@ -19,7 +19,8 @@ TEXT_KINDS = ("causal-lm", "masked-lm", "sequence-classifier")
 
 def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_len: int = 512,
                     seed: int = 0, bos: bool = False, text: str | None = None,
-                    source: str = "news", model: Any = None) -> torch.Tensor | list[dict]:
+                    source: str = "news", model: Any = None, audio: list | None = None,
+                    feature_extractor: Any = None) -> torch.Tensor | list[dict]:
     """Calibration inputs for a model of ``kind`` (one of :data:`TEXT_KINDS`, a ``base-model`` with a tokenizer,
     ``seq2seq-lm`` or ``image-classifier``).
 
@@ -30,6 +31,9 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
     generates. ``bos``: start every text window with the BOS token (use the model's evaluation rule,
     ``lowbit.models.default_bos``). ``text``: the user's own text for a text model
     (``lowbit.data.user_text.read_text``), named ``source`` in messages, instead of the bundled news corpus.
+    A ``speech-seq2seq`` model (Whisper) has no default: ``audio`` (``lowbit.data.audio.audio_folder`` clips)
+    turned into inputs by its ``feature_extractor``, with the float ``model``'s greedy transcripts as decoder
+    input.
     """
     if n is not None and n < 1:
         raise InputError(f"the calibration set needs at least one sample, got n={n}")
@@ -37,12 +41,26 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
         raise InputError(f"calibration windows need at least one token (--calib-len), got seq_len={seq_len}")
     if not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:  # torch would take -1 as 2**64 - 1
         raise InputError(f"the calibration seed (--seed) must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    if audio is not None and kind != "speech-seq2seq":
+        raise InputError(f"{source} is a folder of audio; a {kind} model does not take audio")
     if kind in TEXT_KINDS or (kind == "base-model" and tokenizer is not None):  # a text encoder
         if tokenizer is None:
             raise InputError(f"the calibration set of a {kind} model is text, which needs its tokenizer (none was "
                              f"found next to the model)")
         return calibration_batches(tokenizer, 128 if n is None else n, seq_len, seed=seed,
                                    corpus="news" if text is None else source, bos=bos, text=text)
+    if kind == "speech-seq2seq":
+        if audio is None:
+            raise InputError("a speech model calibrates on audio and lowbit bundles none: pass --calib-data FOLDER "
+                             "of .wav files (from Python: lowbit.data.audio)")
+        if model is None:
+            raise InputError("the calibration set of a speech model is run through the float model: pass model=")
+        from lowbit.data.audio import speech_inputs
+        from lowbit.data.teacher import calibration_inputs, seq2seq_batches
+
+        clips = audio[:n] if n is not None else audio
+        return calibration_inputs(seq2seq_batches(model, None, speech_inputs(feature_extractor, clips),
+                                                  new_tokens=min(seq_len, 64)))
     if kind == "seq2seq-lm":
         if tokenizer is None or model is None:
             raise InputError("the calibration set of a seq2seq-lm model is text run through the float model, which "
@@ -58,5 +76,5 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
                              f"without --calib-data (image folders as calibration data are not supported yet)")
         return calibration_views(64 if n is None else n, seed=seed)
     raise InputError(f"no default calibration set for models of kind {kind!r} (lowbit has one for "
-                     f"{', '.join(TEXT_KINDS)}, seq2seq-lm and image-classifier models); quantize it from Python with "
+                     f"{', '.join(TEXT_KINDS)}, seq2seq-lm and image-classifier models, and speech models given audio); quantize it from Python with "
                      f"lowbit.quantize(model, plan, data=[batch, ...]), each batch the keyword inputs of its forward")

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 from lowbit.errors import InputError
 
 
-def seq2seq_batches(ref: nn.Module, tokenizer: Any, sources: list[str] | torch.Tensor, new_tokens: int = 32,
-                    max_source_tokens: int = 128, batch_size: int = 8, progress: bool = False) -> list[dict]:
-    """Teacher-forcing inputs for an encoder-decoder: each source (a sentence, or a row of token ids) as the
-    encoder input, and as the decoder input the float model ``ref``'s own greedy output for it (up to
+def seq2seq_batches(ref: nn.Module, tokenizer: Any, sources: list[str] | torch.Tensor | list[dict],
+                    new_tokens: int = 32, max_source_tokens: int = 128, batch_size: int = 8,
+                    progress: bool = False) -> list[dict]:
+    """Teacher-forcing inputs for an encoder-decoder: each source (a sentence, a row of token ids, or batches
+    of encoder inputs already made, such as a speech model's ``input_features``) as the encoder input, and as the decoder input the float model ``ref``'s own greedy output for it (up to
     ``new_tokens``), with ``score_mask`` on the positions whose next token the float model produced (up to its
     end of sequence). As calibration data, pass :func:`calibration_inputs` of these (the forward's keywords).
     Raises InputError when ``ref`` cannot generate or there is no source."""
@@ -32,10 +33,13 @@ def seq2seq_batches(ref: nn.Module, tokenizer: Any, sources: list[str] | torch.T
     eos_ids = torch.tensor(eos, dtype=torch.long) if eos else None
     out = []
     with torch.inference_mode():
-        for i in tqdm(range(0, len(sources), batch_size), desc="float outputs", unit="batch",
+        made = isinstance(sources, list) and isinstance(sources[0], dict)
+        for i in tqdm(range(0, len(sources), 1 if made else batch_size), desc="float outputs", unit="batch",
                       disable=not progress, leave=False):
             chunk = sources[i:i + batch_size]
-            if isinstance(chunk, torch.Tensor):
+            if made:
+                enc = dict(sources[i])
+            elif isinstance(chunk, torch.Tensor):
                 enc = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
             else:
                 enc = dict(tokenizer(list(chunk), padding=True, truncation=True, max_length=max_source_tokens,

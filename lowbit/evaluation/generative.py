@@ -42,7 +42,7 @@ class TokenAgreement:
     what: str = ""
 
     def describe(self) -> str:
-        return (f"vs float, {self.what}: token KL(float||model) {self.kl:.5f} nats, top-1 agreement "
+        return (f"vs float, {self.what}: token KL(float||model) {self.kl:.4g} nats, top-1 agreement "
                 f"{self.top1:.2%} over {self.n_positions:,} positions")
 
 

@@ -245,6 +245,21 @@ def _read(load: Any, path: Path, what: str) -> Any:
                          f"is the file complete and a model transformers supports?") from err
 
 
+def load_feature_extractor(folder: str | Path) -> Any:
+    """The feature extractor of a local folder (``preprocessor_config.json``: what turns audio or images into a
+    model's inputs), or None if there is none."""
+    from transformers import AutoFeatureExtractor
+
+    folder = Path(folder)
+    if not (folder / "preprocessor_config.json").is_file():
+        log.info("%s: no preprocessor_config.json; feature extractor is None", folder)
+        return None
+    try:
+        return AutoFeatureExtractor.from_pretrained(folder, local_files_only=True)
+    except _LOAD_ERRORS as err:
+        raise InputError(f"{folder}: could not read the feature extractor ({type(err).__name__}: {err})") from err
+
+
 def _optional_tokenizer(folder: Path, gguf_file: str | None) -> Any:
     from transformers import AutoTokenizer
 

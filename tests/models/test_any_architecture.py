@@ -162,11 +162,11 @@ def test_cli_quantizes_a_speech_folder_and_inspects_it(tmp_path, capsys):
     rc, out, _ = _cli(capsys, "inspect", tmp_path / "q")
     assert rc == 0 and "model.encoder.layers.0.fc1" in out
     rc, _, err = _cli(capsys, "eval", tmp_path / "q")
-    assert rc == 2 and "no measure for speech-seq2seq models yet" in err
-    # a data-aware plan needs a calibration set lowbit cannot make for speech yet: said before any work
+    assert rc == 2 and "a speech model is evaluated on audio and lowbit bundles none: pass --data FOLDER" in err
+    # a data-aware plan needs audio, which lowbit does not bundle: said before any quantization
     rc, _, err = _cli(capsys, "quantize", tmp_path / "w", "--scheme", "int4-g32-asym", "--method", "gptq",
                       "--out", tmp_path / "g")
-    assert rc == 2 and "no default calibration set for models of kind 'speech-seq2seq'" in err
+    assert rc == 2 and "a speech model calibrates on audio and lowbit bundles none" in err
     assert not (tmp_path / "g").exists()
 
 
