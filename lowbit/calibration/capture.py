@@ -355,7 +355,13 @@ def collect_input_stats(
 
 
 def _accepts_use_cache(model: nn.Module) -> bool:
+    """Whether ``model`` takes ``use_cache``: named in its forward, or passed on through ``**kwargs`` by a
+    generating transformers model (LLaVA-style models hand it to their language model that way)."""
     try:
-        return "use_cache" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+    if "use_cache" in params:
+        return True
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return takes_kwargs and hasattr(model, "config") and hasattr(model, "generate")

@@ -134,6 +134,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", {
         **_ENC_DEC, "num_mel_bins": 16, "max_source_positions": 16, "max_target_positions": 64,
         "decoder_start_token_id": 1, "suppress_tokens": [], "begin_suppress_tokens": []}),
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration", {  # a CLIP vision tower, a projector, a Llama
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN,
+                          "num_hidden_layers": N_LAYERS, "num_attention_heads": N_HEADS, "image_size": 32,
+                          "patch_size": 8},
+        "text_config": {"model_type": "llama", **_DECODER}, "image_token_id": VOCAB_SIZE - 1,
+        "projector_hidden_act": "gelu", "vision_feature_layer": -1}),
     "vit": ("ViTConfig", "ViTForImageClassification", {"hidden_size": HIDDEN, "num_hidden_layers": N_LAYERS,
                                                        "num_attention_heads": N_HEADS, "intermediate_size": 2 * HIDDEN,
                                                        "image_size": 32, "patch_size": 8, "num_labels": 10}),
@@ -159,6 +165,13 @@ def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0
         return {"x": torch.randn(batch, *CNN_INPUT, generator=g)}
     if getattr(config, "model_type", None) == "vit":
         return {"pixel_values": torch.randn(batch, 3, config.image_size, config.image_size, generator=g)}
+    if getattr(config, "model_type", None) == "llava":  # a prompt holding one image's tokens, then text
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        ids = torch.randint(3, VOCAB_SIZE - 1, (batch, patches + 1 + seq), generator=g)
+        ids[:, 1:1 + patches] = config.image_token_id
+        return {"input_ids": ids,
+                "pixel_values": torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g)}
     ids = torch.randint(3, VOCAB_SIZE, (batch, seq), generator=g)
     if getattr(config, "model_type", None) == "whisper":
         frames = 2 * config.max_source_positions

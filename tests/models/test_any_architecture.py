@@ -24,10 +24,10 @@ from lowbit.quantizer import select_targets
 
 KIND = {"llama": "causal-lm", "qwen3": "causal-lm", "gemma3": "causal-lm", "gpt2": "causal-lm", "opt": "causal-lm",
         "qwen3-moe": "causal-lm", "mamba": "causal-lm", "bert": "masked-lm", "t5": "seq2seq-lm",
-        "bart": "seq2seq-lm", "whisper": "speech-seq2seq", "vit": "image-classifier"}
+        "bart": "seq2seq-lm", "whisper": "speech-seq2seq", "llava": "image-text-to-text", "vit": "image-classifier"}
 HEAD = {"llama": "lm_head", "qwen3": "lm_head", "gemma3": "lm_head", "gpt2": "lm_head", "opt": "lm_head",
         "qwen3-moe": "lm_head", "mamba": "lm_head", "bert": "cls.predictions.decoder", "t5": "lm_head",
-        "bart": "lm_head", "whisper": "proj_out", "vit": "classifier"}
+        "bart": "lm_head", "whisper": "proj_out", "llava": "lm_head", "vit": "classifier"}
 
 
 def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
