@@ -233,7 +233,14 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         quantize(lm.model, plan, data, progress=_progress(), checkpoint=resume)
         dt = time.perf_counter() - t0
-        out = save(lm.model, a.out, source=lm.source, plan=plan, overwrite=a.overwrite)
+        float_dtype = None
+        if lm.source.get("type") == "hf-folder":  # float parts go back to the dtype the source stored them in
+            from lowbit.models.hf import stored_float_dtype
+
+            float_dtype = stored_float_dtype(lm.source["path"])
+        out = save(lm.model, a.out, source=lm.source, plan=plan, overwrite=a.overwrite, float_dtype=float_dtype)
+        if float_dtype is not None:
+            print(f"float parts stored in {float_dtype}, as in the source")
     print(f"quantized {lm.name} in {dt:.1f} s -> {out}")
     print(model_size(lm.model).describe())
     return 0

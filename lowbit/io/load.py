@@ -107,6 +107,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         root.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise InputError(f"the state in {folder} does not fit the model: {e}") from None
+    _widen(root, manifest, folder)
     _retie(root, manifest["tied_tensors"])
     _attach_kv(root, manifest, folder)
     left = [k for k, t in root.state_dict().items() if t.is_meta]
@@ -321,6 +322,28 @@ def _under(key: str, paths: dict[str, Any]) -> bool:
         return True
     parts = key.split(".")
     return any(".".join(parts[:i]) in paths for i in range(1, len(parts)))
+
+
+def _widen(root: nn.Module, manifest: dict[str, Any], folder: Path) -> None:
+    """Float tensors ``save(float_dtype=...)`` wrote narrower (manifest ``float_storage``) back in the dtype the
+    model computes in (float32: lowbit loads and quantizes models in float32)."""
+    storage = manifest.get("float_storage")
+    if not storage:
+        return
+    state = dict(root.state_dict(keep_vars=True))
+    missing = [k for k in storage["tensors"] if k not in state]
+    if missing:
+        raise CorruptFileError(f"{folder / MANIFEST}: float_storage names {len(missing)} tensor(s) the model does "
+                               f"not have ({missing[:3]})")
+    with torch.no_grad():
+        for key in storage["tensors"]:
+            owner, leaf = _owner(root, key)
+            t = state[key]
+            wide = t.detach().to(torch.float32)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(wide, requires_grad=t.requires_grad)
+            else:
+                owner._buffers[leaf] = wide
 
 
 def _retie(root: nn.Module, tied: dict[str, str]) -> None:

@@ -41,6 +41,10 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 KEYS = ("format", "format_version", "lowbit_version", "source", "plan", "extra", "layers", "shared_modules",
         "tied_tensors", "files", "size")
+# keys a manifest may leave out: float_storage = {"dtype": "float16" | "bfloat16", "tensors": [state keys]}, the
+# float tensors written narrower than the model computes in (the source model's own dtype), widened by load
+OPTIONAL_KEYS = ("float_storage",)
+FLOAT_STORAGE_DTYPES = ("float16", "bfloat16")
 _OPTIONAL_DICTS = ("source", "plan", "extra")  # a JSON object or null
 _DICTS = ("layers", "shared_modules", "tied_tensors", "files", "size")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -148,12 +152,19 @@ def is_artifact(folder: Path) -> bool:
 
 def _check_keys(m: dict[str, Any], mpath: Path) -> None:
     missing = [k for k in KEYS if k not in m]
-    unknown = sorted(set(m) - set(KEYS))
+    unknown = sorted(set(m) - set(KEYS) - set(OPTIONAL_KEYS))
     if missing or unknown:
         raise CorruptFileError(
             f"{mpath}: format_version {m['format_version']} manifest has missing key(s) {missing} and unknown "
-            f"key(s) {unknown}; expected exactly {', '.join(KEYS)}"
+            f"key(s) {unknown}; expected exactly {', '.join(KEYS)} (and optionally {', '.join(OPTIONAL_KEYS)})"
         )
+    if "float_storage" in m:
+        fs = m["float_storage"]
+        ok = (isinstance(fs, dict) and set(fs) == {"dtype", "tensors"} and fs["dtype"] in FLOAT_STORAGE_DTYPES
+              and isinstance(fs["tensors"], list) and all(isinstance(t, str) for t in fs["tensors"]))
+        if not ok:
+            raise CorruptFileError(f"{mpath}: float_storage must be {{'dtype': one of {FLOAT_STORAGE_DTYPES}, "
+                                   f"'tensors': [names]}}, got {fs!r}")
     for k in _OPTIONAL_DICTS:
         if m[k] is not None and not isinstance(m[k], dict):
             raise CorruptFileError(f"{mpath}: {k!r} must be a JSON object or null, got {type(m[k]).__name__}")

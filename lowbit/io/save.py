@@ -57,6 +57,7 @@ def save(
     plan: QuantPlan | QuantSpec | str | None = None,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    float_dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write ``model`` (usually after ``lowbit.quantize``) to the folder ``path``; return its absolute path.
 
@@ -71,6 +72,11 @@ def save(
             taken as a uniform plan).
         extra: any JSON-able dict to keep in the manifest.
         overwrite: replace an existing lowbit artifact at ``path``.
+        float_dtype: ``float16`` or ``bfloat16``: write the float tensors outside quantized layers (embeddings,
+            norms, a float head) in it, as the source model stored them (``lowbit quantize`` passes the source
+            folder's dtype), where that is exact: a tensor that does not round-trip (changed by a transform)
+            stays as it is. ``load`` widens them back to the model's compute dtype, so outputs are unchanged.
+            None: every tensor as it is in memory.
     Raises:
         InputError: ``path`` is taken (see above), an argument is not JSON-able, or the model's state holds
             something other than tensors. Nothing is written then, and a failure while writing leaves no
@@ -94,6 +100,11 @@ def save(
         extra = {**(extra or {}), "calibration": calibration}
     canonical, tied = distinct_tensors(state_tensors(model))
     manifest = _manifest(model, tied, source, plan, extra)
+    if float_dtype is not None:
+        canonical, narrowed = _narrow_floats(model, canonical, float_dtype)
+        if narrowed:
+            manifest["float_storage"] = {"dtype": str(narrowed[0][1]).removeprefix("torch."),
+                                         "tensors": [k for k, _ in narrowed]}
     tensors = _tensors(canonical)
     with atomic_folder(dest) as tmp:  # creates missing parents; an OSError becomes an InputError
         # looked up at call time (not imported by name) so tests can make the writer fail. One metadata key
@@ -109,6 +120,34 @@ def save(
     log.info("saved %d quantized layer(s), %d tensor(s), %d bytes to %s", len(manifest["layers"]), len(tensors),
              manifest["files"][WEIGHTS]["bytes"], dest)
     return dest
+
+
+def _narrow_floats(model: nn.Module, canonical: dict[str, torch.Tensor], dtype: torch.dtype | str
+                   ) -> tuple[dict[str, torch.Tensor], list[tuple[str, torch.dtype]]]:
+    """``canonical`` with the wider float tensors outside quantized layers cast to ``dtype`` where the cast is
+    exact, and the keys cast (with ``dtype``)."""
+    from lowbit.io.manifest import FLOAT_STORAGE_DTYPES
+
+    name = str(dtype).removeprefix("torch.")
+    if name not in FLOAT_STORAGE_DTYPES:
+        raise InputError(f"save(): float_dtype must be one of {', '.join(FLOAT_STORAGE_DTYPES)}, got {dtype!r}")
+    dt = getattr(torch, name)
+    quantized = tuple(f"{n}." for n in quantized_modules(model)[0])
+    out, narrowed, inexact = dict(canonical), [], []
+    for key, t in canonical.items():
+        if (not t.is_floating_point() or t.element_size() <= dt.itemsize or key.startswith(quantized)
+                or t.device.type == "meta"):
+            continue
+        n = t.to(dt)
+        if torch.equal(n.to(t.dtype), t):
+            out[key] = n
+            narrowed.append((key, dt))
+        else:
+            inexact.append(key)
+    if inexact:
+        log.info("%d float tensor(s) are not exactly %s (a transform changed them) and are written as they are: %s",
+                 len(inexact), name, ", ".join(inexact[:3]) + (" ..." if len(inexact) > 3 else ""))
+    return out, narrowed
 
 
 def _manifest(model: nn.Module, tied: dict[str, str], source: Any, plan: Any, extra: Any) -> dict[str, Any]:
@@ -223,5 +262,5 @@ def _to_json(value: Any, what: str, indent: int | None = None) -> str:
 def _ordered(m: dict[str, Any]) -> dict[str, Any]:
     """Manifest keys in a reading order: identity, provenance, checksums, sizes, then the long tables."""
     order = ("format", "format_version", "lowbit_version", "files", "size", "source", "plan", "extra",
-             "tied_tensors", "shared_modules", "layers")
-    return {k: m[k] for k in order}
+             "float_storage", "tied_tensors", "shared_modules", "layers")
+    return {k: m[k] for k in order if k in m}

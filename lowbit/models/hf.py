@@ -245,6 +245,32 @@ def _read(load: Any, path: Path, what: str) -> Any:
                          f"is the file complete and a model transformers supports?") from err
 
 
+def stored_float_dtype(folder: str | Path) -> str | None:
+    """``"float16"`` or ``"bfloat16"`` when every floating tensor of a Hugging Face folder's safetensors weights
+    is stored in it (read from the file headers alone), else None (float32, a mix, or no safetensors file)."""
+    import json as _json
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    found: set[str] = set()
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if n > 100 * 2**20:
+                    return None
+                header = _json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            return None
+        found |= {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+                  and v.get("dtype") in ("F16", "BF16", "F32", "F64")}
+    if found == {"F16"}:
+        return "float16"
+    if found == {"BF16"}:
+        return "bfloat16"
+    return None
+
+
 def load_feature_extractor(folder: str | Path) -> Any:
     """The feature extractor of a local folder (``preprocessor_config.json``: what turns audio or images into a
     model's inputs), or None if there is none."""
