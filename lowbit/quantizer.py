@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -346,9 +347,19 @@ def quantize_weight(weight: torch.Tensor, rule: Rule, stats: InputStats | None =
     found = {k: v for k, v in found.items() if v is not None}
     if weight.dim() <= 2 or not found:
         return rule.method.run(weight, found, rule.weight)
-    # a convolution's weight through its 2-D view (out, in * kernel), the layout its input patches have
+    # a convolution's weight through its 2-D view (out, in * kernel), the layout its input patches have; an
+    # input scale (AWQ) is one per input channel, shared by that channel's kernel positions
+    kernel = math.prod(weight.shape[2:])
+    if "abs_mean" in found:
+        found["columns_per_input"] = torch.tensor(kernel)
     r = rule.method.run(weight.reshape(weight.shape[0], -1), found, rule.weight)
-    return dataclasses.replace(r, q=dataclasses.replace(r.q, codes=r.q.codes.reshape(weight.shape)))
+    r = dataclasses.replace(r, q=dataclasses.replace(r.q, codes=r.q.codes.reshape(weight.shape)))
+    if r.input_scale is not None:
+        per_column = r.input_scale.reshape(-1, kernel)
+        if not torch.equal(per_column, per_column[:, :1].expand_as(per_column)):
+            raise InputError(f"{rule.method.name} gave one convolution input channel several scales")
+        r = dataclasses.replace(r, input_scale=per_column[:, 0].contiguous())
+    return r
 
 
 def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
@@ -367,11 +378,11 @@ def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
 def data_aware_misfit(module: nn.Module, method: Any) -> str | None:
     """Why ``method`` cannot take ``module`` from its input statistics, or None if it can. A Hessian
     (``X^T X``: GPTQ, the weighted clipping search) comes from a linear's inputs or from the patches of a
-    convolution with ``groups == 1``; AWQ's per-input-channel scales need a linear."""
+    convolution with ``groups == 1``, whose AWQ scales are one per input channel."""
     needs = set(method.stats_needed)
     if not needs or is_linear_like(module):
         return None
-    if isinstance(module, nn.modules.conv._ConvNd) and needs <= {"hessian"} and module.weight.dim() in (3, 4):
+    if isinstance(module, nn.modules.conv._ConvNd) and needs <= {"hessian", "abs_mean"} and module.weight.dim() in (3, 4):
         return None if module.groups == 1 else f"a grouped {type(module).__name__} (groups={module.groups})"
     return f"a {type(module).__name__}"
 

@@ -101,12 +101,13 @@ class AWQ(AlgorithmConfig):
         """:func:`awq` on ``W``; the layer multiplies its input by ``1 / s``. AWQ chooses its own ranges."""
         if ranges is not None:
             raise InputError("awq chooses its own scales and ranges; it cannot follow another algorithm")
-        q, s = awq(W, stat(stats, "hessian", "awq"), stat(stats, "abs_mean", "awq"), spec, self)
+        tied = int(stats["columns_per_input"]) if "columns_per_input" in stats else 1  # a convolution's kernel
+        q, s = awq(W, stat(stats, "hessian", "awq"), stat(stats, "abs_mean", "awq"), spec, self, tied)
         return WeightResult(q, 1.0 / s)
 
 
 def awq(
-    W: torch.Tensor, H: torch.Tensor, abs_mean: torch.Tensor, spec: QuantSpec, config: AWQ = AWQ()
+    W: torch.Tensor, H: torch.Tensor, abs_mean: torch.Tensor, spec: QuantSpec, config: AWQ = AWQ(), tied: int = 1
 ) -> tuple[QuantizedTensor, torch.Tensor]:
     """Quantize ``W`` activation-aware: search ``s``, clip, round (or GPTQ) ``W * s``.
 
@@ -116,6 +117,8 @@ def awq(
         abs_mean: ``(cols,)`` mean ``|x|`` per input feature.
         spec: the weight format.
         config: the settings.
+        tied: consecutive columns sharing one input (a convolution's kernel positions of one input channel,
+            whose ``abs_mean`` is the same): they get one scale.
     Returns:
         ``(q, s)``: ``q`` quantizes ``W * s[None, :]`` (scaled and clipped) and ``s`` is float32 ``(cols,)``,
         positive. The layer computes ``y = (x / s) @ dequantize(q).T``, i.e. ``x @ (dequantize(q) / s).T``.
@@ -123,7 +126,7 @@ def awq(
         InputError: shapes do not match, NaN/Inf, negative ``abs_mean``, or a spec GPTQ cannot take.
     """
     W, H, abs_mean = _checked(W, H, abs_mean)
-    s = awq_scales(W, H, abs_mean, spec, config.grid)  # (cols,)
+    s = awq_scales(W, H, abs_mean, spec, config.grid, tied)  # (cols,)
     Ws = W * s[None, :]  # (rows, cols): what gets quantized
     Hs = H / (s[:, None] * s[None, :])  # (cols, cols): the Hessian of the scaled inputs x / s
     lo = hi = None
@@ -135,7 +138,7 @@ def awq(
 
 
 def awq_scales(
-    W: torch.Tensor, H: torch.Tensor, abs_mean: torch.Tensor, spec: QuantSpec, grid: int = 20
+    W: torch.Tensor, H: torch.Tensor, abs_mean: torch.Tensor, spec: QuantSpec, grid: int = 20, tied: int = 1
 ) -> torch.Tensor:
     """AWQ's per-input-channel scales: ``s = mean|x|^alpha`` with the best ``alpha`` (Eq. 5).
 
@@ -146,7 +149,8 @@ def awq_scales(
     (``abs_mean == 0`` or ``diag(H) == 0``) keep ``s = 1`` and take no part in the normalisation.
 
     Args:
-        W: ``(rows, cols)`` float; H: ``(cols, cols)``; abs_mean: ``(cols,)`` non-negative; grid: >= 1.
+        W: ``(rows, cols)`` float; H: ``(cols, cols)``; abs_mean: ``(cols,)`` non-negative; grid: >= 1;
+        tied: consecutive columns that are one input (equal ``abs_mean``) share live-ness, hence one scale.
     Returns:
         float32 ``(cols,)``, every entry > 0.
     """
@@ -154,6 +158,10 @@ def awq_scales(
         raise InputError(f"awq: grid must be a positive integer, got {grid!r}")
     W, H, abs_mean = _checked(W, H, abs_mean)
     live = (abs_mean > 0) & (torch.diag(H) > 0)  # (cols,)
+    if tied > 1:  # one input's columns live or dead together (a border position a kernel never sees is dead)
+        if live.numel() % tied:
+            raise InputError(f"awq: {live.numel()} columns are not groups of {tied}")
+        live = live.reshape(-1, tied).any(1).repeat_interleave(tied)
     ones = torch.ones_like(abs_mean)
     if not bool(live.any()):
         return ones

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -46,7 +47,8 @@ class Request:
         hessian: accumulate ``X^T X / n`` over input vectors (GPTQ's ``H`` up to a factor 2): a linear's inputs,
             or the patches a convolution with ``groups == 1`` multiplies (``conv_patches``: each output
             position's receptive field, the weight's ``(in * kernel)`` columns, as GPTQ does for ResNets).
-        abs_mean: accumulate ``mean(|x|)`` per input feature (linears; AWQ's activation magnitude).
+        abs_mean: accumulate ``mean(|x|)`` per input feature (AWQ's activation magnitude); for a convolution
+            per input channel, repeated over its kernel positions (one per patch column).
         routed: the module sees only the tokens a router sends it (a mixture-of-experts expert): that no
             token reached it is a result (``InputStats.n_rows == 0``), not an error.
     """
@@ -239,7 +241,11 @@ class InputCollector:
             if req.importance:
                 self._add((name, "sumsq"), x2.pow(2).sum(0))
             if req.abs_mean:
-                self._add((name, "abssum"), x2.abs().sum(0))
+                if is_conv:  # mean |x| per input channel (per image, summed), one per patch column (c, kernel pos)
+                    per = x.float().abs().transpose(0, 1).reshape(x.shape[1], -1).mean(1) * x.shape[0]
+                    self._add((name, "abssum"), per.repeat_interleave(math.prod(mod.kernel_size)))
+                else:
+                    self._add((name, "abssum"), x2.abs().sum(0))
             if req.hessian:
                 self._add((name, "xtx"), gram(conv_patches(mod, x)) if is_conv else self._xtx(x, x2))
             if req.mean:

@@ -213,6 +213,13 @@ class _ExportConv(_Export):
             x = F.pad(x, self.input_padding)
         return conv(self.prepare_input(x.float()), self.weight(), self.bias, *self.conv_args)
 
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:  # per input channel: dimension 1 of (N, C, *spatial)
+            x = x * self.input_scale.reshape(-1, *([1] * self.ndim))
+        if self.act_bits:
+            x = torch.ops.lowbit.fake_quantize(x, self.act_scale, self.act_zero_point, self.act_bits)
+        return x
+
 
 class _ExportEmbedding(_Export):
     def __init__(self, module: QuantEmbedding) -> None:

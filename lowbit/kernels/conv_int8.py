@@ -36,6 +36,8 @@ def why_not(m: QuantModule) -> str | None:
         return f"activation format {a.name} is not 8-bit integer"
     if isinstance(m.padding, str):
         return f"padding={m.padding!r} (needs explicit padding)"
+    if m.input_scale is not None:
+        return "it scales its input per channel (AWQ)"
     if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         return "this torch build has no oneDNN int8 convolution"
     if not cpu_features.has_vnni():

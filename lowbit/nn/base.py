@@ -186,13 +186,14 @@ class QuantModule(nn.Module):
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the module applies to its (unquantized) input: ``weight_shape`` in ``dtype``.
 
-        The dequantized weight times ``input_scale`` per input column (computed in float32), or just the
-        dequantized weight when the module has no input scale.
+        The dequantized weight times ``input_scale`` per input column (a convolution's per input channel;
+        computed in float32), or just the dequantized weight when the module has no input scale.
         """
         scale = getattr(self, "input_scale", None)
         if scale is None:
             return self.dequantized_weight(dtype)
-        return (self.dequantized_weight(torch.float32) * scale[None, :]).to(dtype)  # (out, in) * (1, in)
+        w = self.dequantized_weight(torch.float32)  # (out, in) or a convolution's (out, in, *kernel)
+        return (w * scale.reshape(1, -1, *([1] * (w.dim() - 2)))).to(dtype)  # times the scale per input
 
     @property
     def weight(self) -> torch.Tensor:

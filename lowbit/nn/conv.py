@@ -15,10 +15,11 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 
 
 class _QuantConv(QuantModule):
-    """``conv(fq(x), dequantize(W)) + b``; weight ``(out, in // groups, *kernel)``.
+    """``conv(fq(x * input_scale), dequantize(W)) + b``; weight ``(out, in // groups, *kernel)``.
 
     Weight granularity applies to the 2-D view ``(out, in // groups * prod(kernel))``: per channel is per
-    output filter. Activation quantization of a convolution's input is per tensor.
+    output filter. Activation quantization of a convolution's input is per tensor. ``input_scale`` (AWQ's
+    ``1 / s``, one per input channel; ``has_input_scale=False``: none) multiplies the input first.
     """
 
     ndim: int = 2
@@ -34,6 +35,7 @@ class _QuantConv(QuantModule):
         groups: int,
         act: ActivationQuant | None = None,
         input_padding: tuple[int, ...] | None = None,
+        has_input_scale: bool = False,
     ) -> None:
         super().__init__()
         if len(weight_shape) != self.ndim + 2:
@@ -47,7 +49,7 @@ class _QuantConv(QuantModule):
         self.out_channels = int(weight_shape[0])
         self.in_channels = int(weight_shape[1]) * self.groups
         self.kernel_size = tuple(int(k) for k in weight_shape[2:])
-        self._init_storage(tuple(weight_shape), spec, act)
+        self._init_storage(tuple(weight_shape), spec, act, self.in_channels if has_input_scale else None)
         self.bias = nn.Parameter(torch.zeros(self.out_channels), requires_grad=False) if bias else None
 
     @classmethod
@@ -57,13 +59,17 @@ class _QuantConv(QuantModule):
         q: QuantizedTensor,
         act: ActivationQuant | None = None,
         input_padding: tuple[int, ...] | None = None,
+        input_scale: torch.Tensor | None = None,
     ) -> "_QuantConv":
-        """Build from a float ``nn.Conv{1,2}d`` and its quantized weight."""
+        """Build from a float ``nn.Conv{1,2}d`` and its quantized weight; ``input_scale``: optional positive
+        ``(in_channels,)`` scale the input is multiplied by first (AWQ's ``1 / s``)."""
         if getattr(conv, "padding_mode", "zeros") != "zeros":
             raise InputError(f"padding_mode={conv.padding_mode!r} is not supported; only 'zeros'")
         m = cls(tuple(conv.weight.shape), conv.bias is not None, q.spec, conv.stride, conv.padding,
-                conv.dilation, conv.groups, act, input_padding)
+                conv.dilation, conv.groups, act, input_padding, input_scale is not None)
         m.set_quantized_weight(q)
+        if input_scale is not None:
+            m.set_input_scale(input_scale)
         if conv.bias is not None:
             m.bias.data.copy_(conv.bias.detach().float())
         return m
@@ -76,6 +82,8 @@ class _QuantConv(QuantModule):
         """The reference path (dequantize, then the float convolution), the oracle for every kernel."""
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.input_scale is not None:  # (in,) over the channel dimension of (N, C, *spatial)
+            x = x * self.input_scale.to(x.dtype).reshape(-1, *([1] * self.ndim))
         if self.input_padding is not None:
             x = F.pad(x, self.input_padding)
         return _CONV_FN[self.ndim](self.quantize_input(x), w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -85,7 +93,8 @@ class _QuantConv(QuantModule):
         return {"weight_shape": list(self.weight_shape), "bias": self.bias is not None, "stride": list(self.stride),
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups,
-                "input_padding": None if self.input_padding is None else list(self.input_padding)}
+                "input_padding": None if self.input_padding is None else list(self.input_padding),
+                **({"input_scale": True} if self.input_scale is not None else {})}
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \

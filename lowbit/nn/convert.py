@@ -105,11 +105,13 @@ def to_quantized(
 ) -> QuantModule:
     """A quantized module standing in for the float module ``m``, holding ``q``.
 
-    ``input_scale``: optional float ``(in_features,)`` positive scale a linear multiplies its input by
-    before ``q`` (AWQ's ``1 / s``); linears only.
+    ``input_scale``: optional float ``(in_features,)`` positive scale a linear (or a convolution with
+    ``groups == 1``, per input channel) multiplies its input by before ``q`` (AWQ's ``1 / s``).
     """
-    if input_scale is not None and not (isinstance(m, nn.Linear) or _is_hf_conv1d(m)):
-        raise InputError(f"an input scale (AWQ) applies to linear layers only, not to a {type(m).__name__}")
+    conv = isinstance(m, (nn.Conv1d, nn.Conv2d))
+    if input_scale is not None and not (isinstance(m, nn.Linear) or _is_hf_conv1d(m) or (conv and m.groups == 1)):
+        raise InputError(f"an input scale (AWQ) applies to linear layers and convolutions with groups=1 only, "
+                         f"not to a {type(m).__name__}{f' with groups={m.groups}' if conv else ''}")
     if isinstance(m, nn.Embedding):
         if act is not None:
             raise InputError("embeddings take integer ids; activation quantization does not apply")
@@ -117,9 +119,9 @@ def to_quantized(
     if not is_quantizable(m):
         raise InputError(f"cannot quantize a {type(m).__name__}; lowbit quantizes {SUPPORTED}")
     if isinstance(m, nn.Conv2d):
-        return QuantConv2d.from_float(m, q, act, _static_padding(m))
+        return QuantConv2d.from_float(m, q, act, _static_padding(m), input_scale)
     if isinstance(m, nn.Conv1d):
-        return QuantConv1d.from_float(m, q, act, _static_padding(m))
+        return QuantConv1d.from_float(m, q, act, _static_padding(m), input_scale)
     if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
         return QuantLinear.from_float(float_weight(m), m.bias, q, act, input_scale, input_rotation(m))
     raise InputError(f"cannot quantize a {type(m).__name__}; lowbit quantizes {SUPPORTED}")
@@ -157,7 +159,7 @@ def from_layer_record(rec: dict[str, Any]) -> QuantModule:
     padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
     ipad = c["input_padding"]
     return cls(tuple(c["weight_shape"]), c["bias"], spec, tuple(c["stride"]), padding, tuple(c["dilation"]),
-               c["groups"], act, None if ipad is None else tuple(ipad))
+               c["groups"], act, None if ipad is None else tuple(ipad), c["input_scale"])
 
 
 # ---- the layer record's schema ------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ _CONFIG_SCHEMA: dict[str, dict[str, str]] = {
                     "input_rotation": "size or null"},
     "QuantEmbedding": {"num_embeddings": _SIZE, "embedding_dim": _SIZE, "padding_idx": "index or null"},
     "QuantConv1d": {"weight_shape": _SHAPE, "bias": _FLAG, "stride": _SIZES, "padding": "pads or mode",
-                    "dilation": _SIZES, "groups": _SIZE, "input_padding": "pads or null"},
+                    "dilation": _SIZES, "groups": _SIZE, "input_padding": "pads or null", "input_scale": _FLAG},
 }
 _CONFIG_SCHEMA["QuantConv2d"] = _CONFIG_SCHEMA["QuantConv1d"]
 _CONV_DIMS = {"QuantConv1d": 1, "QuantConv2d": 2}

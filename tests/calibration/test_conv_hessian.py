@@ -79,8 +79,33 @@ def test_layers_an_algorithm_cannot_take_fall_back_before_any_work(caplog):
     assert said == ["gptq cannot take 1 layer(s) that are a grouped Conv2d (groups=4): they use round to nearest "
                     "instead (0)"]
     caplog.clear()
-    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     with caplog.at_level(logging.WARNING, logger="lowbit.quantizer"):
         quantize(model, QuantPlan.uniform("int4-ch-asym", method="awq"), [x], progress=False)
-    assert any("awq cannot take 1 layer(s) that are a Conv2d" in r.getMessage() for r in caplog.records)
-    assert isinstance(model[0], QuantConv2d)
+    assert any("awq cannot take 1 layer(s) that are a grouped Conv2d (groups=2)" in r.getMessage()
+               for r in caplog.records)
+    assert isinstance(model[0], QuantConv2d) and model[0].input_scale is None
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_awq_scales_a_convolution_per_input_channel(dims, tmp_path):
+    """AWQ on a convolution: one scale per input channel (its kernel positions share it), output error no worse
+    than round to nearest's on inputs with outlier channels, and the scale survives save and load."""
+    import lowbit
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1) if dims == 2 else nn.Conv1d(16, 8, 3, padding=1)
+    x = torch.randn(8, 16, *([12, 12] if dims == 2 else [64]))
+    x[:, :2] *= 20  # two outlier channels, where AWQ's scales pay
+    with torch.no_grad():
+        rtn = _output_error(_copy(conv), "rtn", "int3-ch-asym", x)
+        model = nn.Sequential(_copy(conv))
+        ref = conv(x)
+        quantize(model, QuantPlan.uniform("int3-ch-asym", method="awq"), [x], progress=False)
+        awq = (model(x) - ref).pow(2).mean().item()
+    assert awq <= rtn, (awq, rtn)
+    q = model[0]
+    assert q.input_scale is not None and q.input_scale.shape == (16,) and not torch.all(q.input_scale == 1)
+    loaded = lowbit.load(lowbit.save(model, tmp_path / "a"), model=nn.Sequential(_copy(conv)))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -107,6 +107,17 @@ def test_awq_input_scale_is_exported(tmp_path):
     assert r.rel_diff < 1e-5
 
 
+def test_awq_convolution_input_scale_is_exported(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 5)).eval()
+    x = torch.randn(6, 4, 8, 8)
+    x[:, 0] *= 10
+    quantize(model, QuantPlan.uniform("int4-ch-asym", "awq"), [x], progress=False)
+    assert model[0].input_scale is not None
+    r = export_onnx(model, tmp_path / "conv.onnx", x[:2], kind="image-classifier")
+    assert r.rel_diff < 1e-5
+
+
 @pytest.mark.parametrize("plan,message", [
     (QuantPlan.uniform("fp8-e4m3"), "integer formats only"),
     (_w8a8_dynamic(), "dynamic activation quantization"),

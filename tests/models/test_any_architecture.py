@@ -184,7 +184,7 @@ def test_cli_inspects_an_artifact_saved_from_python(tmp_path, capsys):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_data_aware_save_load_without_model(family, method, tmp_path):
     """Every family through a data-aware algorithm on its own kind of input (token ids, decoder ids, mel
-    features, pixels); convolutions AWQ cannot take fall back to round to nearest."""
+    features, pixels); layers an algorithm cannot take fall back to round to nearest."""
     model = tiny_hf(family)
     data = [example_inputs(model, seed=s) for s in range(3)]
     plan = QuantPlan.uniform("int4-ch-asym", method=method)
@@ -276,11 +276,19 @@ def test_the_calibration_record_is_saved_and_inspect_prints_it(tmp_path, capsys)
     lowbit.quantize(model, QuantPlan.uniform("int4-ch-asym", method="awq"), data, progress=False)
     path = lowbit.save(model, tmp_path / "a")
     record = json.loads((path / "manifest.json").read_text())["extra"]["calibration"]
-    assert record["schedule"] == [{"stack": "model.encoder.layers", "blocks": 2, "tokens": 64},
+    # the front-end convolutions run first and are calibrated first (AWQ scales them per input channel)
+    assert record["schedule"] == [{"layers": ["model.encoder.conv1", "model.encoder.conv2"]},
+                                  {"stack": "model.encoder.layers", "blocks": 2, "tokens": 64},
                                   {"stack": "model.decoder.layers", "blocks": 2, "tokens": 32}]
-    assert record["fallbacks"] == {"awq -> rtn": ["model.encoder.conv1", "model.encoder.conv2"]}
+    assert record["fallbacks"] == {}
+    assert model.model.encoder.conv1.input_scale is not None
     rc, out, _ = _cli(capsys, "inspect", path)
     assert rc == 0
-    assert ("calibration: model.encoder.layers (2 blocks, 64 tokens or positions) -> model.decoder.layers "
-            "(2 blocks, 32 tokens or positions)") in out
-    assert "algorithm fallback awq -> rtn: model.encoder.conv1, model.encoder.conv2" in out
+    assert ("calibration: model.encoder.conv1, model.encoder.conv2 -> model.encoder.layers (2 blocks, 64 tokens "
+            "or positions) -> model.decoder.layers (2 blocks, 32 tokens or positions)") in out
+    mamba = tiny_hf("mamba")
+    lowbit.quantize(mamba, QuantPlan.uniform("int4-ch-asym", method="gptq"),
+                    [example_inputs(mamba, seed=s) for s in range(2)], progress=False)
+    rc, out, _ = _cli(capsys, "inspect", lowbit.save(mamba, tmp_path / "m"))
+    assert rc == 0 and ("algorithm fallback gptq -> rtn (never called): backbone.layers.0.mixer.dt_proj, "
+                        "backbone.layers.1.mixer.dt_proj") in out

@@ -126,10 +126,13 @@ def test_bad_input_scales():
     with pytest.raises(InputError, match="finite and positive"):
         to_quantized(lin, q, input_scale=torch.full((16,), float("nan")))
     conv = nn.Conv2d(3, 4, 3)
-    with pytest.raises(InputError, match="linear layers only"):
+    with pytest.raises(InputError, match=r"shape \(3,\) \(one per input feature\)"):  # one per input channel
         to_quantized(conv, quantize(conv.weight.detach(), QuantSpec.parse("int8")), input_scale=torch.ones(27))
+    grouped = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(InputError, match="convolutions with groups=1 only, not to a Conv2d with groups=2"):
+        to_quantized(grouped, quantize(grouped.weight.detach(), QuantSpec.parse("int8")), input_scale=torch.ones(4))
     emb = nn.Embedding(10, 8)
-    with pytest.raises(InputError, match="linear layers only"):
+    with pytest.raises(InputError, match="linear layers and convolutions"):
         to_quantized(emb, quantize(emb.weight.detach(), QuantSpec.parse("int8")), input_scale=torch.ones(8))
     with pytest.raises(InputError, match="no input scale"):
         to_quantized(lin, q).set_input_scale(torch.ones(16))
