@@ -61,6 +61,7 @@ class Target:
     module: nn.Module
     rule: Rule
     fallback_from: str | None = None  # the plan's algorithm, where prepare() replaced it (the layer misfits it)
+    act_from: str | None = None  # the plan's activation quantization, where prepare() dropped it (misfit)
 
 
 def quantize(
@@ -145,6 +146,8 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
     for t in targets:
         if t.fallback_from is not None:
             fallbacks.setdefault(f"{t.fallback_from} -> {t.rule.method.name}", []).append(t.name)
+        if t.act_from is not None:
+            fallbacks.setdefault(f"activations {t.act_from} -> float", []).append(t.name)
     record: dict[str, Any] = {"schedule": [], "fallbacks": fallbacks}
     routed = tuple(f"{n}." for n in experts_of(model))  # expert linears see only the tokens routed to them
     requests = _requests(targets, routed)
@@ -307,8 +310,8 @@ def _uncalled_fall_back(targets: list[Target], requests: dict[str, Request], cal
                              f"weight directly), so its static activation range cannot be calibrated; quantize "
                              f"it with dynamic activations or skip it")
         fallbacks.setdefault(f"{t.rule.method.name} -> rtn (never called)", []).append(t.name)
-        out.append(Target(t.name, t.module, dataclasses.replace(t.rule, method=RTN(), bias_correction=False),
-                          t.rule.method.name))
+        out.append(dataclasses.replace(t, rule=dataclasses.replace(t.rule, method=RTN(), bias_correction=False),
+                                       fallback_from=t.rule.method.name))
     shown = ", ".join(uncalled[:3]) + (f" and {len(uncalled) - 3} more" if len(uncalled) > 3 else "")
     log.warning("%d layer(s) are never called as modules on the calibration data (the model reads their weight "
                 "directly), so nothing can be observed at their input: they use round to nearest (%s)",
@@ -370,7 +373,7 @@ def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
         check_fits(t.name, float_weight(t.module), t.rule.weight)
         check_finite_params(t.name, t.module)
     targets = [_fit_scale_storage(t) for t in targets]
-    targets = _fall_back(targets)
+    targets = _fall_back(_act_fall_back(targets))
     _log_partial_groups(targets)
     return targets
 
@@ -387,6 +390,25 @@ def data_aware_misfit(module: nn.Module, method: Any) -> str | None:
     return f"a {type(module).__name__}"
 
 
+def _act_fall_back(targets: list[Target]) -> list[Target]:
+    """A convolution's input is quantized per tensor only: where the plan gives one per-token (or per-group)
+    activations, its activations stay float (weights quantized as planned), said in one warning before any
+    work starts."""
+    out, moved = [], {}
+    for t in targets:
+        act = t.rule.act
+        if act is None or act.spec.granularity == "tensor" or not isinstance(t.module, nn.modules.conv._ConvNd):
+            out.append(t)
+            continue
+        moved.setdefault(act.name, []).append(t.name)
+        out.append(dataclasses.replace(t, rule=dataclasses.replace(t.rule, act=None), act_from=act.name))
+    for act, names in moved.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        log.warning("%d convolution(s) keep float activations: their input is quantized per tensor only, and the "
+                    "plan asks for %s (weights are quantized as planned): %s", len(names), act, shown)
+    return out
+
+
 def _fall_back(targets: list[Target]) -> list[Target]:
     """Targets whose data-aware algorithm cannot take their layer get round-to-nearest (same format, activation
     and bias correction), said in one warning before any work starts."""
@@ -397,7 +419,7 @@ def _fall_back(targets: list[Target]) -> list[Target]:
             out.append(t)
             continue
         moved.setdefault((t.rule.method.name, why), []).append(t.name)
-        out.append(Target(t.name, t.module, dataclasses.replace(t.rule, method=RTN()), t.rule.method.name))
+        out.append(dataclasses.replace(t, rule=dataclasses.replace(t.rule, method=RTN()), fallback_from=t.rule.method.name))
     for (method, why), names in moved.items():
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         log.warning("%s cannot take %d layer(s) that are %s: they use round to nearest instead (%s)", method,
@@ -543,8 +565,8 @@ def _no_tokens(t: Target, s: InputStats | None, fallbacks: dict[str, list[str]])
         raise InputError(f"module {t.name!r}: no calibration token was routed to this expert, so its static "
                          f"activation range cannot be calibrated; use dynamic activations or more data")
     fallbacks.setdefault(f"{t.rule.method.name} -> rtn (no calibration tokens)", []).append(t.name)
-    return Target(t.name, t.module, dataclasses.replace(t.rule, method=RTN(), bias_correction=False),
-                  t.rule.method.name), None
+    return dataclasses.replace(t, rule=dataclasses.replace(t.rule, method=RTN(), bias_correction=False),
+                               fallback_from=t.rule.method.name), None
 
 
 def _convert(t: Target, s: InputStats | None) -> nn.Module:

@@ -109,3 +109,15 @@ def test_awq_scales_a_convolution_per_input_channel(dims, tmp_path):
     loaded = lowbit.load(lowbit.save(model, tmp_path / "a"), model=nn.Sequential(_copy(conv)))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_per_token_activations_on_a_convolution_stay_float_with_a_warning(caplog):
+    """A convolution's input is quantized per tensor only: a uniform W8A8 per-token plan keeps its activations
+    float (weights int8), says so before any work, and records it."""
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 6, 2))
+    with caplog.at_level(logging.WARNING, logger="lowbit.quantizer"):
+        quantize(model, QuantPlan.uniform("int8", act="int8-token"), progress=False)
+    assert isinstance(model[0], QuantConv1d) and model[0].act is None
+    assert model[2].act is not None and model[2].act.spec.granularity == "token"
+    assert any("1 convolution(s) keep float activations" in r.getMessage() for r in caplog.records)
+    assert model.lowbit_calibration["fallbacks"] == {"activations int8-token:dynamic -> float": ["0"]}
