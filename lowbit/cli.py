@@ -373,6 +373,8 @@ def _source_of_target(target: str) -> dict | None:
 
 def _speech_eval(ref, target, tokenizer, clips, feature_extractor, a: argparse.Namespace) -> None:
     """Token agreement on the float model's transcripts of ``clips``; WER of both models where clips have one."""
+    import torch
+
     from lowbit.data.audio import speech_inputs
     from lowbit.data.teacher import seq2seq_batches
     from lowbit.evaluation.generative import token_agreement
@@ -390,8 +392,6 @@ def _speech_eval(ref, target, tokenizer, clips, feature_extractor, a: argparse.N
         raise InputError("word error rate needs the model's tokenizer to read its transcripts; none was found")
     float_text = [t for b in batches for t in tokenizer.batch_decode(b["decoder_input_ids"], skip_special_tokens=True)]
     quant_text = []
-    import torch
-
     with torch.inference_mode():
         for enc in inputs:
             out = target.generate(**enc, max_new_tokens=a.new_tokens, do_sample=False, num_beams=1)
