@@ -385,7 +385,8 @@ def data_aware_misfit(module: nn.Module, method: Any) -> str | None:
     needs = set(method.stats_needed)
     if not needs or is_linear_like(module):
         return None
-    if isinstance(module, nn.modules.conv._ConvNd) and needs <= {"hessian", "abs_mean"} and module.weight.dim() in (3, 4):
+    conv = isinstance(module, nn.modules.conv._ConvNd) and module.weight.dim() in (3, 4)
+    if conv and needs <= {"hessian", "abs_mean"}:
         return None if module.groups == 1 else f"a grouped {type(module).__name__} (groups={module.groups})"
     return f"a {type(module).__name__}"
 
@@ -419,7 +420,8 @@ def _fall_back(targets: list[Target]) -> list[Target]:
             out.append(t)
             continue
         moved.setdefault((t.rule.method.name, why), []).append(t.name)
-        out.append(dataclasses.replace(t, rule=dataclasses.replace(t.rule, method=RTN()), fallback_from=t.rule.method.name))
+        out.append(dataclasses.replace(t, rule=dataclasses.replace(t.rule, method=RTN()),
+                                       fallback_from=t.rule.method.name))
     for (method, why), names in moved.items():
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         log.warning("%s cannot take %d layer(s) that are %s: they use round to nearest instead (%s)", method,

@@ -76,5 +76,6 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
                              f"without --calib-data (image folders as calibration data are not supported yet)")
         return calibration_views(64 if n is None else n, seed=seed)
     raise InputError(f"no default calibration set for models of kind {kind!r} (lowbit has one for "
-                     f"{', '.join(TEXT_KINDS)}, seq2seq-lm and image-classifier models, and speech models given audio); quantize it from Python with "
+                     f"{', '.join(TEXT_KINDS)}, seq2seq-lm and image-classifier models, and speech models "
+                     f"given audio); quantize it from Python with "
                      f"lowbit.quantize(model, plan, data=[batch, ...]), each batch the keyword inputs of its forward")

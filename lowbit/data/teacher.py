@@ -19,8 +19,9 @@ def seq2seq_batches(ref: nn.Module, tokenizer: Any, sources: list[str] | torch.T
                     new_tokens: int = 32, max_source_tokens: int = 128, batch_size: int = 8,
                     progress: bool = False) -> list[dict]:
     """Teacher-forcing inputs for an encoder-decoder: each source (a sentence, a row of token ids, or batches
-    of encoder inputs already made, such as a speech model's ``input_features``) as the encoder input, and as the decoder input the float model ``ref``'s own greedy output for it (up to
-    ``new_tokens``), with ``score_mask`` on the positions whose next token the float model produced (up to its
+    of encoder inputs already made, such as a speech model's ``input_features``) as the encoder input, and as
+    the decoder input the float model ``ref``'s own greedy output for it (up to ``new_tokens``), with
+    ``score_mask`` on the positions whose next token the float model produced (up to its
     end of sequence). As calibration data, pass :func:`calibration_inputs` of these (the forward's keywords).
     Raises InputError when ``ref`` cannot generate or there is no source."""
     if not hasattr(ref, "generate"):

@@ -11,7 +11,8 @@ depends on the task:
 - masked LMs: the masked positions of text windows with 15% of the tokens masked (seeded);
 - sequence classifiers: one distribution per sentence.
 
-The inputs come from ``lowbit.data.teacher``. Compute the float side once per set of batches with :func:`reference_logits` when comparing several variants.
+The inputs come from ``lowbit.data.teacher``. Compute the float side once per set of batches with
+:func:`reference_logits` when comparing several variants.
 """
 
 from __future__ import annotations
