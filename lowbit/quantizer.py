@@ -310,8 +310,7 @@ def _uncalled_fall_back(targets: list[Target], requests: dict[str, Request], cal
                              f"weight directly), so its static activation range cannot be calibrated; quantize "
                              f"it with dynamic activations or skip it")
         fallbacks.setdefault(f"{t.rule.method.name} -> rtn (never called)", []).append(t.name)
-        out.append(dataclasses.replace(t, rule=dataclasses.replace(t.rule, method=RTN(), bias_correction=False),
-                                       fallback_from=t.rule.method.name))
+        out.append(_rtn_instead(t))
     shown = ", ".join(uncalled[:3]) + (f" and {len(uncalled) - 3} more" if len(uncalled) > 3 else "")
     log.warning("%d layer(s) are never called as modules on the calibration data (the model reads their weight "
                 "directly), so nothing can be observed at their input: they use round to nearest (%s)",
@@ -410,6 +409,13 @@ def _act_fall_back(targets: list[Target]) -> list[Target]:
     return out
 
 
+def _rtn_instead(t: Target, keep_bias_correction: bool = False) -> Target:
+    """``t`` with round to nearest in place of its algorithm (same format and activations), which it records;
+    bias correction kept only where its input will still be observed."""
+    rule = dataclasses.replace(t.rule, method=RTN(), bias_correction=t.rule.bias_correction and keep_bias_correction)
+    return dataclasses.replace(t, rule=rule, fallback_from=t.rule.method.name)
+
+
 def _fall_back(targets: list[Target]) -> list[Target]:
     """Targets whose data-aware algorithm cannot take their layer get round-to-nearest (same format, activation
     and bias correction), said in one warning before any work starts."""
@@ -420,8 +426,7 @@ def _fall_back(targets: list[Target]) -> list[Target]:
             out.append(t)
             continue
         moved.setdefault((t.rule.method.name, why), []).append(t.name)
-        out.append(dataclasses.replace(t, rule=dataclasses.replace(t.rule, method=RTN()),
-                                       fallback_from=t.rule.method.name))
+        out.append(_rtn_instead(t, keep_bias_correction=True))
     for (method, why), names in moved.items():
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         log.warning("%s cannot take %d layer(s) that are %s: they use round to nearest instead (%s)", method,
@@ -567,8 +572,7 @@ def _no_tokens(t: Target, s: InputStats | None, fallbacks: dict[str, list[str]])
         raise InputError(f"module {t.name!r}: no calibration token was routed to this expert, so its static "
                          f"activation range cannot be calibrated; use dynamic activations or more data")
     fallbacks.setdefault(f"{t.rule.method.name} -> rtn (no calibration tokens)", []).append(t.name)
-    return dataclasses.replace(t, rule=dataclasses.replace(t.rule, method=RTN(), bias_correction=False),
-                               fallback_from=t.rule.method.name), None
+    return _rtn_instead(t), None
 
 
 def _convert(t: Target, s: InputStats | None) -> nn.Module:

@@ -6,7 +6,7 @@ class, each containing a layer lowbit quantizes, and that lies inside no other s
 ``encoder.layer`` in BERT, ``encoder.block`` and ``decoder.block`` in T5, ``model.encoder.layers`` and
 ``model.decoder.layers`` in Whisper and BART, and nothing in a plain CNN. :func:`find_blocks` is the stack
 holding the most parameters (the one the architecture tables and transforms work on);
-``lowbit.calibration.sequential.execution_order`` orders stacks and other layers as a forward pass runs them.
+``lowbit.calibration.sequential.first_calls`` finds the order a forward pass runs stacks and other layers in.
 """
 
 from __future__ import annotations

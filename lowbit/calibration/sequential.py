@@ -129,14 +129,6 @@ class _Recorder(nn.Module):
         return self.block[0](*args, hidden_states=h, **kwargs) if in_kwargs else self.block[0](h, *args, **kwargs)
 
 
-def execution_order(model: nn.Module, entries: dict[str, nn.Module], data: Any) -> list[str]:
-    """The keys of ``entries`` (modules: a stack's first block, a layer outside any stack) in the order one
-    forward pass on the first batch of ``data`` first calls them; those it never calls come last, in the
-    given order. The model runs once, up to the last entry it reaches."""
-    seen = first_calls(model, entries, data)
-    return seen + [k for k in entries if k not in seen]
-
-
 def first_calls(model: nn.Module, entries: dict[str, nn.Module], data: Any) -> list[str]:
     """The keys of ``entries`` that one forward pass on the first batch of ``data`` calls (as modules: a
     module whose weight the model reads directly is never called), in the order it first calls them. The
