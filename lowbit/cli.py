@@ -337,12 +337,19 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         if audio is None:
             raise InputError(f"{name}: a speech model is evaluated on audio and lowbit bundles none: pass --data "
                              f"FOLDER of .wav files (a same-named .txt beside a clip is its transcript, for WER)")
-        _speech_eval(ref, target, tokenizer, audio, _feature_extractor(_source_of_target(a.target)), a)
+        from lowbit.evaluation.tasks import speech_agreement
+
+        for line in speech_agreement(ref, target, tokenizer, audio, _feature_extractor(_source_of_target(a.target)),
+                                     str(a.data), a.new_tokens, _progress()):
+            print(line)
     elif kind in ("seq2seq-lm", "masked-lm", "sequence-classifier") and tokenizer is not None:
         if ref is None:
             print("float model: agreement is 1 by definition; pass a quantized folder to compare")
             return 0
-        print(_text_agreement(kind, ref, target, tokenizer, user_text, a).describe())
+        from lowbit.evaluation.tasks import text_agreement
+
+        print(text_agreement(kind, ref, target, tokenizer, user_text, str(a.data), a.sentences,
+                             min(a.agreement_tokens, a.tokens), _progress()).describe())
     else:
         raise InputError(f"{name}: lowbit eval measures causal LMs (perplexity and token agreement), encoder-decoder "
                          f"and masked LMs, text classifiers and encoders (token, class or embedding agreement with "
@@ -369,61 +376,6 @@ def _source_of_target(target: str) -> dict | None:
     if p.is_dir() and (p / "manifest.json").exists():
         return read_manifest(p).get("source")
     return {"type": "hf-folder", "path": str(p)} if p.is_dir() else None
-
-
-def _speech_eval(ref, target, tokenizer, clips, feature_extractor, a: argparse.Namespace) -> None:
-    """Token agreement on the float model's transcripts of ``clips``; WER of both models where clips have one."""
-    import torch
-
-    from lowbit.data.audio import speech_inputs
-    from lowbit.data.teacher import seq2seq_batches
-    from lowbit.evaluation.generative import token_agreement
-    from lowbit.evaluation.wer import word_error_rate
-
-    inputs = speech_inputs(feature_extractor, clips)
-    batches = seq2seq_batches(ref, tokenizer, inputs, new_tokens=a.new_tokens, progress=_progress())
-    what = f"teacher-forced on the float model's greedy transcripts of {len(clips)} clips of {a.data}"
-    print(token_agreement(ref, target, batches, what, progress=_progress()).describe())
-    pairs = [(i, c.transcript) for i, c in enumerate(clips) if c.transcript is not None]
-    if not pairs:
-        print("no transcripts beside the clips (clip.txt next to clip.wav): no word error rate")
-        return
-    if tokenizer is None:
-        raise InputError("word error rate needs the model's tokenizer to read its transcripts; none was found")
-    float_text = [t for b in batches for t in tokenizer.batch_decode(b["decoder_input_ids"], skip_special_tokens=True)]
-    quant_text = []
-    with torch.inference_mode():
-        for enc in inputs:
-            out = target.generate(**enc, max_new_tokens=a.new_tokens, do_sample=False, num_beams=1)
-            quant_text += tokenizer.batch_decode(out, skip_special_tokens=True)
-    refs = [t for _, t in pairs]
-    print(f"float     {word_error_rate(refs, [float_text[i] for i, _ in pairs]).describe()}")
-    print(f"quantized {word_error_rate(refs, [quant_text[i] for i, _ in pairs]).describe()}")
-
-
-def _text_agreement(kind: str, ref, target, tokenizer, user_text: str | None, a: argparse.Namespace):
-    """Token (or class) agreement of a quantized text model with its float reference on sentences of the
-    evaluation text (or --data): see lowbit.evaluation.generative."""
-    from lowbit.data import teacher
-    from lowbit.data.text import token_windows, wikipedia_text
-    from lowbit.evaluation.embeddings import sentences_of, wikipedia_sentences
-    from lowbit.evaluation.generative import token_agreement
-
-    n = a.sentences
-    sentences = wikipedia_sentences(n) if user_text is None else sentences_of(user_text, str(a.data), n)
-    source = "the evaluation text" if user_text is None else str(a.data)
-    if kind == "seq2seq-lm":
-        batches = teacher.seq2seq_batches(ref, tokenizer, sentences, progress=_progress())
-        what = f"teacher-forced on the float model's greedy outputs for {len(sentences)} sentences of {source}"
-    elif kind == "masked-lm":
-        windows = token_windows(tokenizer, user_text if user_text is not None else wikipedia_text(), 128,
-                                min(a.agreement_tokens, a.tokens))
-        batches = teacher.masked_batches(tokenizer, windows)
-        what = f"15% of {windows.numel():,} tokens of {source} masked"
-    else:
-        batches = teacher.sentence_batches(tokenizer, sentences)
-        what = f"class distributions of {len(sentences)} sentences of {source}"
-    return token_agreement(ref, target, batches, what, progress=_progress())
 
 
 def _load_target(path: str):
