@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "trust_remote_code", False):
+            from lowbit.models.hf import remote_code
+
+            log.warning("--trust-remote-code: a model folder's own Python code may run")
+            with remote_code(True):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except LowbitError as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
@@ -76,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     q.add_argument("--no-resume", action="store_true", help="ignore (and replace) the finished blocks an "
                    "interrupted run of this command kept in .NAME.lowbit-resume next to --out")
+    _trust_flag(q)
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model or a saved quantized folder")
@@ -100,11 +107,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="sentences (or audio clips) for encoder-decoder and classifier agreement (default 128)")
     e.add_argument("--new-tokens", type=_positive_int, default=64,
                    help="tokens the float speech model transcribes per clip for agreement and WER (default 64)")
+    _trust_flag(e)
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer table of a saved quantized folder")
     i.add_argument("path", help="a folder written by `lowbit quantize`")
     i.add_argument("--no-reference", action="store_true", help="skip SQNR (do not load the float model)")
+    _trust_flag(i)
     i.set_defaults(func=_cmd_inspect)
 
     x = sub.add_parser("export", help="write a saved quantized folder in a format other runtimes load")
@@ -113,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnx (QDQ, checked in onnxruntime) or gguf (llama.cpp, transformers)")
     x.add_argument("--out", required=True, help="output file (written atomically)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
+    _trust_flag(x)
     x.set_defaults(func=_cmd_export)
 
     b = sub.add_parser("bench", help="speed and memory of quantized models against float on this machine")
@@ -127,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=_positive_int, default=128, help="decode: prompt length (default 128)")
     b.add_argument("--quick", action="store_true", help="matmul: only 4096x4096, shorter timing")
     b.add_argument("--json", default=None, help="also write every number to this JSON file")
+    _trust_flag(b)
     b.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("schemes", help="list the named weight formats and algorithms")
@@ -139,6 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="keep the quantized folder here (default: a temp folder)")
     d.set_defaults(func=_cmd_demo)
     return p
+
+
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true", help="let a model folder whose class only its own "
+                   "code defines (config auto_map) run that code; off by default")
 
 
 def _positive_int(text: str) -> int:

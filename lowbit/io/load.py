@@ -63,7 +63,7 @@ def arch_bytes_bound(file_bytes: int) -> int:
 Header = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_remote_code: bool = False) -> nn.Module:
     """The model saved at ``path``, on the CPU, in eval mode.
 
     Args:
@@ -71,13 +71,21 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         model: the float model of the saved architecture, used as the skeleton (changed in place and
             returned). Needed when the artifact records no ``source``; its weights are replaced. Every
             check runs before it is touched, so a refused artifact leaves it as it was.
+        trust_remote_code: let a recorded source whose model class is its folder's own code (``auto_map``)
+            run that code to rebuild the architecture; refused otherwise.
     Raises:
         InputError: ``path`` is missing or not a folder; no ``source`` and no ``model``; the model does not
             have the saved architecture (a module missing, another kind or shape, state keys differ).
         CorruptFileError: not a lowbit artifact, a bad manifest, a file missing, truncated, changed or not a
             regular file, or tensors whose names, shapes or dtypes do not fit the recorded layers.
     """
-    folder = Path(path).expanduser()
+    from lowbit.models.hf import remote_code, remote_code_trusted  # lazy: transformers is imported on use only
+
+    with remote_code(trust_remote_code or remote_code_trusted()):
+        return _load(Path(path).expanduser(), model)
+
+
+def _load(folder: Path, model: nn.Module | None) -> nn.Module:
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
     if manifest["lowbit_version"] != __version__:

@@ -8,12 +8,19 @@ The model class is the one ``config.architectures`` names, found in transformers
 its Auto classes read), which also give the model's *kind* (:data:`TASKS`): ``LlamaForCausalLM`` ->
 "causal-lm", ``WhisperForConditionalGeneration`` -> "speech-seq2seq", ``BertModel`` -> "base-model", ... A
 config without ``architectures`` (GGUF metadata, a hand-written config) gets the first task whose mapping
-has its ``model_type``. lowbit never runs a model folder's own code (``trust_remote_code``): a class that
-only such code defines is refused with a message saying how to load it and pass the module instead.
+has its ``model_type``.
+
+A model folder's own code (``auto_map`` in its config: a class that only the folder's Python files define) runs
+only when asked: ``trust_remote_code=True`` in :func:`lowbit.load_model` / :func:`lowbit.load`, or
+``--trust-remote-code`` on the command line, which set :func:`remote_code` for the call. Without it such a
+folder is refused before any of its files is imported, with a message saying how to opt in. The folder's code
+is used only for a class transformers itself does not have.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
 import json
@@ -44,11 +51,42 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, IndexErro
 BOS_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
 
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("lowbit_trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def remote_code(trusted: bool):
+    """Within this block, a model folder's own code (its config's ``auto_map``) may run when ``trusted``."""
+    token = _TRUST_REMOTE_CODE.set(bool(trusted))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def remote_code_trusted() -> bool:
+    """True inside ``remote_code(True)``."""
+    return _TRUST_REMOTE_CODE.get()
+
+
+def uses_remote_code(config: Any) -> bool:
+    """True if ``config`` (a folder's, read with its code trusted) names a class only the folder's code defines."""
+    archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    if any(task_of_class(a) is not None for a in archs):
+        return False
+    model_type = getattr(config, "model_type", None)
+    if not archs and any(model_type in mapping_names(m) for _, m, _ in TASKS):
+        return False
+    return bool(getattr(config, "auto_map", None))
+
+
 def load_hf_folder(path: Path) -> tuple[nn.Module, str, Any]:
     """(model, kind, tokenizer or None) from a local Hugging Face model folder, fp32, eval mode."""
-    kind, cls = model_class(folder_config(path), path)
+    config = folder_config(path)
+    kind, cls = model_class(config, path)
+    extra = {"trust_remote_code": True} if remote_code_trusted() and uses_remote_code(config) else {}
     model = _read(
-        lambda: cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, use_safetensors=True),
+        lambda: cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, use_safetensors=True, **extra),
         path, "weights"
     )
     return model.float().eval(), kind, _optional_tokenizer(path, gguf_file=None)
@@ -71,9 +109,31 @@ def load_gguf(path: Path) -> tuple[nn.Module, str, Any]:
 
 
 def folder_config(path: Path) -> Any:
-    """The transformers config of a local Hugging Face model folder (checked first)."""
+    """The transformers config of a local Hugging Face model folder (checked first).
+
+    A config class defined by the folder's own code is read only inside ``remote_code(True)``; otherwise
+    InputError, before any of the folder's files is imported (transformers would ask on the terminal)."""
     check_hf_folder(path)
-    return _read(lambda: _auto_config().from_pretrained(path, local_files_only=True), path, "config.json")
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    auto_map = raw.get("auto_map") if isinstance(raw, dict) and isinstance(raw.get("auto_map"), dict) else {}
+    remote = "AutoConfig" in auto_map and not _known_model_type(raw.get("model_type"))
+    if remote and not remote_code_trusted():
+        raise InputError(_remote_code_message(path, f"model_type {raw.get('model_type')!r}", auto_map))
+    extra = {"trust_remote_code": True} if remote else {}
+    return _read(lambda: _auto_config().from_pretrained(path, local_files_only=True, **extra), path, "config.json")
+
+
+def _known_model_type(model_type: Any) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def _remote_code_message(where: Any, named: str, auto_map: Any) -> str:
+    return (f"{where}: {named} is defined by the folder's own code (auto_map {sorted(auto_map)}), which lowbit runs "
+            f"only when asked: pass --trust-remote-code (Python: trust_remote_code=True to lowbit.load_model and "
+            f"lowbit.load) where you trust that code, or load the model yourself and pass the module to "
+            f"lowbit.quantize() and lowbit.load(path, model=...)")
 
 
 def gguf_config(path: Path) -> Any:
@@ -108,7 +168,8 @@ def build_from_config(cls: Any, config: Any) -> nn.Module:
     """A randomly initialised fp32 eval-mode ``cls`` (a transformers model or Auto class) for ``config``."""
     with torch.random.fork_rng(devices=[]):  # from_config draws random init from the global RNG
         if hasattr(cls, "from_config"):  # an Auto class
-            model = cls.from_config(config, dtype=torch.float32)
+            extra = {"trust_remote_code": True} if remote_code_trusted() and uses_remote_code(config) else {}
+            model = cls.from_config(config, dtype=torch.float32, **extra)
         else:
             model = cls._from_config(config, dtype=torch.float32)
     return model.float().eval()
@@ -146,11 +207,13 @@ def model_class(config: Any, where: Path | str) -> tuple[str, Any]:
     remote = getattr(config, "auto_map", None)
     named = f"architectures {archs}" if archs else f"model_type {model_type!r}"
     if remote:
-        raise InputError(
-            f"{where}: {named} is defined by the folder's own code (auto_map {sorted(remote)}), which lowbit never "
-            f"runs; load the model yourself (transformers' from_pretrained with trust_remote_code=True, where you "
-            f"trust that code), then pass it to lowbit.quantize() and to lowbit.load(path, model=...)"
-        )
+        if not remote_code_trusted():
+            raise InputError(_remote_code_message(where, named, remote))
+        for kind, _, auto in TASKS:  # the first task whose Auto class the folder's code registers
+            if auto in remote:
+                return kind, transformers_attr(auto)
+        raise InputError(f"{where}: {named}: the folder's code registers {sorted(remote)}, none of them an Auto class "
+                         f"of a task lowbit loads ({', '.join(a for _, _, a in TASKS)})")
     raise InputError(
         f"{where}: {named} is no model class lowbit can build: transformers has no task ({', '.join(KINDS)}) "
         f"with it; load the model yourself and pass the module to lowbit.quantize() (and "
@@ -294,6 +357,8 @@ def _optional_tokenizer(folder: Path, gguf_file: str | None) -> Any:
         log.info("%s: no tokenizer files; tokenizer is None", folder)
         return None
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if remote_code_trusted():
+        kwargs["trust_remote_code"] = True
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     except _LOAD_ERRORS as err:

@@ -194,12 +194,19 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 }
 
 
-def load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedModel:
+def load_model(source: str | os.PathLike[str] | Mapping[str, Any], *, trust_remote_code: bool = False) -> LoadedModel:
     """Load a model from a bundled name, a local Hugging Face folder, a ``.gguf`` file, or a source dict.
 
     Never touches the network. Raises InputError for an unknown name, a missing path, a folder without
-    config.json or weights, or a file that is not a readable GGUF.
+    config.json or weights, or a file that is not a readable GGUF. A folder whose model class only its own
+    code defines (``auto_map``) loads only with ``trust_remote_code=True``; its source then records
+    ``"remote_code": True``, and rebuilding it (``lowbit.load``) asks for the same opt-in.
     """
+    with hf.remote_code(trust_remote_code or hf.remote_code_trusted()):
+        return _load_model(source)
+
+
+def _load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedModel:
     start = time.perf_counter()
     src = resolve_source(source)
     if src["type"] == "hf-config":
@@ -217,6 +224,8 @@ def load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedMode
         name = path.name
     if hasattr(model, "config") and hasattr(model.config, "to_dict") and src["type"] != "bundled":
         src["config"] = model.config.to_dict()
+        if hf.uses_remote_code(model.config):
+            src["remote_code"] = True
     tied = f", output head tied to the input embedding: {hf.is_tied(model)}" if hf.has_head(model) else ""
     log.info("loaded %s (%s) in %.1f s%s", name, kind, time.perf_counter() - start, tied)
     return LoadedModel(model=model, kind=kind, source=src, tokenizer=tokenizer, name=name)
@@ -232,12 +241,18 @@ def default_bos(model: LoadedModel | nn.Module) -> bool:
     return hf.needs_bos(model.model if isinstance(model, LoadedModel) else model)
 
 
-def build_skeleton(source: Mapping[str, Any]) -> nn.Module:
+def build_skeleton(source: Mapping[str, Any], *, trust_remote_code: bool = False) -> nn.Module:
     """The architecture of ``source`` in fp32 and eval mode, with weights not loaded (random init).
 
     Meant to receive a saved state dict. Uses ``source["config"]`` when present (no file read);
-    otherwise reads only the config of a Hugging Face folder or the metadata of a GGUF file.
+    otherwise reads only the config of a Hugging Face folder or the metadata of a GGUF file. A source
+    recording ``remote_code`` runs its folder's code, only with ``trust_remote_code=True``.
     """
+    with hf.remote_code(trust_remote_code or hf.remote_code_trusted()):
+        return _build_skeleton(source)
+
+
+def _build_skeleton(source: Mapping[str, Any]) -> nn.Module:
     src = resolve_source(source)
     if src["type"] == "bundled":
         return BUNDLED_MODELS[src["name"]].skeleton()
@@ -246,6 +261,11 @@ def build_skeleton(source: Mapping[str, Any]) -> nn.Module:
         _, cls = hf.class_by_name(src["class"], where)
         return hf.build_from_config(cls, hf.config_from_dict(dict(src["config"]), where))
     where = src["path"]
+    if src.get("remote_code"):  # its config and model classes are the folder's own code: read them from there
+        if not hf.remote_code_trusted():
+            raise InputError(f"{where}: the model is defined by the folder's own code, which lowbit runs only when "
+                             f"asked: pass --trust-remote-code (Python: trust_remote_code=True) where you trust it")
+        return hf.skeleton_from_config(hf.folder_config(Path(where)), where)
     if "config" in src:
         return hf.skeleton_from_config(dict(src["config"]), where)
     path = Path(where)
@@ -254,8 +274,13 @@ def build_skeleton(source: Mapping[str, Any]) -> nn.Module:
     return hf.skeleton_from_config(hf.folder_config(path), where)
 
 
-def load_tokenizer(source: Mapping[str, Any]) -> Any:
+def load_tokenizer(source: Mapping[str, Any], *, trust_remote_code: bool = False) -> Any:
     """The tokenizer that goes with ``source`` (None for image classifiers or folders without one)."""
+    with hf.remote_code(trust_remote_code or hf.remote_code_trusted()):
+        return _load_tokenizer(source)
+
+
+def _load_tokenizer(source: Mapping[str, Any]) -> Any:
     src = resolve_source(source)
     if src["type"] == "bundled":
         entry = BUNDLED_MODELS[src["name"]]
@@ -315,6 +340,8 @@ def _check_source_dict(src: dict[str, Any]) -> dict[str, Any]:
         check_utf8(src["path"], "model source path")
         if not os.path.isabs(src["path"]):
             raise InputError(f"model source {src['path']!r}: a recorded path must be absolute")
+    if not isinstance(src.get("remote_code", False), bool):
+        raise InputError(f"model source {src.get('path')!r}: 'remote_code' must be true or false")
     if "config" in src and not isinstance(src["config"], dict):
         raise InputError(f"model source {src.get('path')!r}: 'config' must be a JSON object")
     return src
