@@ -73,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
     q.add_argument("--calib-data", default=None, help="your own calibration text: a UTF-8 text file, or .jsonl with "
                    "one {\"text\": ...} object per line (default: the bundled news text); for speech models a "
-                   "folder of .wav clips")
+                   "folder of .wav clips; for vision-language models a folder of images (with --prompt)")
+    q.add_argument("--prompt", default=None, help="vision-language models: the prompt asked about each image "
+                   "(default: \"Describe this image.\")")
     q.add_argument("--calib-field", default="text", help="the text field of --calib-data's JSON lines (default: text)")
     q.add_argument("--seed", type=_seed, default=0, help="calibration sampling seed (0 to 2**64 - 1)")
     q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float, or role:head, "
@@ -98,15 +100,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="your own evaluation text instead of the bundled Wikipedia text: a "
                    "UTF-8 text file, or .jsonl with one {\"text\": ...} object per line (perplexity; for text "
                    "encoders its sentences); for speech models a folder of .wav clips, each with an optional "
-                   "same-named .txt transcript (word error rate)")
+                   "same-named .txt transcript (word error rate); for vision-language models a folder of images "
+                   "(with --prompt)")
+    e.add_argument("--prompt", default=None, help="vision-language models: the prompt asked about each image "
+                   "(default: \"Describe this image.\")")
     e.add_argument("--data-field", default="text", help="the text field of --data's JSON lines (default: text)")
     e.add_argument("--agreement-tokens", type=_positive_int, default=4096,
                    help="tokens of the evaluation text on which a quantized LM's next-token distributions are "
                    "compared with the float model's (default 4096)")
     e.add_argument("--sentences", type=_positive_int, default=128,
-                   help="sentences (or audio clips) for encoder-decoder and classifier agreement (default 128)")
+                   help="sentences (or audio clips, or images) for encoder-decoder, vision-language and classifier "
+                   "agreement (default 128)")
     e.add_argument("--new-tokens", type=_positive_int, default=64,
-                   help="tokens the float speech model transcribes per clip for agreement and WER (default 64)")
+                   help="tokens the float model generates per audio clip (agreement and WER) or per image "
+                   "(vision-language agreement) (default 64)")
     _trust_flag(e)
     e.set_defaults(func=_cmd_eval)
 
@@ -210,12 +217,10 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
             plan = QuantPlan(plan.rules, plan.skip, tuple(a.transforms or ()), a.kv)
     # refuse a taken --out now, not after minutes of loading and quantizing (save checks again when writing)
     check_destination(a.out, a.overwrite, inputs=(a.model,))  # also refuses --out inside the model's folder
-    user_text = audio = None
-    if a.calib_data is not None:  # read (and refuse) the user's text or audio before loading anything
+    user_text = audio = images = None
+    if a.calib_data is not None:  # read (and refuse) the user's text, audio or images before loading anything
         if Path(a.calib_data).is_dir():
-            from lowbit.data.audio import audio_folder
-
-            audio = audio_folder(a.calib_data, a.calib_samples)
+            audio, images = _media_folder(a.calib_data, a.calib_samples)
         else:
             from lowbit.data.user_text import read_text
 
@@ -231,13 +236,19 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
             from lowbit.models import default_bos
 
             fe = _feature_extractor(lm.source) if audio is not None else None
+            processor = _processor(lm.source) if images is not None else None
             data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=a.seed,
                                    bos=lm.kind == "causal-lm" and default_bos(lm), text=user_text,
-                                   source=str(a.calib_data), model=lm.model, audio=audio, feature_extractor=fe)
+                                   source=str(a.calib_data), model=lm.model, audio=audio, feature_extractor=fe,
+                                   images=images, processor=processor, prompt=a.prompt)
             origin = a.calib_data if a.calib_data is not None else (
                 "the bundled news text" if lm.tokenizer is not None else "lowbit's calibration photos")
             if hasattr(data, "shape"):
                 shown = str(tuple(data.shape))
+            elif images is not None:  # vision-language batches: an image, the prompt and the float model's answer
+                lengths = [b["input_ids"].shape[1] for b in data]
+                shown = (f"{len(data)} images with the prompt {a.prompt or 'Describe this image.'!r}, answered by the "
+                         f"float model ({min(lengths)} to {max(lengths)} tokens each)")
             else:  # encoder-decoder batches: sources and the float model's outputs for them
                 key = "input_ids" if "input_ids" in data[0] else next(iter(data[0]))
                 rows = sum(b[key].shape[0] for b in data)
@@ -280,11 +291,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from lowbit.evaluation import model_size
 
     user_text = None
-    audio = None
-    if a.data is not None and Path(a.data).is_dir():  # a folder of audio clips (and transcripts)
-        from lowbit.data.audio import audio_folder
-
-        audio = audio_folder(a.data, a.sentences)
+    audio = images = None
+    if a.data is not None and Path(a.data).is_dir():  # a folder of audio clips (and transcripts) or of images
+        audio, images = _media_folder(a.data, a.sentences)
     elif a.data is not None:  # read (and refuse) the user's text before loading anything
         from lowbit.data.user_text import read_text
 
@@ -293,6 +302,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     print(f"{name}: {model_size(target).describe()}")
     if audio is not None and kind != "speech-seq2seq":
         raise InputError(f"--data {a.data} is a folder of audio; a {kind} model is evaluated on text")
+    if images is not None and kind != "image-text-to-text":
+        raise InputError(f"--data {a.data} is a folder of images; a {kind} model is not evaluated on them"
+                         + (" (image classifiers use lowbit's photo set: leave --data out)"
+                            if kind == "image-classifier" else ""))
     if kind == "causal-lm":
         from lowbit.evaluation import fitting_protocol, perplexity
 
@@ -358,6 +371,22 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         for line in speech_agreement(ref, target, tokenizer, audio, _feature_extractor(_source_of_target(a.target)),
                                      str(a.data), a.new_tokens, _progress()):
             print(line)
+    elif kind == "image-text-to-text":
+        if ref is None:
+            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
+            return 0
+        if images is None:
+            raise InputError(f"{name}: a vision-language model is evaluated on images with a prompt and lowbit "
+                             f"bundles none for it: pass --data FOLDER of images (and --prompt)")
+        from lowbit.data.teacher import continuation_batches
+        from lowbit.data.vision_language import DEFAULT_PROMPT, vision_language_inputs
+        from lowbit.evaluation.generative import token_agreement
+
+        prompt = a.prompt or DEFAULT_PROMPT
+        prompts = vision_language_inputs(_processor(_source_of_target(a.target)), images, prompt)
+        batches = continuation_batches(ref, prompts, a.new_tokens, progress=_progress())
+        print(token_agreement(ref, target, batches, f"{len(images)} image(s) of {a.data} with the prompt {prompt!r}, "
+                              f"teacher-forced on the float model's answers", progress=_progress()).describe())
     elif kind in ("seq2seq-lm", "masked-lm", "sequence-classifier") and tokenizer is not None:
         if ref is None:
             print("float model: agreement is 1 by definition; pass a quantized folder to compare")
@@ -382,6 +411,35 @@ def _feature_extractor(source: dict | None):
     if isinstance(source, dict) and source.get("type") == "hf-folder":
         return load_feature_extractor(source["path"])
     return None
+
+
+def _processor(source: dict | None):
+    """The processor (image + prompt -> inputs) of a model source's folder, None where there is none."""
+    from lowbit.models.hf import load_processor
+
+    if isinstance(source, dict) and source.get("type") == "hf-folder":
+        return load_processor(source["path"])
+    return None
+
+
+def _media_folder(path: str, limit: int | None):
+    """(audio clips, None) or (None, images) read from a data folder: .wav clips for speech models, images for
+    vision-language models. InputError for a folder with neither, or with both."""
+    from lowbit.data.audio import AUDIO_SUFFIX, OTHER_AUDIO_SUFFIXES, audio_folder
+    from lowbit.data.vision_language import IMAGE_SUFFIXES, image_files, image_folder
+
+    folder = Path(path).expanduser()
+    has_audio = any(p.suffix.lower() == AUDIO_SUFFIX for p in folder.iterdir())
+    has_images = bool(image_files(folder))
+    if has_audio and has_images:
+        raise InputError(f"{folder}: holds both .wav clips and images; give a folder of one kind (audio for speech "
+                         f"models, images for vision-language models)")
+    if has_images:
+        return None, image_folder(folder, limit)
+    if has_audio or any(p.suffix.lower() in OTHER_AUDIO_SUFFIXES for p in folder.iterdir()):
+        return audio_folder(folder, limit), None  # (audio in another format only: its error says how to convert)
+    raise InputError(f"{folder}: no .wav clip (speech models) and no image ({', '.join(IMAGE_SUFFIXES)}; "
+                     f"vision-language models) in it")
 
 
 def _source_of_target(target: str) -> dict | None:

@@ -23,7 +23,7 @@ from lowbit.errors import InputError
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIX = ".wav"
-_OTHER_AUDIO = (".flac", ".mp3", ".ogg", ".m4a", ".opus", ".aac", ".wma", ".aiff", ".aif")
+OTHER_AUDIO_SUFFIXES = (".flac", ".mp3", ".ogg", ".m4a", ".opus", ".aac", ".wma", ".aiff", ".aif")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def audio_folder(folder: str | Path, limit: int | None = None) -> list[Clip]:
         raise InputError(f"{folder}: no such folder (speech models read a folder of .wav files)")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == AUDIO_SUFFIX and p.is_file())
     if not files:
-        other = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _OTHER_AUDIO)
+        other = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in OTHER_AUDIO_SUFFIXES)
         hint = (f"; it has {len(other)} file(s) in other formats ({', '.join(other[:3])}): convert them to PCM WAV, "
                 f"e.g. ffmpeg -i in.flac -ac 1 -ar 16000 out.wav") if other else ""
         raise InputError(f"{folder}: no .wav file{hint}")

@@ -20,7 +20,8 @@ TEXT_KINDS = ("causal-lm", "masked-lm", "sequence-classifier")
 def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_len: int = 512,
                     seed: int = 0, bos: bool = False, text: str | None = None,
                     source: str = "news", model: Any = None, audio: list | None = None,
-                    feature_extractor: Any = None) -> torch.Tensor | list[dict]:
+                    feature_extractor: Any = None, images: list | None = None, processor: Any = None,
+                    prompt: str | None = None) -> torch.Tensor | list[dict]:
     """Calibration inputs for a model of ``kind`` (one of :data:`TEXT_KINDS`, a ``base-model`` with a tokenizer,
     ``seq2seq-lm`` or ``image-classifier``).
 
@@ -33,7 +34,9 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
     (``lowbit.data.user_text.read_text``), named ``source`` in messages, instead of the bundled news corpus.
     A ``speech-seq2seq`` model (Whisper) has no default: ``audio`` (``lowbit.data.audio.audio_folder`` clips)
     turned into inputs by its ``feature_extractor``, with the float ``model``'s greedy transcripts as decoder
-    input.
+    input. An ``image-text-to-text`` model (LLaVA, SmolVLM, ...) has no default either: ``images``
+    (``lowbit.data.vision_language.image_folder``) with ``prompt`` made into inputs by its ``processor``, each
+    extended by the float ``model``'s greedy answer (up to ``min(seq_len, 64)`` tokens).
     """
     if n is not None and n < 1:
         raise InputError(f"the calibration set needs at least one sample, got n={n}")
@@ -43,6 +46,21 @@ def calibration_set(kind: str, tokenizer: Any = None, n: int | None = None, seq_
         raise InputError(f"the calibration seed (--seed) must be an integer from 0 to 2**64 - 1, got {seed!r}")
     if audio is not None and kind != "speech-seq2seq":
         raise InputError(f"{source} is a folder of audio; a {kind} model does not take audio")
+    if images is not None and kind != "image-text-to-text":
+        takes = "lowbit's photo set (leave --calib-data out)" if kind == "image-classifier" else "text"
+        raise InputError(f"{source} is a folder of images; a {kind} model calibrates on {takes}")
+    if kind == "image-text-to-text":
+        if images is None:
+            raise InputError("a vision-language model calibrates on images with a prompt and lowbit bundles none for "
+                             "it: pass --calib-data FOLDER of images (and --prompt)")
+        if model is None:
+            raise InputError("the calibration set of a vision-language model is run through the float model: pass "
+                             "model=")
+        from lowbit.data.teacher import calibration_inputs, continuation_batches
+        from lowbit.data.vision_language import DEFAULT_PROMPT, vision_language_inputs
+
+        prompts = vision_language_inputs(processor, images[:n] if n is not None else images, prompt or DEFAULT_PROMPT)
+        return calibration_inputs(continuation_batches(model, prompts, new_tokens=min(seq_len, 64)))
     if kind in TEXT_KINDS or (kind == "base-model" and tokenizer is not None):  # a text encoder
         if tokenizer is None:
             raise InputError(f"the calibration set of a {kind} model is text, which needs its tokenizer (none was "

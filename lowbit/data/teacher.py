@@ -60,6 +60,39 @@ def seq2seq_batches(ref: nn.Module, tokenizer: Any, sources: list[str] | torch.T
     return out
 
 
+def continuation_batches(ref: nn.Module, prompts: list[dict], new_tokens: int = 32,
+                         progress: bool = False) -> list[dict]:
+    """Teacher-forcing inputs for a decoder-only generator given prompts (a vision-language model's image and
+    text, a chat prompt): each prompt batch (the forward's keywords, one row) extended by the float model
+    ``ref``'s own greedy continuation (up to ``new_tokens``), with ``score_mask`` on the positions whose next
+    token the float model produced, up to its end of sequence."""
+    if not hasattr(ref, "generate"):
+        raise InputError(f"{type(ref).__name__} cannot generate; teacher forcing on its own outputs needs a generator")
+    if not prompts:
+        raise InputError("no prompt to continue")
+    eos = getattr(getattr(ref, "generation_config", None), "eos_token_id", None)
+    eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    out = []
+    with torch.inference_mode():
+        for enc in tqdm(prompts, desc="float outputs", unit="prompt", disable=not progress, leave=False):
+            ids = enc["input_ids"]
+            if ids.shape[0] != 1:
+                raise InputError(f"continuation_batches takes one prompt per batch, got {ids.shape[0]}")
+            gen = ref.generate(**enc, max_new_tokens=new_tokens, do_sample=False, num_beams=1)  # prompt + new
+            n_prompt = ids.shape[1]
+            new = gen[0, n_prompt:].tolist()
+            stop = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))  # keep the end token itself
+            gen = gen[:, :n_prompt + stop]
+            score = torch.zeros(gen.shape, dtype=torch.bool)
+            score[0, n_prompt - 1:n_prompt - 1 + stop] = True  # these positions predict the generated tokens
+            batch = {**enc, "input_ids": gen, "score_mask": score}
+            mask = enc.get("attention_mask")
+            if mask is not None:
+                batch["attention_mask"] = torch.cat([mask, mask.new_ones(1, gen.shape[1] - n_prompt)], dim=1)
+            out.append(batch)
+    return out
+
+
 def calibration_inputs(batches: list[dict]) -> list[dict]:
     """``batches`` without their ``score_mask`` (the keyword inputs of the model's forward)."""
     return [{k: v for k, v in b.items() if k != "score_mask"} for b in batches]
@@ -90,4 +123,4 @@ def sentence_batches(tokenizer: Any, sentences: list[str], batch_size: int = 16,
                            return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
 
 
-__all__ = ["calibration_inputs", "masked_batches", "sentence_batches", "seq2seq_batches"]
+__all__ = ["calibration_inputs", "continuation_batches", "masked_batches", "sentence_batches", "seq2seq_batches"]

@@ -349,6 +349,22 @@ def load_feature_extractor(folder: str | Path) -> Any:
         raise InputError(f"{folder}: could not read the feature extractor ({type(err).__name__}: {err})") from err
 
 
+def load_processor(folder: str | Path) -> Any:
+    """The processor of a local folder (``processor_config.json`` or ``preprocessor_config.json`` with the
+    tokenizer: what turns an image and a prompt into a vision-language model's inputs), or None if there is none."""
+    from transformers import AutoProcessor
+
+    folder = Path(folder)
+    if not any((folder / n).is_file() for n in ("processor_config.json", "preprocessor_config.json")):
+        log.info("%s: no processor_config.json or preprocessor_config.json; processor is None", folder)
+        return None
+    extra = {"trust_remote_code": True} if remote_code_trusted() else {}
+    try:
+        return AutoProcessor.from_pretrained(folder, local_files_only=True, **extra)
+    except _LOAD_ERRORS as err:
+        raise InputError(f"{folder}: could not read the processor ({type(err).__name__}: {err})") from err
+
+
 def _optional_tokenizer(folder: Path, gguf_file: str | None) -> Any:
     from transformers import AutoTokenizer
 

@@ -223,11 +223,12 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def tiny_hf_tokenizer() -> Any:
+def tiny_hf_tokenizer(image_token: bool = False) -> Any:
     """A Hugging Face fast tokenizer for the tiny transformers models (vocabulary :data:`VOCAB_SIZE`): byte-level,
     token id = byte value for bytes 5..255; ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2 (appended to every text, as T5's
     and BART's tokenizers end a source), ``<unk>`` 3 (bytes 0..4), ``<mask>`` 4. ``save_pretrained`` it next to
-    a tiny model's ``config.json`` to give a folder the CLI can calibrate and evaluate on text."""
+    a tiny model's ``config.json`` to give a folder the CLI can calibrate and evaluate on text. ``image_token``:
+    id 255 is the special token ``<image>`` instead of byte 255 (the tiny LLaVA's ``image_token_id``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -238,13 +239,41 @@ def tiny_hf_tokenizer() -> Any:
     chars = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
     vocab = {**{t: i for i, t in enumerate(specials)}, **{chars[b]: b for b in range(len(specials), VOCAB_SIZE)}}
+    if image_token:
+        del vocab[chars[VOCAB_SIZE - 1]]
+        vocab["<image>"] = VOCAB_SIZE - 1
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    if image_token:
+        from tokenizers import AddedToken
+
+        tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 2)])
+    extra = {"extra_special_tokens": {"image_token": "<image>"}} if image_token else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", mask_token="<mask>")
+                                   unk_token="<unk>", mask_token="<mask>", **extra)
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                      "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def tiny_llava_processor() -> Any:
+    """A LLaVA processor for the tiny ``llava`` family: 32 x 32 CLIP-style images (16 patch tokens), the tiny
+    tokenizer with ``<image>`` as token 255, and a small chat template. ``save_pretrained`` it next to the tiny
+    model's ``config.json`` to give a folder the CLI can calibrate and evaluate on images with a prompt."""
+    import transformers
+
+    # the PIL image processor when transformers has it (the default one asks for torchvision)
+    image_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    image_processor = image_cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tiny_hf_tokenizer(image_token=True),
+                                       patch_size=8, vision_feature_select_strategy="default",
+                                       num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE,
+                                       image_token="<image>")
 
 
 # ---------------------------------------------------------------------------------------------
