@@ -72,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
     q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
     q.add_argument("--calib-data", default=None, help="your own calibration text: a UTF-8 text file, or .jsonl with "
-                   "one {\"text\": ...} object per line (default: the bundled news text); for speech models a "
-                   "folder of .wav clips; for vision-language models a folder of images (with --prompt)")
+                   "one {\"text\": ...} object per line (a list of role/content messages there is laid out by the "
+                   "model's chat template) (default: the bundled news text); for speech models a folder of .wav "
+                   "clips; for vision-language models a folder of images (with --prompt)")
     q.add_argument("--prompt", default=None, help="vision-language models: the prompt asked about each image "
                    "(default: \"Describe this image.\")")
     q.add_argument("--calib-field", default="text", help="the text field of --calib-data's JSON lines (default: text)")
@@ -230,6 +231,7 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     # finished blocks are kept next to --out until the artifact is saved, so that a killed run resumes
     with resume_scope(resume_folder(a.out), fresh=a.no_resume) as resume:
         lm = load_model(a.model)
+        user_text = _rendered(user_text, lm.tokenizer)
         data = None
         if plan.needs_data:
             from lowbit.data import calibration_set
@@ -299,6 +301,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
         user_text = read_text(a.data, a.data_field)
     target, ref, kind, tokenizer, name = _load_target(a.target)
+    user_text = _rendered(user_text, tokenizer)
     print(f"{name}: {model_size(target).describe()}")
     if audio is not None and kind != "speech-seq2seq":
         raise InputError(f"--data {a.data} is a folder of audio; a {kind} model is evaluated on text")
@@ -411,6 +414,18 @@ def _feature_extractor(source: dict | None):
     if isinstance(source, dict) and source.get("type") == "hf-folder":
         return load_feature_extractor(source["path"])
     return None
+
+
+def _rendered(user_text, tokenizer):
+    """The user's text, with conversations (``lowbit.data.user_text.Conversations``) laid out by the model's chat
+    template."""
+    from lowbit.data.user_text import Conversations
+
+    if isinstance(user_text, Conversations):
+        n = len(user_text.chats)
+        user_text = user_text.render(tokenizer)
+        log.info("%d conversation(s) laid out by the model's chat template (%d characters)", n, len(user_text))
+    return user_text
 
 
 def _processor(source: dict | None):

@@ -3,7 +3,10 @@
 Two file kinds, told apart by the suffix:
 
 * ``.jsonl`` (JSON Lines): one JSON object per line, its text under ``field`` (default ``"text"``); blank lines
-  are skipped; the records are joined by a blank line;
+  are skipped; the records are joined by a blank line. A ``field`` holding a conversation (a list of
+  ``{"role": ..., "content": ...}`` messages, as chat datasets store them) makes the file a set of
+  :class:`Conversations`, which the model's own chat template turns into text once its tokenizer is loaded
+  (:meth:`Conversations.render`), so an instruction-tuned model is calibrated on text laid out as it was trained;
 * anything else: UTF-8 plain text, used as it is.
 
 Errors name the file and, where it applies, the line or byte: a missing path or a folder, a file that is not
@@ -16,15 +19,41 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lowbit.errors import InputError
 
 MAX_BYTES = 512 * 2**20  # a calibration or evaluation set needs far less; a bigger file is likely the wrong one
 
 
-def read_text(path: str | os.PathLike, field: str = "text") -> str:
-    """The text of ``path`` (see the module docstring); InputError naming what is wrong and where."""
+@dataclass(frozen=True)
+class Conversations:
+    """Chat records of a ``.jsonl`` file: each a list of ``{"role", "content"}`` messages."""
+
+    source: str
+    chats: tuple[tuple[dict, ...], ...]
+
+    def render(self, tokenizer: Any) -> str:
+        """The conversations laid out by ``tokenizer``'s chat template, joined by a blank line. InputError when
+        the tokenizer has none or refuses a conversation (naming which)."""
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"{self.source}: holds conversations (lists of role/content messages), and this model's "
+                             f"tokenizer has no chat template to lay them out; give plain text instead")
+        parts = []
+        for i, chat in enumerate(self.chats, 1):
+            try:
+                parts.append(tokenizer.apply_chat_template(list(chat), tokenize=False))
+            except Exception as e:  # noqa: BLE001 - a template can raise anything (jinja errors, missing roles)
+                raise InputError(f"{self.source}, conversation {i}: the chat template refused it "
+                                 f"({type(e).__name__}: {e})") from None
+        return "\n\n".join(parts)
+
+
+def read_text(path: str | os.PathLike, field: str = "text") -> str | Conversations:
+    """The text of ``path``, or its :class:`Conversations` (see the module docstring); InputError naming what is
+    wrong and where."""
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{p}: no such file; expected a UTF-8 text file or a .jsonl file of {{\"{field}\": ...}} "
@@ -43,13 +72,15 @@ def read_text(path: str | os.PathLike, field: str = "text") -> str:
                          f"UTF-8") from None
     if p.suffix.lower() == ".jsonl":
         text = _json_lines(p, text, field)
+        if isinstance(text, Conversations):
+            return text
     if not text.strip():
         raise InputError(f"{p}: holds no text" + (f" (no non-empty {field!r} field)" if p.suffix == ".jsonl" else ""))
     return text
 
 
-def _json_lines(p: Path, text: str, field: str) -> str:
-    parts = []
+def _json_lines(p: Path, text: str, field: str) -> str | Conversations:
+    parts, chats = [], []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -60,9 +91,27 @@ def _json_lines(p: Path, text: str, field: str) -> str:
         if not isinstance(record, dict):
             raise InputError(f"{p}, line {i}: a JSON {type(record).__name__}, not an object with a {field!r} field")
         value = record.get(field)
-        if not isinstance(value, str):
+        if isinstance(value, list):
+            chats.append(_messages(p, i, field, value))
+        elif isinstance(value, str):
+            parts.append(value)
+        else:
             keys = ", ".join(sorted(record)[:8])
             raise InputError(f"{p}, line {i}: no string field {field!r} (keys: {keys or 'none'}); name the text "
                              f"field with --calib-field / --data-field")
-        parts.append(value)
+        if parts and chats:
+            raise InputError(f"{p}, line {i}: mixes text and conversations in {field!r}; give one kind per file")
+    if chats:
+        return Conversations(str(p), tuple(chats))
     return "\n\n".join(parts)
+
+
+def _messages(p: Path, line: int, field: str, value: list) -> tuple[dict, ...]:
+    """A conversation: a non-empty list of messages, each with string ``role`` and ``content``."""
+    if not value:
+        raise InputError(f"{p}, line {line}: {field!r} is an empty conversation")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InputError(f"{p}, line {line}: message {j} of {field!r} is not a {{\"role\": str, \"content\": "
+                             f"str}} object")
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)

@@ -87,3 +87,58 @@ def test_cli_refuses_bad_user_text_before_loading_anything(tmp_path, capsys):
                       "--calib-data", tmp_path / "short.txt", "--out", tmp_path / "q")
     assert rc == 2 and "fewer than seq_len=512" in err
     assert not (tmp_path / "q").exists()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _chats(path, n=40, field="messages"):
+    lines = [json.dumps({field: [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                                 {"role": "assistant", "content": f"It is {2 * i}. " * 3}]}) for i in range(n)]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def test_conversations_are_laid_out_by_the_chat_template(tmp_path):
+    from lowbit.data.user_text import Conversations
+    from lowbit.models.tiny import tiny_hf_tokenizer
+
+    chats = read_text(_chats(tmp_path / "c.jsonl", 2), field="messages")
+    assert isinstance(chats, Conversations) and len(chats.chats) == 2
+    tokenizer = tiny_hf_tokenizer()
+    with pytest.raises(InputError, match="no chat template"):
+        chats.render(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert chats.render(tokenizer) == ("<user>Question 0: what is 0 plus 0?\n<assistant>" + "It is 0. " * 3 + "\n\n\n"
+                                       "<user>Question 1: what is 1 plus 1?\n<assistant>" + "It is 2. " * 3 + "\n")
+
+
+@pytest.mark.parametrize("lines, why", [
+    (['{"messages": []}'], "empty conversation"),
+    (['{"messages": [{"role": "user"}]}'], r"message 0 of 'messages' is not a"),
+    (['{"messages": [{"role": "user", "content": "a"}]}', '{"messages": "text"}'], "line 2: mixes text and conversations"),
+])
+def test_bad_conversations_are_refused_naming_the_line(tmp_path, lines, why):
+    (tmp_path / "c.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(InputError, match=why):
+        read_text(tmp_path / "c.jsonl", field="messages")
+
+
+def test_cli_calibrates_on_conversations(tmp_path, capsys):
+    from lowbit.models.tiny import tiny_hf, tiny_hf_tokenizer
+
+    folder = tmp_path / "llama"
+    tiny_hf("llama").save_pretrained(folder, safe_serialization=True)
+    tokenizer = tiny_hf_tokenizer()
+    tokenizer.save_pretrained(folder)
+    chats = _chats(tmp_path / "chats.jsonl")
+    rc, _, err = _cli(capsys, "quantize", folder, "--scheme", "int4-g32-asym", "--method", "gptq", "--calib-data",
+                      chats, "--calib-field", "messages", "--calib-len", "64", "--out", tmp_path / "none")
+    assert rc == 2 and "no chat template" in err and not (tmp_path / "none").exists()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    rc, out, err = _cli(capsys, "quantize", folder, "--scheme", "int4-g32-asym", "--method", "gptq", "--calib-data",
+                        chats, "--calib-field", "messages", "--calib-len", "64", "--out", tmp_path / "q")
+    assert rc == 0, err
+    assert re.search(r"calibration set: \(\d+, 64\) from .*chats.jsonl", out)
