@@ -26,7 +26,8 @@ import torch
 
 from lowbit.bench import machine_line
 
-VARIANTS = (("fp32", None), ("int8", "int8"), ("int4-g128", "int4-g128-asym"), ("w8a8", "int8"))
+VARIANTS = (("fp32", None), ("int8", "int8"), ("int4-g128", "int4-g128-asym"), ("w8a8", "int8"),
+            ("w4a8", "int4-g128-asym"))
 SHAPES = {
     "t5-small": ("T5Config", "T5ForConditionalGeneration", dict(
         vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8,
@@ -54,17 +55,18 @@ def inputs(shape: str, model: torch.nn.Module) -> dict:
     return {"input_ids": torch.randint(2, model.config.vocab_size, (1, 64), generator=g)}
 
 
-def variant(shape: str, name: str, scheme: str | None) -> torch.nn.Module:
+def variant(shape: str, name: str, scheme: str | None) -> tuple[torch.nn.Module, dict]:
+    """The model of ``shape`` quantized as ``name`` with its kernels attached, and the kernels' module counts."""
     import lowbit
     from lowbit.kernels import use_kernels
     from lowbit.plan import QuantPlan
 
     model = build(shape)
-    if scheme is not None:
-        act = "int8-token" if name == "w8a8" else None
-        lowbit.quantize(model, QuantPlan.uniform(scheme, act=act), progress=False)
-        use_kernels(model)
-    return model
+    if scheme is None:
+        return model, {}
+    act = "int8-token" if name in ("w8a8", "w4a8") else None
+    lowbit.quantize(model, QuantPlan.uniform(scheme, act=act), progress=False)
+    return model, use_kernels(model).counts()
 
 
 def generate_seconds(model: torch.nn.Module, x: dict, new_tokens: int) -> float:
@@ -95,7 +97,8 @@ def main() -> None:
     print(f"# load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     rows = []
     for shape in a.shapes:
-        models = {name: variant(shape, name, scheme) for name, scheme in VARIANTS}
+        built = {name: variant(shape, name, scheme) for name, scheme in VARIANTS}
+        models = {name: m for name, (m, _) in built.items()}
         x = inputs(shape, models["fp32"])
         for m in models.values():  # warm-up: first-call allocations, kernel selection
             generate_seconds(m, x, 4)
@@ -105,12 +108,14 @@ def main() -> None:
                 times[name].append(generate_seconds(m, x, a.new_tokens))
         base = statistics.median(times["fp32"])
         print(f"\n## {shape} (random weights), batch 1, {a.new_tokens} new tokens, median of {a.rounds} rounds")
-        print(f"{'variant':>10} {'seconds':>9} {'tokens/s':>9} {'vs fp32':>8}")
+        print(f"{'variant':>10} {'seconds':>9} {'tokens/s':>9} {'vs fp32':>8}  kernels")
         for name in models:
             t = statistics.median(times[name])
-            print(f"{name:>10} {t:9.3f} {a.new_tokens / t:9.1f} {base / t:7.2f}x")
+            kernels = built[name][1]
+            shown = ", ".join(f"{k or 'reference'} {n}" for k, n in sorted(kernels.items())) or "-"
+            print(f"{name:>10} {t:9.3f} {a.new_tokens / t:9.1f} {base / t:7.2f}x  {shown}")
             rows.append({"shape": shape, "variant": name, "seconds": t, "tokens_per_s": a.new_tokens / t,
-                         "vs_fp32": base / t, "all_seconds": times[name]})
+                         "vs_fp32": base / t, "all_seconds": times[name], "kernels": kernels})
     print(f"\n# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if a.json:
         with open(a.json, "w") as f:

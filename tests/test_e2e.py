@@ -232,8 +232,11 @@ def test_smollm2_saved_loaded_and_run_on_kernels_matches_the_reference_path(smol
             fast = model(ids).logits
         finally:
             release_kernels(model)
-    assert report.counts() == {"int4-weight-bf16": 210}  # every projection; lm_head and the embedding are float
-    # bf16 activations inside the kernel: logits within 3% (relative L2), the same next token almost everywhere
+    from lowbit.kernels import native
+
+    int4 = "int4-weight-bf16" if native.why_unavailable() else "int4-weight-avx2"
+    assert report.counts() == {int4: 210}  # every projection; lm_head and the embedding are float
+    # (torch's int4 kernel has bf16 activations): logits within 3% (relative L2), the same next token almost everywhere
     assert float((fast - ref).norm() / ref.norm()) < 0.03
     assert float((fast.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.95
 

@@ -9,8 +9,9 @@ Formats of a matrix-product row (``MATMUL_FORMATS``):
 
     fp32        nn.Linear in float32 (the baseline)
     bf16        nn.Linear in bfloat16
-    int4-g128   4-bit asymmetric weights in groups of 128, lowbit's kernel (bf16 activations)
-    int8        8-bit per-channel symmetric weights, weight-only kernel (bf16 activations)
+    int4-g128   4-bit asymmetric weights in groups of 128, the dispatch's weight-only kernel (lowbit's float32
+                C++ kernel where it builds, else torch's int4 matmul with bf16 activations)
+    int8        8-bit per-channel symmetric weights, the dispatch's weight-only kernel (likewise)
     w8a8        8-bit per-channel weights x dynamic per-token 8-bit activations, int8 x int8 kernel
     w4a8        4-bit asymmetric weights in groups of 128 x dynamic per-token 8-bit activations, int8 x int8
                 products per group (lowbit.kernels.w4a8)
@@ -76,7 +77,8 @@ def matmul_layer(fmt: str, in_features: int, out_features: int, seed: int = 0) -
     name = kernel_name(m)
     if name is None:
         raise InputError(f"no kernel runs {fmt} at {in_features}x{out_features}")
-    return m, (torch.float32 if aspec is not None else torch.bfloat16), name
+    # a model's activations are float32; torch's weight-only kernels compute in bf16, and are given bf16 here
+    return m, (torch.bfloat16 if name.endswith("-bf16") else torch.float32), name
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowbit.kernels import conv_int8, embedding, int4, int8, w4a8, w4a8_avx2, w8a8_avx2
+from lowbit.kernels import conv_int8, embedding, int4, int4_avx2, int8, int8_avx2, w4a8, w4a8_avx2, w8a8_avx2
 from lowbit.errors import InputError
 from lowbit.nn.base import KERNEL_ATTR, QuantModule
 
@@ -57,6 +57,9 @@ class Packed:
 
 # in order of preference; the first that fits a module runs it
 KERNELS: tuple[Kernel, ...] = (
+    Kernel("int4-weight-avx2", "4-bit integer weights (per channel, or groups of a multiple of 32), float32 "
+           "activations: lowbit's C++ kernel reading the packed codes for few rows, the weight unpacked to float32 "
+           "for a float product for many; built on first use", int4_avx2.why_not, int4_avx2.pack, int4_avx2.run),
     Kernel("int4-weight-bf16", "4-bit integer weights in groups of 32-256 (or per channel), bf16 activations: "
            "torch's int4 CPU matmul (_weight_int4pack_mm_for_cpu)", int4.why_not, int4.pack, int4.run),
     Kernel("w8a8-avx2", "8-bit per-channel weights x 8-bit dynamic per-token (or per-tensor) activations on CPUs "
@@ -72,6 +75,9 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("w4a8-int-mm", "4-bit integer weights (per channel, or groups of a multiple of 8) x 8-bit dynamic "
            "per-token (or per-tensor) activations: int8 x int8 -> int32 per group (torch._int_mm), exact integer "
            "corrections; the codes widened to int8 in memory", w4a8.why_not, w4a8.pack, w4a8.run),
+    Kernel("int8-weight-avx2", "8-bit per-channel integer weights, float32 activations: lowbit's C++ kernel for few "
+           "rows, the weight dequantized to float32 for a float product for many; built on first use",
+           int8_avx2.why_not, int8_avx2.pack, int8_avx2.run),
     Kernel("int8-weight-bf16", "8-bit per-channel integer weights, bf16 activations: torch's int8 CPU matmul "
            "(_weight_int8pack_mm)", int8.weight_only_why_not, int8.weight_only_pack, int8.weight_only_run),
     Kernel("conv-int8-onednn", "8-bit per-channel symmetric conv weights x static per-tensor 8-bit activations: "

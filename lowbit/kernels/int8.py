@@ -5,7 +5,9 @@ Both kernels use the signed codes ``c = q - 128`` (int8), so ``w = (c + o) * s``
 ``o = 128 - zp`` (zero when symmetric), and add the offset's share separately.
 
 Weight-only (per channel): ``y = (x @ c.T) * s + rowsum(x) * (o * s)``. The product runs in bf16 (torch's
-kernel with unit scales), the scales and the offset term in float32.
+kernel with unit scales), the scales and the offset term in float32. Calls with more than :data:`DEQUANT_ROWS`
+rows (a long prompt, an encoder's frames) multiply by the weight dequantized to float32 instead, in torch's float
+product, which is faster there (and exact to float32 rounding).
 
 W8A8 (per-channel weights, dynamic per-token or per-tensor activations): the activation is quantized by
 lowbit's own quantizer (the same codes as the reference path), ``x = (a + p) * t`` with signed codes ``a``
@@ -65,17 +67,49 @@ def weight_only_pack(m: QuantLinear) -> dict:
     st = {"weight": c, "scale": s, "ones": torch.ones(m.out_features, dtype=torch.bfloat16)}
     if bool(o.any()):
         st["offset"] = o.float() * s  # (out,)
+        st["code_offset"] = o.contiguous()  # (out,) int32: w = (c + o) * s
     return st
+
+
+# weight-only calls with more rows than this multiply by the weight dequantized to float32 (torch's float product):
+# torch's bf16 int8 kernel is slower than that beyond a crossover between 16 and 64 rows on an AVX2 EPYC
+# (benchmarks/linear_kernels.py with and without --dequant-rows)
+DEQUANT_ROWS = 32
 
 
 def weight_only_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, m.in_features)
+    if x2.shape[0] > DEQUANT_ROWS:
+        from lowbit.kernels.dequant import sliced_linear
+
+        y = sliced_linear(x2.float(), lambda n0, n1: dequantized_weight(st, n0, n1), m.out_features, m.bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
     y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), st["weight"], st["ones"]).float() * st["scale"]
     if "offset" in st:
         y = y + x2.float().sum(-1, keepdim=True) * st["offset"]  # (M, 1) * (out,)
     if m.bias is not None:
         y = y + m.bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+def dequantized_weight(st: dict, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+    """Rows ``[n0, n1)`` (default all) of the float32 weight of a :func:`weight_only_pack` state: ``(c + o) * s``,
+    the reference path's values exactly (lowbit's C++ loop where it is available, else torch)."""
+    from lowbit.kernels import native  # lazy: the library is built on first use
+
+    n1 = st["weight"].shape[0] if n1 is None else n1
+    c, s = st["weight"][n0:n1], st["scale"][n0:n1]
+    o = st.get("code_offset")
+    o = None if o is None else o[n0:n1]
+    if native.why_unavailable() is None:
+        w = torch.empty(c.shape, dtype=torch.float32)
+        rc = native.library().lowbit_s8_dequant(c.data_ptr(), s.data_ptr(), None if o is None else o.data_ptr(),
+                                                w.data_ptr(), c.shape[0], c.shape[1], torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"lowbit's 8-bit unpacking refused N={c.shape[0]}, K={c.shape[1]} (code {rc})")
+        return w
+    w = c.to(torch.int32) if o is None else c.to(torch.int32) + o[:, None]
+    return w.float().mul_(s[:, None])
 
 
 # ---- W8A8 -----------------------------------------------------------------------------------------

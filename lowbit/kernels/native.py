@@ -35,11 +35,11 @@ from lowbit.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("w4a8_avx2.cpp",)
+SOURCES = ("w4a8_avx2.cpp", "weight_only_avx2.cpp")
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
          "-ffp-contract=off")
 ENV = "LOWBIT_NATIVE"  # "0" turns the native kernels off (to compare against the torch kernels, or to debug)
-ABI = 2  # lowbit_native_abi() of a library this module can call
+ABI = 3  # lowbit_native_abi() of a library this module can call
 BUILD_TIMEOUT_S = 300
 
 _VOID, _INT = ctypes.c_void_p, ctypes.c_int
@@ -47,6 +47,10 @@ _SIGNATURES = {
     "lowbit_w4a8_avx2": (_INT, [_VOID, _VOID, _VOID, _VOID, _VOID, _VOID, _INT, _INT, _INT, _INT, _INT, _INT]),
     "lowbit_w4a8_linear_s8": (_INT, [_VOID] * 9 + [_INT] * 7),
     "lowbit_quantize_rows_s8": (_INT, [_VOID, _VOID, _VOID, _INT, _INT, _INT, _INT]),
+    "lowbit_w4_linear_f32": (_INT, [_VOID] * 6 + [_INT] * 5),
+    "lowbit_w4_dequant": (_INT, [_VOID] * 4 + [_INT] * 6),
+    "lowbit_s8_dequant": (_INT, [_VOID] * 4 + [_INT] * 3),
+    "lowbit_s8_linear_f32": (_INT, [_VOID] * 6 + [_INT] * 4),
     "lowbit_native_abi": (_INT, []),
 }
 
@@ -69,6 +73,12 @@ def library() -> ctypes.CDLL:
     if os.environ.get(ENV, "1").strip() == "0":
         raise NativeUnavailable(f"lowbit's C++ kernels are turned off ({ENV}=0)")
     return _load()
+
+
+def function(name: str):
+    """The library's C function ``name`` (building and loading the library on first use). Kernels look their
+    functions up once and keep them: a call then costs no environment lookup."""
+    return getattr(library(), name)
 
 
 @functools.lru_cache(maxsize=1)

@@ -48,6 +48,39 @@ _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
                  "fp8_e4m3": torch.uint8}
 
 
+class LazyWeight(torch.Tensor):
+    """A quantized module's float weight whose values are computed only when used.
+
+    ``dtype``, ``shape`` and ``device`` are plain tensor metadata; any torch operation on the tensor (indexing,
+    a view, arithmetic, ``torch.equal``...) runs on :meth:`materialize`'s result, the module's
+    ``effective_weight``. So model code that only looks at a layer's weight dtype, as T5's feed-forward does
+    before every call, no longer dequantizes the whole weight for it.
+    """
+
+    @staticmethod
+    def __new__(cls, module: "QuantModule", dtype: torch.dtype):
+        t = torch.Tensor._make_wrapper_subclass(cls, tuple(module.weight_shape), dtype=dtype,
+                                                device=module.qweight.device, requires_grad=False)
+        t._module = module
+        return t
+
+    def materialize(self) -> torch.Tensor:
+        """The weight's values: the module's ``effective_weight`` in this tensor's dtype."""
+        return self._module.effective_weight(self.dtype)
+
+    def __repr__(self, *, tensor_contents=None) -> str:  # noqa: D105 - torch passes tensor_contents
+        return f"LazyWeight({self.materialize()!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        def real(t):
+            return t.materialize() if isinstance(t, LazyWeight) else t
+
+        return func(*tree_map(real, args), **tree_map(real, kwargs or {}))
+
+
 class QuantModule(nn.Module):
     """Base of the quantized modules: owns the weight storage and the activation quantizer."""
 
@@ -198,10 +231,11 @@ class QuantModule(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The float weight the module applies (:meth:`effective_weight`, float32, ``weight_shape``), for model
-        code that reads a layer's ``.weight`` itself: its dtype (T5's feed-forward, ViT's patch embedding) or
-        the tensor (Mamba's depthwise convolution). A new tensor on each read outside ``cached_weights``;
-        assigning to it does not change the stored weight."""
-        return self.effective_weight()
+        code that reads a layer's ``.weight`` itself: its dtype (T5's feed-forward on every call, ViT's patch
+        embedding) or its values (Mamba's depthwise convolution). A :class:`LazyWeight`: its dtype, shape and
+        device cost nothing, and its values are dequantized when an operation uses them (each time, outside
+        ``cached_weights``); assigning to it does not change the stored weight."""
+        return LazyWeight(self, torch.float32)
 
     def storage_bytes(self) -> int:
         """Bytes of the quantized weight's storage (codes, scales, zero points, input scale), excluding bias."""

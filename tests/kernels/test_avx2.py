@@ -1,4 +1,5 @@
-"""lowbit's C++ kernels (``w4a8-avx2``, ``w8a8-avx2``), its activation quantizer, and how the library is built."""
+"""lowbit's C++ kernels (``int4-weight-avx2``, ``w4a8-avx2``, ``w8a8-avx2``), its activation quantizer, and how the
+library is built."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from lowbit.errors import InputError
 from lowbit.formats import quantize as quantize_tensor
-from lowbit.kernels import KERNELS, cpu_features, kernel_name, native, use_kernels, w4a8_avx2
+from lowbit.kernels import KERNELS, cpu_features, int4_avx2, kernel_name, native, use_kernels, w4a8_avx2
 from lowbit.kernels.int8 import activation_codes
 from lowbit.nn import QuantLinear
 from lowbit.spec import ActivationQuant, QuantSpec
@@ -31,7 +32,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("wspec", ["int4-g32", "int4-g64-asym", "int4-g128-asym", "int4-ch", "int4-ch-asym"])
 @pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym", "int8-tensor-asym"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9])  # every tile shape: 8 x 1, 4 x 2, 2 x 4 and their tails
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 33])  # every tile shape: 8 x 1, 4 x 2, 2 x 4 and their tails
 @pytest.mark.parametrize("in_f", [64, 96, 576])  # 96 in groups of 64: a last group of 32; 576 = 4.5 x 128
 def test_matches_the_reference_to_float_rounding(wspec, aspec, rows, in_f):
     """Integer sums per group are exact; only the float scaling rounds."""
@@ -62,8 +63,8 @@ def test_extreme_codes_do_not_saturate_the_16_bit_sums():
 
 
 def test_bf16_inputs_and_thread_counts_give_the_same_result():
-    m = _layer(64, 256, "int4-g128-asym")
-    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(2))
+    m = _layer(512, 512, "int4-g128-asym")  # 7 x 512 x 512 multiply-adds: enough work to run on several threads
+    x = torch.randn(7, 512, generator=torch.Generator().manual_seed(2))
     use_kernels(m)
     threads = torch.get_num_threads()
     try:
@@ -195,7 +196,7 @@ def no_vnni(monkeypatch):
 
 @pytest.mark.parametrize("wspec", ["int8", "int8-asym"])
 @pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym", "int8-tensor-asym"])
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 20])
 def test_w8a8_matches_the_reference_to_float_rounding(no_vnni, wspec, aspec, rows):
     m = _layer(24, 96, wspec, aspec)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3 + 0.5
@@ -237,12 +238,116 @@ def test_w8a8_declines_inputs_not_a_multiple_of_32(no_vnni):
 
 
 @pytest.mark.parametrize("wspec, kernel", [("int4-g32", "w4a8-avx2"), ("int8", "w8a8-avx2")])
-def test_a_layer_refuses_nan_and_inf_inputs_with_a_clear_error(no_vnni, wspec, kernel):
+@pytest.mark.parametrize("rows", [3, 40])  # one thread, and several
+def test_a_layer_refuses_nan_and_inf_inputs_with_a_clear_error(no_vnni, wspec, kernel, rows):
     """Symmetric per-token activations go through the one-call C path (quantize, product, scale, bias)."""
     m = _layer(16, 64, wspec)
     assert use_kernels(m).chosen[""] == kernel
     for bad in (float("nan"), float("inf")):
-        x = torch.randn(3, 64)
+        x = torch.randn(rows, 64)
         x[1, 7] = bad
         with pytest.raises(InputError, match="NaN/Inf"):
             m(x)
+
+
+# ---- 4-bit weight-only in float32 ---------------------------------------------------------------------------
+
+
+def _weight_only(out_f: int, in_f: int, wspec: str, seed: int = 0, bias: bool = True,
+                 input_scale: bool = False) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    b = torch.randn(out_f, generator=g) if bias else None
+    s = torch.rand(in_f, generator=g) + 0.5 if input_scale else None
+    return QuantLinear.from_float(w, b, quantize_tensor(w, QuantSpec.parse(wspec)), None, s)
+
+
+@pytest.mark.parametrize("wspec", ["int4-g32", "int4-g64-asym", "int4-g128-asym", "int4-ch", "int4-ch-asym"])
+# 1 row: codes unpacked in registers; 2-64: rows unpacked to float32 once per block; more: the weight unpacked for
+# torch's float product (DEQUANT_ROWS)
+@pytest.mark.parametrize("rows", [1, 2, 5, 64, 65])
+@pytest.mark.parametrize("in_f, out_f", [(64, 40), (96, 8), (576, 51)])  # 96 in groups of 64: a last group of 32
+def test_weight_only_matches_the_reference_to_float_rounding(wspec, rows, in_f, out_f):
+    m = _weight_only(out_f, in_f, wspec, input_scale=in_f == 576)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)) * 3 + 0.5
+    ref = m.reference(x)
+    assert use_kernels(m).chosen[""] == "int4-weight-avx2"
+    y = m(x)
+    assert y.shape == ref.shape and _rel(y, ref) < 1e-6
+
+
+def test_weight_only_unpacks_the_reference_weight_exactly():
+    m = _weight_only(40, 576, "int4-g64-asym")
+    st = int4_avx2.pack(m)
+    assert torch.equal(w4a8_avx2.dequantized_rows(st, 576, 0, st["n"])[:40], m.dequantized_weight())  # 40 of 40
+    assert torch.equal(w4a8_avx2.dequantized_rows(st, 576, 8, 24), m.dequantized_weight()[8:24])
+
+
+@pytest.mark.parametrize("wspec, kernel", [("int4-g64-asym", "int4-weight-avx2"), ("int8-asym", "int8-weight-avx2")])
+def test_many_rows_take_the_weight_a_slice_of_rows_at_a_time(monkeypatch, wspec, kernel):
+    from lowbit.kernels import dequant
+
+    m = _weight_only(51, 128, wspec)
+    assert use_kernels(m).chosen[""] == kernel
+    x = torch.randn(70, 128, generator=torch.Generator().manual_seed(5))  # more rows than either DEQUANT_ROWS
+    whole = m(x)
+    monkeypatch.setattr(dequant, "SLICE_VALUES", 16 * 128)  # slices of 16 rows: 51 outputs in four
+    sliced = m(x)
+    assert _rel(sliced, whole) < 1e-6 and _rel(sliced, m.reference(x)) < 1e-6  # (float sums in another order)
+
+
+def test_weight_only_extreme_codes_and_no_bias():
+    k, n = 256, 16
+    m = _weight_only(n, k, "int4-g128-asym", bias=False)
+    q = m.quantized_weight()
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    codes[::2] = 15
+    zero = torch.zeros_like(q.zero_point)
+    zero[1::2] = 15
+    m = QuantLinear.from_float(m.dequantized_weight(), None, dataclasses.replace(q, codes=codes, zero_point=zero))
+    x = torch.where(torch.arange(k) % 3 == 0, -1.0, 1.0).repeat(3, 1) * 7.0
+    ref = m.reference(x)
+    use_kernels(m)
+    for rows in (1, 3):
+        assert _rel(m(x[:rows]), ref[:rows]) < 1e-6
+
+
+def test_weight_only_other_dtypes_leading_dims_and_threads():
+    m = _weight_only(512, 512, "int4-g128-asym")  # 512 x 512 multiply-adds per row: several threads from 4 rows
+    x = torch.randn(2, 2, 512, generator=torch.Generator().manual_seed(3))
+    use_kernels(m)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(m(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert outs[0].shape == (2, 2, 512) and all(torch.equal(outs[0], o) for o in outs[1:])
+    for dtype in (torch.bfloat16, torch.float16):
+        y = m(x.to(dtype))
+        assert y.dtype == dtype and _rel(y, m.reference(x.to(dtype).float())) < 1e-2
+    assert m(torch.empty(0, 512)).shape == (0, 512)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int8-asym"])
+@pytest.mark.parametrize("rows", [1, 3, 32, 33])  # the C product up to DEQUANT_ROWS, the float32 weight beyond
+@pytest.mark.parametrize("in_f, out_f", [(64, 40), (96, 8), (520, 3)])  # any number of outputs; inputs of 8 k
+def test_int8_weight_only_matches_the_reference_to_float_rounding(spec, rows, in_f, out_f):
+    m = _weight_only(out_f, in_f, spec, input_scale=in_f == 520)
+    with torch.no_grad():
+        m.bias[:1] = 0.0
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)) * 3 + 0.5
+    ref = m.reference(x)
+    assert use_kernels(m).chosen[""] == "int8-weight-avx2"
+    y = m(x)
+    assert y.shape == ref.shape and _rel(y, ref) < 1e-6
+    assert _rel(m(x.to(torch.bfloat16)), m.reference(x.to(torch.bfloat16).float())) < 1e-2
+
+
+def test_weight_only_is_declined_for_activation_quantized_layers_and_odd_groups():
+    report = use_kernels(_layer(16, 64, "int4-g32"), tuple(k for k in KERNELS if k.name == "int4-weight-avx2"))
+    assert "weight-only" in report.reasons[""]["int4-weight-avx2"]
+    report = use_kernels(_weight_only(16, 96, "int4-g48"), tuple(k for k in KERNELS if k.name == "int4-weight-avx2"))
+    assert "group size 48" in report.reasons[""]["int4-weight-avx2"]

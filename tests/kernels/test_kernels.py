@@ -22,6 +22,9 @@ BF16_TOL = 2e-2
 
 # cases on a kernel of lowbit's C++ library: skipped where it cannot be built (the reason says why)
 NATIVE = pytest.mark.skipif(native.why_unavailable() is not None, reason=str(native.why_unavailable()))
+# the dispatch's first choice for weight-only layers: lowbit's float32 C++ kernels where they build, else torch's
+INT4 = "int4-weight-bf16" if native.why_unavailable() else "int4-weight-avx2"
+INT8 = "int8-weight-bf16" if native.why_unavailable() else "int8-weight-avx2"
 
 # numerics of the oneDNN int8 convolution: only where it is exact (and chosen); elsewhere it is declined
 needs_vnni = pytest.mark.skipif(not cpu_features.has_vnni(), reason="needs a CPU with VNNI (avx512_vnni / avx_vnni "
@@ -61,7 +64,7 @@ def test_int4_kernel_matches_the_reference(spec, in_f, dtype):
     m = _linear(48, in_f, spec, input_scale=spec.endswith("asym"))
     x = _x(3, 5, in_f, dtype=dtype)
     ref = m.reference(x)
-    assert _attach(m) == "int4-weight-bf16"
+    assert _attach(m, only="int4-weight-bf16") == "int4-weight-bf16"
     y = m(x)
     assert y.shape == ref.shape == (3, 5, 48) and y.dtype == dtype
     assert _rel(y, ref) < BF16_TOL
@@ -73,7 +76,7 @@ def test_int4_kernel_takes_any_number_of_outputs(out_f):
     m = _linear(out_f, 128, "int4-g64-asym")
     x = _x(3, 4, 128)
     ref = m.reference(x)
-    assert _attach(m) == "int4-weight-bf16"
+    assert _attach(m, only="int4-weight-bf16") == "int4-weight-bf16"
     y = m(x)
     assert y.shape == ref.shape == (3, 4, out_f)
     assert _rel(y, ref) < BF16_TOL
@@ -99,10 +102,24 @@ def test_shapes_and_formats_no_kernel_fits_stay_on_the_reference_path(spec, out_
 @pytest.mark.parametrize("in_f", [64, 208])
 def test_int8_weight_only_kernel_matches_the_reference(spec, in_f):
     m = _linear(33, in_f, spec, input_scale=True)  # odd out_features: this kernel has no restriction
-    x = _x(7, in_f)
+    x = _x(3, in_f)
     ref = m.reference(x)
-    assert _attach(m) == "int8-weight-bf16"
+    assert _attach(m, only="int8-weight-bf16") == "int8-weight-bf16"
     assert _rel(m(x), ref) < BF16_TOL
+    x = _x(2, 17, in_f)  # more rows than int8.DEQUANT_ROWS: the float32 weight, in float32
+    assert _rel(m(x), m.reference(x)) < 1e-6
+
+
+def test_int8_weight_only_dequantizes_exactly_with_or_without_the_native_library(monkeypatch):
+    from lowbit.kernels import int8
+
+    for spec in ("int8", "int8-asym"):
+        m = _linear(24, 64, spec)
+        st = int8.weight_only_pack(m)
+        assert torch.equal(int8.dequantized_weight(st), m.dequantized_weight())
+        monkeypatch.setattr(native, "why_unavailable", lambda: "off for this test")
+        assert torch.equal(int8.dequantized_weight(st), m.dequantized_weight())
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("wspec", ["int8", "int8-asym"])
@@ -160,11 +177,15 @@ def test_w4a8_declines_what_it_cannot_run_exactly(spec, out_f, in_f, act, why):
     assert torch.equal(m(x), m.reference(x))
 
 
-def test_int8_weight_only_kernel_declines_inputs_not_a_multiple_of_16():
-    m = _linear(32, 200, "int8")
-    report = use_kernels(m)
+def test_int8_weight_only_kernels_decline_inputs_they_cannot_read():
+    m = _linear(32, 200, "int8")  # 200 = 8 x 25: torch's kernel needs multiples of 16, lowbit's of 8
+    report = use_kernels(m, tuple(k for k in KERNELS if k.name == "int8-weight-bf16"))
     assert "multiple of 16" in report.reasons[""]["int8-weight-bf16"]
-    x = _x(3, 200)
+    assert use_kernels(m).chosen[""] == (None if INT8 == "int8-weight-bf16" else INT8)
+    m = _linear(32, 196, "int8")
+    report = use_kernels(m)
+    assert report.chosen == {"": None} and "not a multiple of 8" in report.reasons[""]["int8-weight-avx2"]
+    x = _x(3, 196)
     assert torch.equal(m(x), m.reference(x))
 
 
@@ -231,8 +252,7 @@ def test_the_linear_kernels_do_not_depend_on_vnni(monkeypatch):
     runs on lowbit's AVX2 kernel there when it is built, on torch._int_mm where VNNI is present."""
     monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
     w8a8 = "w8a8-int-mm" if native.why_unavailable() else "w8a8-avx2"
-    for spec, act, kernel in (("int8", "int8-token", w8a8), ("int8", None, "int8-weight-bf16"),
-                              ("int4-g32-asym", None, "int4-weight-bf16")):
+    for spec, act, kernel in (("int8", "int8-token", w8a8), ("int8", None, INT8), ("int4-g32-asym", None, INT4)):
         assert _attach(_linear(32, 64, spec, act=act)) == kernel
     monkeypatch.setattr(cpu_features, "has_vnni", lambda: True)
     assert _attach(_linear(32, 64, "int8", act="int8-token")) == "w8a8-int-mm"
@@ -257,14 +277,14 @@ def test_dispatch_report_release_and_invalidation():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48))
     q = quantize(model, QuantPlan((Rule("0", "int4-g32-asym"), Rule("2", "int8"))), progress=False)
     report = use_kernels(q)
-    assert report.chosen == {"0": "int4-weight-bf16", "2": "int8-weight-bf16"}
-    assert report.counts() == {"int4-weight-bf16": 1, "int8-weight-bf16": 1}
+    assert report.chosen == {"0": INT4, "2": INT8}
+    assert report.counts() == {INT4: 1, INT8: 1}
     assert report.packed_bytes > 0
     release_kernels(q)
     assert kernel_name(q[0]) is None and kernel_name(q[2]) is None
     use_kernels(q)
     q[0].set_quantized_weight(q[0].quantized_weight())  # a new weight drops the packed copy
-    assert kernel_name(q[0]) is None and kernel_name(q[2]) == "int8-weight-bf16"
+    assert kernel_name(q[0]) is None and kernel_name(q[2]) == INT8
     q.to(torch.float32)  # any _apply (device moves) drops every kernel
     assert kernel_name(q[2]) is None
 
@@ -322,7 +342,7 @@ def test_keep_reference_false_holds_each_weight_once_and_refuses_what_needs_the_
     stored = q[0].qweight.numel()
     report = use_kernels(q, keep_reference=False)
     assert q[0].storage_released and q[0].qweight.numel() == 0 < stored
-    assert report.chosen == {"0": "int4-weight-bf16", "2": "int8-weight-bf16"}
+    assert report.chosen == {"0": INT4, "2": INT8}
     assert torch.equal(q(x), fast)  # the kernels still run, from their own copies
     assert _rel(q(x), before) < BF16_TOL
     assert use_kernels(q).chosen == report.chosen  # asking again keeps the kernels it has
@@ -335,7 +355,7 @@ def test_keep_reference_false_holds_each_weight_once_and_refuses_what_needs_the_
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="load the model again"):
         release_kernels(q)
-    assert kernel_name(q[0]) == "int4-weight-bf16"  # nothing was released half way
+    assert kernel_name(q[0]) == INT4  # nothing was released half way
 
 
 def test_keep_reference_false_keeps_the_storage_of_a_kernel_that_reads_it():

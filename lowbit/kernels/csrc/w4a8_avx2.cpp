@@ -28,7 +28,8 @@
 //
 // Threads: blocks of 8 rows are handed out dynamically (4 at a time), so a thread slowed by another process
 // on its core takes fewer blocks (measured on 2 cores with one busy: 40 ms instead of 48 ms at 128 x 4096 x
-// 4096). The thread count is torch's (torch.set_num_threads).
+// 4096). The thread count is torch's (torch.set_num_threads), for products of at least kParallelWork
+// multiply-adds; smaller ones run on the calling thread.
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -36,6 +37,11 @@
 #include <omp.h>
 
 namespace {
+
+// Work (multiply-adds) below which a call runs on the calling thread alone: waking a second thread costs
+// microseconds on an idle machine, but when its core is busy with another process the call waits for that thread
+// to be scheduled (milliseconds: measured 8 ms for a 384 x 384 decode step that takes 80 us alone).
+constexpr size_t kParallelWork = size_t(1) << 20;
 
 // lane j of the result = sum of the 8 lanes of v[j]
 inline __m256i reduce8(const __m256i v[8]) {
@@ -172,7 +178,8 @@ int product(Args& A, int threads) {
         bufs = static_cast<int8_t*>(std::aligned_alloc(64, (size_t)(threads > 0 ? threads : 1) * 8 * A.K));
         if (!bufs) return 2;
     }
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads > 0 ? threads : 1)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads > 0 ? threads : 1) \
+    if ((size_t)A.M * A.N * A.K >= kParallelWork)
     for (int b = 0; b < blocks; ++b)
         row_block(A, b * 8, bufs ? bufs + (size_t)omp_get_thread_num() * 8 * A.K : nullptr);
     std::free(bufs);
@@ -266,7 +273,8 @@ bool quantize_row(const float* row, uint8_t* out, float* scale_out, int K, int h
 // every row of x (M, K) through quantize_row; false when any row holds NaN or Inf
 bool quantize_rows(const float* x, uint8_t* codes, float* scales, int M, int K, int half, int threads) {
     int bad = 0;
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) reduction(| : bad) if (M >= 8)
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) reduction(| : bad) \
+    if (M >= 8 && (size_t)M * K >= kParallelWork / 8)
     for (int m = 0; m < M; ++m)
         bad |= !quantize_row(x + (size_t)m * K, codes + (size_t)m * K, scales + m, K, half);
     return !bad;
@@ -281,16 +289,26 @@ extern "C" int lowbit_quantize_rows_s8(const float* x, uint8_t* codes, float* sc
 }
 
 // A whole W4A8 linear for symmetric int8 per-token activations, in one call: x (M, xk) float32 quantized by
-// quantize_row into `codes` (M, xk) and `scales` (M) (scratch), the product, then y = y * scale[m] + bias[n]
-// (bias may be null). xk = K, or K / 2 for W8A8's two nibbles. Returns 1 (shapes), 2 (memory) or 3 (NaN/Inf).
+// quantize_row into `codes` (M, xk) and `scales` (M) (scratch; allocated here when null), the product, then
+// y = y * scale[m] + bias[n] (bias may be null). xk = K, or K / 2 for W8A8's two nibbles. Returns 1 (shapes), 2 (memory) or 3 (NaN/Inf).
 extern "C" int lowbit_w4a8_linear_s8(const float* x, uint8_t* codes, float* scales, const uint8_t* w,
                                      const int8_t* z, const float* s, const int32_t* corr, const float* bias,
                                      float* y, int M, int N, int K, int xk, int g, int half, int threads) {
+    uint8_t* own = nullptr;  // scratch allocated here when the caller passes none
+    if (!codes || !scales) {
+        own = static_cast<uint8_t*>(std::malloc((size_t)M * xk + (size_t)M * sizeof(float) + 64));
+        if (!own) return 2;
+        scales = reinterpret_cast<float*>(own);
+        codes = own + (size_t)M * sizeof(float);
+    }
     Args A{codes, w, z, s, corr, y, M, N, K, g, 0, 0, xk};
-    if (check(A)) return 1;
-    if (!quantize_rows(x, codes, scales, M, xk, half, threads)) return 3;
-    const int rc = product(A, threads);
-    if (rc) return rc;
+    int rc = check(A);
+    if (!rc && !quantize_rows(x, codes, scales, M, xk, half, threads)) rc = 3;
+    if (!rc) rc = product(A, threads);
+    if (rc) {
+        std::free(own);
+        return rc;
+    }
     for (int m = 0; m < M; ++m) {
         float* row = y + (size_t)m * N;
         const __m256 t = _mm256_set1_ps(scales[m]);
@@ -300,7 +318,8 @@ extern "C" int lowbit_w4a8_linear_s8(const float* x, uint8_t* codes, float* scal
             _mm256_storeu_ps(row + n, v);
         }
     }
+    std::free(own);
     return 0;
 }
 
-extern "C" int lowbit_native_abi(void) { return 2; }
+extern "C" int lowbit_native_abi(void) { return 3; }
