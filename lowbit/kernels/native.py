@@ -51,6 +51,7 @@ _SIGNATURES = {
     "lowbit_w4_dequant": (_INT, [_VOID] * 4 + [_INT] * 6),
     "lowbit_s8_dequant": (_INT, [_VOID] * 4 + [_INT] * 3),
     "lowbit_s8_linear_f32": (_INT, [_VOID] * 6 + [_INT] * 4),
+    "lowbit_set_parallel_work": (ctypes.c_long, [ctypes.c_long]),
     "lowbit_native_abi": (_INT, []),
 }
 
@@ -73,6 +74,15 @@ def library() -> ctypes.CDLL:
     if os.environ.get(ENV, "1").strip() == "0":
         raise NativeUnavailable(f"lowbit's C++ kernels are turned off ({ENV}=0)")
     return _load()
+
+
+def set_parallel_work(work: int) -> int:
+    """Set the work (multiply-adds) below which lowbit's C++ kernels run a call on the calling thread alone
+    (default 65,536: about ten microseconds of one core's work, below which waking a second thread costs more
+    than it gains); returns the previous value. 0 parallelizes every call."""
+    if work < 0:
+        raise ValueError(f"parallel work must be >= 0, got {work}")
+    return int(library().lowbit_set_parallel_work(int(work)))
 
 
 def function(name: str):

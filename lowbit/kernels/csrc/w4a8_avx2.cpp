@@ -38,10 +38,14 @@
 
 namespace {
 
-// Work (multiply-adds) below which a call runs on the calling thread alone: waking a second thread costs
-// microseconds on an idle machine, but when its core is busy with another process the call waits for that thread
-// to be scheduled (milliseconds: measured 8 ms for a 384 x 384 decode step that takes 80 us alone).
-constexpr size_t kParallelWork = size_t(1) << 20;
+}  // namespace
+
+// Work (multiply-adds, or weights unpacked) below which a call of any of lowbit's kernels runs on the calling
+// thread alone: waking a second thread costs microseconds on an idle machine, more than a tiny product gains.
+// lowbit_set_parallel_work changes it (lowbit.kernels.native.set_parallel_work).
+size_t kParallelWork = size_t(1) << 16;
+
+namespace {
 
 // lane j of the result = sum of the 8 lanes of v[j]
 inline __m256i reduce8(const __m256i v[8]) {
@@ -320,6 +324,12 @@ extern "C" int lowbit_w4a8_linear_s8(const float* x, uint8_t* codes, float* scal
     }
     std::free(own);
     return 0;
+}
+
+extern "C" long lowbit_set_parallel_work(long work) {
+    const long before = (long)kParallelWork;
+    if (work >= 0) kParallelWork = (size_t)work;
+    return before;
 }
 
 extern "C" int lowbit_native_abi(void) { return 3; }

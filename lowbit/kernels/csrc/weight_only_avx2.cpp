@@ -30,19 +30,17 @@
 // lowbit.kernels.int8 stores them.
 //
 // Threads: torch's count, for calls of at least kParallelWork multiply-adds (or weights); smaller ones run on the
-// calling thread (see kParallelWork).
+// calling thread (see w4a8_avx2.cpp).
 
 #include <immintrin.h>
 #include <stdint.h>
 #include <cstdlib>
 #include <omp.h>
 
-namespace {
+// the work below which a call runs on the calling thread alone (defined in w4a8_avx2.cpp)
+extern size_t kParallelWork;
 
-// Work (multiply-adds, or weights unpacked) below which a call runs on the calling thread alone. Waking a second
-// thread costs microseconds on an idle machine, but when its core is busy with another process the call waits for
-// that thread to be scheduled (milliseconds: measured 8 ms for a 384 x 384 decode step that takes 40 us alone).
-constexpr size_t kParallelWork = size_t(1) << 20;
+namespace {
 
 struct W4 {
     const uint8_t* w; const int8_t* z; const float* s;
