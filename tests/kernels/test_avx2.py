@@ -351,3 +351,21 @@ def test_weight_only_is_declined_for_activation_quantized_layers_and_odd_groups(
     assert "weight-only" in report.reasons[""]["int4-weight-avx2"]
     report = use_kernels(_weight_only(16, 96, "int4-g48"), tuple(k for k in KERNELS if k.name == "int4-weight-avx2"))
     assert "group size 48" in report.reasons[""]["int4-weight-avx2"]
+
+
+def test_the_parallel_threshold_changes_threads_not_results():
+    m = _weight_only(64, 256, "int4-g64-asym")  # 256 x 64 = 16,384 multiply-adds per row
+    w = _layer(64, 256, "int4-g64-asym")
+    use_kernels(m)
+    use_kernels(w)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    before = native.set_parallel_work(0)  # every call on torch's threads
+    try:
+        parallel = (m(x), w(x))
+        assert native.set_parallel_work(1 << 30) == 0  # every call on the calling thread
+        alone = (m(x), w(x))
+    finally:
+        native.set_parallel_work(before)
+    assert all(torch.equal(p, a) for p, a in zip(parallel, alone))
+    with pytest.raises(ValueError, match=">= 0"):
+        native.set_parallel_work(-1)
