@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from lowbit.errors import InputError
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
 
@@ -17,3 +20,9 @@ def int_linear_why_not(m: QuantModule, bits: int, granularities: tuple[str, ...]
         wanted = " or ".join("groups" if g == "group" else "per channel" for g in granularities)
         return f"weight granularity {spec.granularity} (needs {wanted})"
     return None
+
+
+def check_width(x: torch.Tensor, in_features: int) -> None:
+    """Raise InputError unless ``x``'s last dimension is ``in_features`` (a C kernel would read past it)."""
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise InputError(f"input of shape {tuple(x.shape)} does not end in the layer's {in_features} inputs")

@@ -1,9 +1,9 @@
-"""The many-rows path of the weight-only and integer kernels: the weight dequantized to float32 a slice of rows at a
-time, each slice multiplied by torch's float matrix product.
+"""The many-rows path of the weight-only kernels: the weight dequantized to float32 a slice of rows at a time, each
+slice multiplied by torch's float matrix product.
 
 With many rows (a prompt, a batch, an encoder's frames) a matrix product is bound by arithmetic, not by reading the
-weight, and torch's float product beats every integer or 4-bit kernel here; unpacking the weight costs one pass
-over it, small against that many rows. Slices of at most :data:`SLICE_VALUES` weights keep the float copy small
+weight, and torch's float product beats the weight-only kernels there; unpacking the weight costs one pass over
+it, small against that many rows. Slices of at most :data:`SLICE_VALUES` weights keep the float copy small
 (16 MiB) whatever the layer's size.
 """
 

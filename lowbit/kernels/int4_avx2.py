@@ -10,8 +10,6 @@ bf16 step, unlike ``int4-weight-bf16``). How it runs depends on how many rows (t
   several rows unpack each block of 8 weight rows to float32 once and reuse it for every row;
 - more rows (a prompt, an encoder's frames): the weight is unpacked to float32 by ``lowbit_w4_dequant``, a slice
   of rows at a time, for torch's float matrix product (``lowbit.kernels.dequant``).
-
-
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import native, w4a8_avx2
-from lowbit.kernels.checks import int_linear_why_not
+from lowbit.kernels.checks import check_width, int_linear_why_not
 from lowbit.kernels.w4a8 import group_count, group_width
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
@@ -55,6 +53,7 @@ def pack(m: QuantLinear) -> dict:
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
     k, out = m.in_features, m.out_features
+    check_width(x, k)
     rows = x.numel() // k if k else 0
     if rows > DEQUANT_ROWS:
         y = w4a8_avx2.float_product(m, st, x.reshape(rows, k).float())

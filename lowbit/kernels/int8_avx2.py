@@ -15,6 +15,7 @@ import functools
 import torch
 
 from lowbit.kernels import int8, native
+from lowbit.kernels.checks import check_width
 from lowbit.kernels.dequant import sliced_linear
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
@@ -46,6 +47,7 @@ def pack(m: QuantLinear) -> dict:
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
     k, out = m.in_features, m.out_features
+    check_width(x, k)
     rows = x.numel() // k if k else 0
     if rows > DEQUANT_ROWS:
         y = sliced_linear(x.reshape(rows, k).float(), lambda n0, n1: int8.dequantized_weight(st, n0, n1), out,

@@ -22,7 +22,7 @@ import torch
 
 from lowbit.errors import InputError
 from lowbit.kernels import native
-from lowbit.kernels.checks import int_linear_why_not
+from lowbit.kernels.checks import check_width, int_linear_why_not
 from lowbit.kernels.dequant import sliced_linear
 from lowbit.kernels.int8 import activation_codes, act_why_not
 from lowbit.kernels.w4a8 import group_count, group_width
@@ -98,6 +98,7 @@ def linear(m: QuantLinear, st: dict, x: torch.Tensor, repeat: int) -> torch.Tens
     product beats torch's float one at every row count measured, up to 512 rows: ``benchmarks/linear_kernels.py``,
     so unlike the weight-only kernels this one never takes a float32 weight.)"""
     k, out = m.in_features, m.out_features
+    check_width(x, k)
     rows = x.numel() // k if k else 0
     half = _native_scale(m.act)
     if half is not None:  # the decode path: as few torch calls as possible (each costs microseconds)

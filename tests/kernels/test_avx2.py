@@ -30,6 +30,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _at_thread_counts(m, x: torch.Tensor) -> list[torch.Tensor]:
+    """``m(x)`` with torch (and so lowbit's kernels) on 1, 2 and 3 threads."""
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(m(x))
+    finally:
+        torch.set_num_threads(threads)
+    return outs
+
+
 @pytest.mark.parametrize("wspec", ["int4-g32", "int4-g64-asym", "int4-g128-asym", "int4-ch", "int4-ch-asym"])
 @pytest.mark.parametrize("aspec", ["int8-token", "int8-token-asym", "int8-tensor-asym"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 33])  # every tile shape: 8 x 1, 4 x 2, 2 x 4 and their tails
@@ -66,14 +79,7 @@ def test_bf16_inputs_and_thread_counts_give_the_same_result():
     m = _layer(512, 512, "int4-g128-asym")  # 7 x 512 x 512 multiply-adds: enough work to run on several threads
     x = torch.randn(7, 512, generator=torch.Generator().manual_seed(2))
     use_kernels(m)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(m(x))
-    finally:
-        torch.set_num_threads(threads)
+    outs = _at_thread_counts(m, x)
     assert all(torch.equal(outs[0], o) for o in outs[1:])  # each output is computed by one thread
     yb = m(x.to(torch.bfloat16))
     assert yb.dtype == torch.bfloat16 and _rel(yb, m.reference(x.to(torch.bfloat16).float())) < 1e-2
@@ -313,17 +319,10 @@ def test_weight_only_extreme_codes_and_no_bias():
 
 
 def test_weight_only_other_dtypes_leading_dims_and_threads():
-    m = _weight_only(512, 512, "int4-g128-asym")  # 512 x 512 multiply-adds per row: several threads from 4 rows
+    m = _weight_only(512, 512, "int4-g128-asym")  # 512 x 512 multiply-adds per row: run on several threads
     x = torch.randn(2, 2, 512, generator=torch.Generator().manual_seed(3))
     use_kernels(m)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(m(x))
-    finally:
-        torch.set_num_threads(threads)
+    outs = _at_thread_counts(m, x)
     assert outs[0].shape == (2, 2, 512) and all(torch.equal(outs[0], o) for o in outs[1:])
     for dtype in (torch.bfloat16, torch.float16):
         y = m(x.to(dtype))
@@ -369,3 +368,14 @@ def test_the_parallel_threshold_changes_threads_not_results():
     assert all(torch.equal(p, a) for p, a in zip(parallel, alone))
     with pytest.raises(ValueError, match=">= 0"):
         native.set_parallel_work(-1)
+
+
+@pytest.mark.parametrize("wspec, act", [("int4-g32", None), ("int8", None), ("int4-g32", "int8-token")])
+def test_an_input_of_the_wrong_width_is_refused_before_the_c_kernel_reads_it(wspec, act):
+    m = _weight_only(16, 64, wspec)
+    if act is not None:  # (without an input scale, whose product would refuse the width first)
+        m = QuantLinear.from_float(m.dequantized_weight(), m.bias, m.quantized_weight(),
+                                   ActivationQuant(QuantSpec.parse(act), dynamic=True))
+    assert use_kernels(m).chosen[""] is not None
+    with pytest.raises(InputError, match="does not end in the layer's 64 inputs"):
+        m(torch.randn(2, 32))  # 64 values, but rows of 32
