@@ -221,7 +221,9 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     user_text = audio = images = None
     if a.calib_data is not None:  # read (and refuse) the user's text, audio or images before loading anything
         if Path(a.calib_data).is_dir():
-            audio, images = _media_folder(a.calib_data, a.calib_samples)
+            from lowbit.data.folders import media_folder
+
+            audio, images = media_folder(a.calib_data, a.calib_samples)
         else:
             from lowbit.data.user_text import read_text
 
@@ -295,7 +297,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     user_text = None
     audio = images = None
     if a.data is not None and Path(a.data).is_dir():  # a folder of audio clips (and transcripts) or of images
-        audio, images = _media_folder(a.data, a.sentences)
+        from lowbit.data.folders import media_folder
+
+        audio, images = media_folder(a.data, a.sentences)
     elif a.data is not None:  # read (and refuse) the user's text before loading anything
         from lowbit.data.user_text import read_text
 
@@ -309,6 +313,13 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         raise InputError(f"--data {a.data} is a folder of images; a {kind} model is not evaluated on them"
                          + (" (image classifiers use lowbit's photo set: leave --data out)"
                             if kind == "image-classifier" else ""))
+    if user_text is not None and kind == "image-classifier":
+        raise InputError("--data is text; an image classifier is evaluated on lowbit's photo set (leave --data out)")
+    compared = kind in ("image-classifier", "speech-seq2seq", "image-text-to-text") or (
+        kind in ("base-model", "seq2seq-lm", "masked-lm", "sequence-classifier") and tokenizer is not None)
+    if compared and ref is None:  # every measure but perplexity compares with the float model
+        print("float model: agreement is 1 by definition; pass a quantized folder to compare")
+        return 0
     if kind == "causal-lm":
         from lowbit.evaluation import fitting_protocol, perplexity
 
@@ -336,14 +347,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             print(token_agreement(ref, target, batches, f"the first {windows.numel():,} tokens of the same text",
                                   progress=_progress()).describe())
     elif kind == "image-classifier":
-        if user_text is not None:
-            raise InputError("--data is text; an image classifier is evaluated on lowbit's photo set (leave --data out)")
         from lowbit.data import imagenet_views
         from lowbit.evaluation import classifier_agreement
 
-        if ref is None:
-            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
-            return 0
         images = imagenet_views()
         if a.views:
             images = images[: a.views]
@@ -353,9 +359,6 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     elif kind == "base-model" and tokenizer is not None:
         from lowbit.evaluation import encoder_agreement
 
-        if ref is None:
-            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
-            return 0
         sentences = None
         if user_text is not None:
             from lowbit.evaluation.embeddings import sentences_of
@@ -363,9 +366,6 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             sentences = sentences_of(user_text, str(a.data))
         print(encoder_agreement(ref, target, tokenizer, sentences, progress=_progress()).describe())
     elif kind == "speech-seq2seq":
-        if ref is None:
-            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
-            return 0
         if audio is None:
             raise InputError(f"{name}: a speech model is evaluated on audio and lowbit bundles none: pass --data "
                              f"FOLDER of .wav files (a same-named .txt beside a clip is its transcript, for WER)")
@@ -375,25 +375,15 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                                      str(a.data), a.new_tokens, _progress()):
             print(line)
     elif kind == "image-text-to-text":
-        if ref is None:
-            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
-            return 0
         if images is None:
             raise InputError(f"{name}: a vision-language model is evaluated on images with a prompt and lowbit "
                              f"bundles none for it: pass --data FOLDER of images (and --prompt)")
-        from lowbit.data.teacher import continuation_batches
-        from lowbit.data.vision_language import DEFAULT_PROMPT, vision_language_inputs
-        from lowbit.evaluation.generative import token_agreement
+        from lowbit.data.vision_language import DEFAULT_PROMPT
+        from lowbit.evaluation.tasks import vision_language_agreement
 
-        prompt = a.prompt or DEFAULT_PROMPT
-        prompts = vision_language_inputs(_processor(_source_of_target(a.target)), images, prompt)
-        batches = continuation_batches(ref, prompts, a.new_tokens, progress=_progress())
-        print(token_agreement(ref, target, batches, f"{len(images)} image(s) of {a.data} with the prompt {prompt!r}, "
-                              f"teacher-forced on the float model's answers", progress=_progress()).describe())
+        print(vision_language_agreement(ref, target, _processor(_source_of_target(a.target)), images, str(a.data),
+                                        a.prompt or DEFAULT_PROMPT, a.new_tokens, _progress()).describe())
     elif kind in ("seq2seq-lm", "masked-lm", "sequence-classifier") and tokenizer is not None:
-        if ref is None:
-            print("float model: agreement is 1 by definition; pass a quantized folder to compare")
-            return 0
         from lowbit.evaluation.tasks import text_agreement
 
         print(text_agreement(kind, ref, target, tokenizer, user_text, str(a.data), a.sentences,
@@ -435,26 +425,6 @@ def _processor(source: dict | None):
     if isinstance(source, dict) and source.get("type") == "hf-folder":
         return load_processor(source["path"])
     return None
-
-
-def _media_folder(path: str, limit: int | None):
-    """(audio clips, None) or (None, images) read from a data folder: .wav clips for speech models, images for
-    vision-language models. InputError for a folder with neither, or with both."""
-    from lowbit.data.audio import AUDIO_SUFFIX, OTHER_AUDIO_SUFFIXES, audio_folder
-    from lowbit.data.vision_language import IMAGE_SUFFIXES, image_files, image_folder
-
-    folder = Path(path).expanduser()
-    has_audio = any(p.suffix.lower() == AUDIO_SUFFIX for p in folder.iterdir())
-    has_images = bool(image_files(folder))
-    if has_audio and has_images:
-        raise InputError(f"{folder}: holds both .wav clips and images; give a folder of one kind (audio for speech "
-                         f"models, images for vision-language models)")
-    if has_images:
-        return None, image_folder(folder, limit)
-    if has_audio or any(p.suffix.lower() in OTHER_AUDIO_SUFFIXES for p in folder.iterdir()):
-        return audio_folder(folder, limit), None  # (audio in another format only: its error says how to convert)
-    raise InputError(f"{folder}: no .wav clip (speech models) and no image ({', '.join(IMAGE_SUFFIXES)}; "
-                     f"vision-language models) in it")
 
 
 def _source_of_target(target: str) -> dict | None:

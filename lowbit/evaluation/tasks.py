@@ -40,6 +40,18 @@ def text_agreement(kind: str, ref: nn.Module, model: nn.Module, tokenizer: Any, 
     return token_agreement(ref, model, batches, what, progress=progress)
 
 
+def vision_language_agreement(ref: nn.Module, model: nn.Module, processor: Any, images: list, source: str,
+                              prompt: str, new_tokens: int, progress: bool = False) -> TokenAgreement:
+    """Token agreement on the float model's greedy answers to ``prompt`` about each of ``images``
+    (``lowbit.data.vision_language.image_folder``), teacher-forced."""
+    from lowbit.data.vision_language import vision_language_inputs
+
+    prompts = vision_language_inputs(processor, images, prompt)
+    batches = teacher.continuation_batches(ref, prompts, new_tokens, progress=progress)
+    what = f"{len(images)} image(s) of {source} with the prompt {prompt!r}, teacher-forced on the float model's answers"
+    return token_agreement(ref, model, batches, what, progress=progress)
+
+
 def speech_agreement(ref: nn.Module, model: nn.Module, tokenizer: Any, clips: list[Clip], feature_extractor: Any,
                      source: str, new_tokens: int, progress: bool = False) -> list[str]:
     """Report lines: token agreement on the float model's greedy transcripts of ``clips``; the word error rate
