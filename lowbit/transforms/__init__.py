@@ -19,6 +19,8 @@ recorded in the manifest with the transform's entry in ``REBUILD``, before it re
 | `rotate_inputs`   | an online Hadamard on the input of every linear in the blocks (any architecture)        |
 | `smoothquant`     | activation outliers moved into the weights by per-channel scales, alpha searched per block (needs data) |
 | `awq_scales`      | AWQ's activation-aware scales, shared by each norm's linears and folded into the norm (needs data) |
+| `fold_batchnorm`  | each BatchNorm folded into the convolution or linear before it                         |
+| `equalize`        | BatchNorms folded, then cross-layer equalization of consecutive layer pairs (DFQ)      |
 
 Scaling transforms (``smoothquant``, ``awq_scales``) come after ``fuse_norms`` and any rotation: those would fuse
 the scaled norm gains back into the weights.
@@ -40,6 +42,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.hadamard import hadamard_transform
+from lowbit.transforms.equalization import equalize, fold_batchnorm, rebuild_fold_batchnorm
 from lowbit.transforms.fuse_norms import fuse_norms, rebuild_fuse_norms
 from lowbit.transforms.rotate import (
     rebuild_rotate,
@@ -61,6 +64,8 @@ TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
     "rotate_inputs": rotate_inputs,
     "smoothquant": smoothquant,
     "awq_scales": awq_scales,
+    "fold_batchnorm": fold_batchnorm,
+    "equalize": equalize,
 }
 NEEDS_DATA = ("smoothquant", "awq_scales")
 # per transform: (float architecture, the saved state's keys) -> None, restoring what it changed in the structure
@@ -71,6 +76,8 @@ REBUILD: dict[str, Callable[[nn.Module, set[str]], None]] = {
     "rotate_inputs": rebuild_rotate_inputs,
     "smoothquant": lambda model, keys: None,  # scales only: weights and gains, no structure
     "awq_scales": lambda model, keys: None,
+    "fold_batchnorm": rebuild_fold_batchnorm,
+    "equalize": rebuild_fold_batchnorm,
 }
 _ROTATIONS = ("rotate_residual", "rotate", "rotate_inputs")
 _SCALINGS = ("smoothquant", "awq_scales")
@@ -221,6 +228,7 @@ def rebuild_structure(model: nn.Module, names: Iterable[str], keys: set[str]) ->
         REBUILD[n](model, keys)
 
 
-__all__ = ["REBUILD", "TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "fuse_norms",
+__all__ = ["REBUILD", "TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "equalize", "fold_batchnorm",
+           "fuse_norms",
            "hadamard_transform", "rebuild_structure", "rotate", "rotate_inputs", "rotate_residual", "smoothquant",
            "awq_scales", "NEEDS_DATA"]
