@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lowbit.algorithms.adaround import AdaRound, adaround
 from lowbit.algorithms.awq import AWQ, awq, awq_scales
 from lowbit.algorithms.config import Algorithm, WeightResult
 from lowbit.algorithms.gptq import GPTQ, gptq
@@ -21,6 +22,7 @@ ALGORITHMS: dict[str, type] = {
     "rtn": RTN,
     "gptq": GPTQ,
     "awq": AWQ,
+    "adaround": AdaRound,
 }
 
 # "a+b" names -> the composed config they stand for
@@ -61,5 +63,5 @@ def _config_class(name: Any) -> type:
     return ALGORITHMS[key]
 
 
-__all__ = ["Algorithm", "ALGORITHMS", "AWQ", "awq", "awq_scales", "CHAINS", "GPTQ", "gptq", "make_algorithm", "RTN", "rtn",
+__all__ = ["AdaRound", "adaround", "Algorithm", "ALGORITHMS", "AWQ", "awq", "awq_scales", "CHAINS", "GPTQ", "gptq", "make_algorithm", "RTN", "rtn",
            "WeightResult"]

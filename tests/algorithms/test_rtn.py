@@ -71,7 +71,7 @@ def test_config_round_trips(cfg):
 
 
 def test_registry():
-    assert set(ALGORITHMS) == {"rtn", "gptq", "awq"} and ALGORITHMS["rtn"] is RTN
+    assert set(ALGORITHMS) == {"rtn", "gptq", "awq", "adaround"} and ALGORITHMS["rtn"] is RTN
     for name, cls in ALGORITHMS.items():
         assert cls.name == name
         assert isinstance(cls().needs_data, bool)
@@ -80,7 +80,7 @@ def test_registry():
     assert make_algorithm({"name": "rtn", "clip_search": True}) == RTN(clip_search=True)
     cfg = RTN(grid=7)
     assert make_algorithm(cfg) is cfg
-    with pytest.raises(InputError, match=r"unknown algorithm 'gptqq'; known: rtn, gptq, awq \(chains: awq\+rtn"):
+    with pytest.raises(InputError, match=r"unknown algorithm 'gptqq'; known: rtn, gptq, awq, adaround \(chains: awq\+rtn"):
         make_algorithm("gptqq")
     with pytest.raises(InputError, match="need a 'name'"):
         make_algorithm({"clip_search": True})

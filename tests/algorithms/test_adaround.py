@@ -1,0 +1,92 @@
+"""AdaRound: codes on round to nearest's grid, lower output error than round to nearest, settings, and the
+quantize() path (including convolutions and a saved model)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lowbit.algorithms import AdaRound, adaround, make_algorithm
+from lowbit.errors import InputError
+from lowbit.formats import quantize
+from lowbit.io import load, save
+from lowbit.models.fmnist import skeleton
+from lowbit.plan import QuantPlan
+from lowbit.quantizer import quantize as quantize_model
+from lowbit.spec import QuantSpec
+
+_grid = sys.modules["lowbit.algorithms.adaround"]._grid
+
+
+def _problem(rows=16, cols=48, n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)  # correlated inputs
+    X = torch.randn(n, cols, generator=g) @ mix
+    return W, X, X.T @ X / n
+
+
+def _out_err(W, Wq, X):
+    return float(((Wq - W) @ X.T).pow(2).sum())
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int3-asym", "int4-g16-asym", "int2"])
+def test_codes_lie_on_the_rtn_grid_and_the_output_error_is_lower(scheme):
+    spec = QuantSpec.parse(scheme)
+    W, X, H = _problem()
+    cfg = AdaRound(iters=400, clip_search=False)
+    q = adaround(W, H, spec, cfg)
+    rtn = quantize(W, spec)
+    assert torch.equal(q.scale, rtn.scale)
+    assert (q.zero_point is None) == (rtn.zero_point is None) and (q.zero_point is None or torch.equal(q.zero_point, rtn.zero_point))
+    S, Z, qmax = _grid(rtn)
+    x = W / S + Z
+    codes = q.codes.float().reshape(S.shape)
+    assert ((codes == torch.floor(x).clamp(0, qmax)) | (codes == (torch.floor(x) + 1).clamp(0, qmax))).all()
+    assert _out_err(W, q.dequantize(), X) < 0.9 * _out_err(W, rtn.dequantize(), X)
+
+
+def test_it_starts_from_the_clipped_ranges_and_is_deterministic():
+    spec = QuantSpec.parse("int3")
+    W, X, H = _problem(seed=1)
+    a, b = adaround(W, H, spec, AdaRound(iters=200)), adaround(W, H, spec, AdaRound(iters=200))
+    assert torch.equal(a.codes, b.codes)
+    assert not torch.equal(a.scale, quantize(W, spec).scale)  # the clipping search shrank some ranges
+
+
+def test_refusals_and_settings():
+    W, X, H = _problem()
+    with pytest.raises(InputError, match="not an integer format"):
+        adaround(W, H, QuantSpec.parse("fp4"), AdaRound(iters=1))
+    with pytest.raises(InputError, match="does not fit a weight"):
+        adaround(W, H[:5, :5], QuantSpec.parse("int4"), AdaRound(iters=1))
+    for bad in ({"iters": 0}, {"lr": 0}, {"reg": -1}, {"warmup": 1.0}, {"beta": (2,)}, {"clip_search": "yes"}):
+        with pytest.raises(InputError, match="adaround"):
+            AdaRound(**bad)
+    cfg = AdaRound(iters=10, beta=[10, 2])
+    d = cfg.to_dict()
+    assert make_algorithm(json.loads(json.dumps(d))) == cfg == make_algorithm(yaml.safe_load(yaml.safe_dump(d)))
+    assert make_algorithm("adaround").needs_data
+
+
+def test_a_resnet_quantizes_through_quantize_and_reloads(tmp_path):
+    model = skeleton("fmnist-resnet")
+    data = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ref = model(data[:8])
+    plan = QuantPlan.uniform("int4", {"name": "adaround", "iters": 50}, skip=())
+    quantize_model(model, plan, data, progress=False)
+    out = model(data[:8])
+    assert (out - ref).abs().max() < 0.5 * ref.abs().max()
+    assert torch.equal(load(save(model, tmp_path / "a", plan=plan), model=skeleton("fmnist-resnet"))(data[:8]), out)
+
+
+def test_a_depthwise_convolution_falls_back_to_round_to_nearest(caplog):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    quantize_model(model, QuantPlan.uniform("int4", {"name": "adaround", "iters": 20}, skip=()),
+                   torch.randn(8, 4, 6, 6), progress=False)
+    assert "round to nearest instead" in caplog.text and "groups=4" in caplog.text
