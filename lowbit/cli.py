@@ -506,6 +506,10 @@ def describe_calibration(record: dict) -> list[str]:
         lines.append(f"experts: {experts.get('linears')} expert linears calibrated on {experts.get('min_tokens')} .. "
                      f"{experts.get('max_tokens')} tokens each (median {experts.get('median_tokens')}), "
                      f"{experts.get('no_tokens')} on none")
+    rec = record.get("reconstruct")
+    if isinstance(rec, dict) and isinstance(rec.get("error_ratio"), dict):
+        shown = ", ".join(f"{k} {v:.3g}x" for k, v in rec["error_ratio"].items())
+        lines.append(f"block reconstruction: {rec.get('units')} unit(s), output error vs before: {shown}")
     return lines
 
 

@@ -24,6 +24,7 @@ Recipes are plans written as YAML::
         bias_correction: false
     transforms: [fuse_norms]     # optional: float equivalence transforms applied first (lowbit.transforms)
     kv: {spec: int8-token}       # optional: KV-cache quantization of the model's attention (lowbit.nn.kv_cache)
+    reconstruct: {iters: 1000}   # optional: block reconstruction of the rounding (BRECQ/QDrop, lowbit.algorithms.brecq)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 import yaml
 
 from lowbit.algorithms import Algorithm, RTN, make_algorithm
+from lowbit.algorithms.brecq import Reconstruction
 from lowbit.errors import InputError
 from lowbit.nn.roles import HEAD_NAME, ROLES
 from lowbit.spec import ActivationQuant, KVCacheQuant, QuantSpec, parse_spec
@@ -145,6 +147,7 @@ class QuantPlan:
     skip: tuple[str, ...] = DEFAULT_SKIP
     transforms: tuple[str, ...] = ()
     kv: KVCacheQuant | None = None
+    reconstruct: Reconstruction | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -158,6 +161,11 @@ class QuantPlan:
             raise InputError(f"plan kv must be a KVCacheQuant, a scheme name or a mapping, got {self.kv!r}")
         if not self.rules:
             raise InputError("a plan needs at least one rule")
+        if isinstance(self.reconstruct, (bool, dict)):
+            object.__setattr__(self, "reconstruct", Reconstruction.from_dict(self.reconstruct) if self.reconstruct
+                               else None)
+        if self.reconstruct is not None and not isinstance(self.reconstruct, Reconstruction):
+            raise InputError(f"plan reconstruct must be a Reconstruction, true or a mapping, got {self.reconstruct!r}")
 
     @classmethod
     def uniform(
@@ -174,7 +182,7 @@ class QuantPlan:
     @property
     def needs_data(self) -> bool:
         """True when ``quantize`` needs calibration data for this plan."""
-        if any(t in NEEDS_DATA for t in self.transforms):
+        if any(t in NEEDS_DATA for t in self.transforms) or self.reconstruct is not None:
             return True
         return any(
             (r.act is not None and not r.act.dynamic) or r.bias_correction or bool(r.method.stats_needed)
@@ -199,6 +207,8 @@ class QuantPlan:
             d["transforms"] = list(self.transforms)
         if self.kv is not None:
             d["kv"] = self.kv.to_dict()
+        if self.reconstruct is not None:
+            d["reconstruct"] = self.reconstruct.to_dict()
         return d
 
     @classmethod
@@ -207,10 +217,10 @@ class QuantPlan:
             raise InputError(f"{where} is empty; it needs 'rules' (see lowbit.plan for an example)")
         if not isinstance(d, dict):
             raise InputError(f"{where}: expected a mapping with 'rules' (and optional 'skip'), got {type(d).__name__}")
-        unknown = set(d) - {"rules", "skip", "transforms", "kv", "name", "description"}
+        unknown = set(d) - {"rules", "skip", "transforms", "kv", "reconstruct", "name", "description"}
         if unknown:
-            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: rules, skip, transforms, kv, name, "
-                             f"description")
+            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: rules, skip, transforms, kv, "
+                             f"reconstruct, name, description")
         rules = d.get("rules")
         if not isinstance(rules, list) or not rules:
             raise InputError(f"{where}: 'rules' must be a non-empty list of rules")
@@ -226,8 +236,11 @@ class QuantPlan:
             kv = None if d.get("kv") is None else KVCacheQuant.from_dict(d["kv"])
         except InputError as e:
             raise InputError(f"{where}: kv: {e}") from None
+        reconstruct = None
+        if d.get("reconstruct") not in (None, False):
+            reconstruct = Reconstruction.from_dict(d["reconstruct"], f"{where}: reconstruct")
         return cls(tuple(Rule.from_dict(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)), tuple(skip),
-                   check_transforms(transforms, where), kv)
+                   check_transforms(transforms, where), kv, reconstruct)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -8,6 +8,7 @@ returned; it keeps working as an ``nn.Module`` with the same call signature.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -107,8 +108,10 @@ def quantize(
         unfused.restore()
         raise
     try:
+        # block reconstruction learns against the float model as transformed: a copy of it (memory: twice the model)
+        reference = copy.deepcopy(model) if plan.reconstruct is not None else None
         originals.offload()  # the float tensors the transforms changed wait on disk, not in memory
-        _quantize(model, plan, data, progress, sequential, checkpoint)
+        _quantize(model, plan, data, progress, sequential, checkpoint, reference)
     except BaseException:
         originals.restore()
         unfused.restore()
@@ -121,8 +124,11 @@ def quantize(
 
 
 def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequential: bool,
-              checkpoint: str | os.PathLike | None) -> nn.Module:
-    """``quantize`` after its float pre-pass: prepare, feed data, convert (the float layers put back on failure)."""
+              checkpoint: str | os.PathLike | None, reference: nn.Module | None = None) -> nn.Module:
+    """``quantize`` after its float pre-pass: prepare, feed data, convert, and with ``plan.reconstruct`` block
+    reconstruction against the float ``reference`` (the float layers put back on failure)."""
+    if plan.reconstruct is not None and data is None:
+        raise InputError("the plan's reconstruct: learns the rounding on calibration data; pass data=")
     targets = prepare(model, plan)
     if not targets:  # a plan that only quantizes the KV cache
         return model
@@ -210,6 +216,11 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
             record["tied"] = list(tie)
         if expert_tokens:
             record["experts"] = _expert_coverage(expert_tokens)
+        if plan.reconstruct is not None:
+            from lowbit.algorithms.brecq import reconstruct
+
+            ratios = reconstruct(model, reference, data, plan.reconstruct, progress)
+            record["reconstruct"] = {"units": len(ratios), "error_ratio": {k: round(v, 4) for k, v in ratios.items()}}
     except BaseException:
         swapped.restore()  # no half-quantized model
         raise
