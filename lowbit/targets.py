@@ -56,13 +56,16 @@ def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
 def data_aware_misfit(module: nn.Module, method: Any) -> str | None:
     """Why ``method`` cannot take ``module`` from its input statistics, or None if it can. A Hessian
     (``X^T X``: GPTQ, the weighted clipping search) comes from a linear's inputs or from the patches of a
-    convolution with ``groups == 1``, whose AWQ scales are one per input channel."""
+    convolution with ``groups == 1``, whose AWQ scales are one per input channel; an algorithm whose
+    ``grouped_hessian`` is true (AdaRound) also takes a grouped convolution's one Hessian per group."""
     needs = set(method.stats_needed)
     if not needs or is_linear_like(module):
         return None
     conv = isinstance(module, nn.modules.conv._ConvNd) and module.weight.dim() in (3, 4)
     if conv and needs <= {"hessian", "abs_mean"}:
-        return None if module.groups == 1 else f"a grouped {type(module).__name__} (groups={module.groups})"
+        if module.groups == 1 or (needs == {"hessian"} and getattr(method, "grouped_hessian", False)):
+            return None
+        return f"a grouped {type(module).__name__} (groups={module.groups})"
     return f"a {type(module).__name__}"
 
 

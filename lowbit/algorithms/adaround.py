@@ -69,6 +69,7 @@ class AdaRound(AlgorithmConfig):
 
     name: ClassVar[str] = "adaround"
     stats_needed: ClassVar[tuple[str, ...]] = ("hessian",)
+    grouped_hessian: ClassVar[bool] = True  # takes a grouped convolution's (groups, cols, cols) Hessian
 
     def __post_init__(self) -> None:
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
@@ -94,7 +95,8 @@ class AdaRound(AlgorithmConfig):
 
 def adaround(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRound = AdaRound(),
              ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
-    """Learned rounding of ``W`` ``(rows, cols)`` to the integer ``spec``, for input Hessian ``H`` ``(cols, cols)``.
+    """Learned rounding of ``W`` ``(rows, cols)`` to the integer ``spec``, for input Hessian ``H`` ``(cols, cols)``,
+    or ``(groups, cols, cols)`` for a grouped convolution (rows ``g * rows / groups ..`` read group ``g``'s inputs).
 
     Returns a :class:`QuantizedTensor` with round to nearest's scales and zero points (of ``ranges``, of the
     clipping search, or of min/max) and learned codes. Raises InputError for a non-integer format or a
@@ -102,12 +104,14 @@ def adaround(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRound
     """
     if spec.format != "int":
         raise InputError(f"adaround rounds on a uniform integer grid; {spec.name} is not an integer format")
-    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+    groups = H.shape[0] if H.dim() == 3 else 1
+    if W.dim() != 2 or H.shape[-2:] != (W.shape[1], W.shape[1]) or H.dim() not in (2, 3) or W.shape[0] % groups:
         raise InputError(f"adaround: Hessian of shape {tuple(H.shape)} does not fit a weight of shape {tuple(W.shape)}")
     Wf = W.detach().float()
     H = H.detach().float()
-    if ranges is None and config.clip_search:
-        ranges = mse_clip_search(Wf, spec, hessian=H)
+    if ranges is None and config.clip_search:  # a grouped Hessian: the search weighs each column by its diagonal
+        ranges = mse_clip_search(Wf, spec, hessian=H) if groups == 1 else \
+            mse_clip_search(Wf, spec, importance=H.diagonal(dim1=1, dim2=2).mean(0))
     q0 = quantize(Wf, spec, *ranges) if ranges is not None else quantize(Wf, spec)
     S, Z, qmax = _grid(q0)  # (rows, cols) each
     x = Wf / torch.where(S > 0, S, torch.ones_like(S)) + Z  # the weight in code units (an all-zero tile: Z)
@@ -118,9 +122,9 @@ def adaround(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRound
     def weight(h: torch.Tensor) -> torch.Tensor:
         return S * ((base + h).clamp(0, qmax) - Z)
 
-    def out_err(Wq: torch.Tensor) -> torch.Tensor:
-        dW = Wq - Wf
-        return ((dW @ H) * dW).sum()
+    def out_err(Wq: torch.Tensor) -> torch.Tensor:  # tr(dW H dW^T), per group for a grouped Hessian
+        dW = (Wq - Wf).reshape(groups, -1, Wf.shape[1])  # (groups, rows / groups, cols)
+        return ((dW @ H.reshape(groups, *H.shape[-2:])) * dW).sum()
 
     with torch.no_grad():
         err_rtn = out_err(q0.dequantize())

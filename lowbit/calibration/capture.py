@@ -45,8 +45,9 @@ class Request:
         importance: accumulate ``mean(x**2)`` per input feature (linears).
         mean: accumulate ``mean(x)`` per input channel (the feature dim of a linear, dim 1 of a conv).
         hessian: accumulate ``X^T X / n`` over input vectors (GPTQ's ``H`` up to a factor 2): a linear's inputs,
-            or the patches a convolution with ``groups == 1`` multiplies (``conv_patches``: each output
-            position's receptive field, the weight's ``(in * kernel)`` columns, as GPTQ does for ResNets).
+            or the patches a convolution multiplies (``conv_patches``: each output position's receptive field,
+            the weight's ``(in * kernel)`` columns, as GPTQ does for ResNets); for a grouped convolution one
+            such matrix per group, ``(groups, in / groups * kernel, in / groups * kernel)``.
         abs_mean: accumulate ``mean(|x|)`` per input feature (AWQ's activation magnitude); for a convolution
             per input channel, repeated over its kernel positions (one per patch column).
         routed: the module sees only the tokens a router sends it (a mixture-of-experts expert): that no
@@ -72,7 +73,8 @@ class InputStats:
         n_rows: number of input rows (tokens, or images for convolutions) seen; 0 only for a routed module
             (``Request.routed``) that no token reached, whose statistics are then all None.
         mean: float32 ``(in_channels,)`` mean of ``x`` per input channel, or None.
-        hessian: float32 ``(in_features, in_features)`` ``X^T X / n_rows`` (linears), or None.
+        hessian: float32 ``(in_features, in_features)`` ``X^T X / n_rows`` (linears; a convolution's patch
+            columns; ``(groups, cols, cols)`` per group of a grouped convolution), or None.
         abs_mean: float32 ``(in_features,)`` mean of ``|x|`` per input feature (linears), or None.
     """
 
@@ -246,7 +248,11 @@ class InputCollector:
                     self._add((name, "abssum"), per.repeat_interleave(math.prod(mod.kernel_size)))
                 else:
                     self._add((name, "abssum"), x2.abs().sum(0))
-            if req.hessian:
+            if req.hessian and is_conv and mod.groups > 1:  # one X^T X per group: (groups, cols, cols)
+                P = conv_patches(mod, x, grouped=True)
+                P = P.reshape(P.shape[0], mod.groups, -1).transpose(0, 1)  # (groups, positions, cols)
+                self._add((name, "xtx"), P.transpose(1, 2) @ P)
+            elif req.hessian:
                 self._add((name, "xtx"), gram(conv_patches(mod, x)) if is_conv else self._xtx(x, x2))
             if req.mean:
                 xc = x.float().transpose(0, 1).reshape(x.shape[1], -1) if is_conv else x2.t()  # (channels, n)
@@ -287,11 +293,13 @@ class InputCollector:
         return out
 
 
-def conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def conv_patches(conv: nn.Module, x: torch.Tensor, grouped: bool = False) -> torch.Tensor:
     """The input vectors a 1-D/2-D convolution's weight multiplies: ``(positions, in * prod(kernel))`` float32,
     one row per output position and image, columns in the order of ``weight.reshape(out, -1)``. Padding
-    (``padding_mode`` and ``"same"`` included), stride and dilation as the layer applies them; ``groups == 1``."""
-    if conv.groups != 1:
+    (``padding_mode`` and ``"same"`` included), stride and dilation as the layer applies them. A grouped
+    convolution is refused unless ``grouped``: then group ``g``'s patches are the columns
+    ``g * cols .. (g + 1) * cols`` (``cols = in / groups * prod(kernel)``)."""
+    if conv.groups != 1 and not grouped:
         raise InputError(f"{type(conv).__name__} with groups={conv.groups}: its input patches differ per group")
     one_d = x.dim() == 3
     x = x.float().unsqueeze(2) if one_d else x.float()  # (N, C, 1, L) for a 1-D convolution
