@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     g = q.add_mutually_exclusive_group()
     g.add_argument("--scheme", help="weight format, e.g. int4-g128-asym, int8, nvfp4 (see `lowbit schemes`)")
     g.add_argument("--recipe", help="YAML recipe file (a QuantPlan)")
-    q.add_argument("--method", default="rtn", help="algorithm: rtn, gptq, awq or awq+gptq (default: rtn)")
+    q.add_argument("--method", default="rtn", help="algorithm: rtn, gptq, awq, awq+gptq or adaround (default: rtn)")
     q.add_argument("--clip-search", action="store_true", help="clipping-range search: output-error weighted from "
                    "calibration data for rtn, static group ranges for gptq (awq always searches)")
     q.add_argument("--act", help="activation format, e.g. int8-token (dynamic)")

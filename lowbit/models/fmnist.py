@@ -184,12 +184,12 @@ def trained(name: str) -> tuple[nn.Module, float]:
 
 
 def train(name: str, *, subset: int | None = None, epochs: int | None = None, progress: bool = True,
-          threads: int = 2) -> tuple[nn.Module, float]:
+          threads: int = 2, test_limit: int | None = None) -> tuple[nn.Module, float]:
     """Train ``name`` by its recipe (seed 0, ``threads`` threads) and measure its test accuracy.
 
-    ``subset`` (the first N training images) and ``epochs`` shorten training for tests. Deterministic for a
-    given torch build and thread count. Returns the model in eval mode and its top-1 accuracy on the 10,000
-    test images.
+    ``subset`` (the first N training images), ``epochs`` and ``test_limit`` (the first N test images) shorten
+    it for tests. Deterministic for a given torch build and thread count. Returns the model in eval mode and
+    its top-1 accuracy on the 10,000 test images (or the first ``test_limit``).
     """
     from lowbit.data.fashion_mnist import fashion_mnist, to_inputs
 
@@ -229,7 +229,7 @@ def train(name: str, *, subset: int | None = None, epochs: int | None = None, pr
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             bar.close()
         model = model.to(memory_format=torch.contiguous_format).eval()
-        return model, test_accuracy(model, progress=progress)
+        return model, test_accuracy(model, progress=progress, limit=test_limit)
     finally:
         torch.set_num_threads(old_threads)
 
