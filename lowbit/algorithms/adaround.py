@@ -107,11 +107,18 @@ def adaround(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRound
     groups = H.shape[0] if H.dim() == 3 else 1
     if W.dim() != 2 or H.shape[-2:] != (W.shape[1], W.shape[1]) or H.dim() not in (2, 3) or W.shape[0] % groups:
         raise InputError(f"adaround: Hessian of shape {tuple(H.shape)} does not fit a weight of shape {tuple(W.shape)}")
-    Wf = W.detach().float()
-    H = H.detach().float()
+    with torch.inference_mode(False):  # block-by-block calibration runs in inference mode; this learns
+        return _adaround(W.detach().float().clone(), H.detach().float().clone(), spec, config, ranges, groups)
+
+
+def _adaround(Wf: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRound,
+              ranges: tuple[torch.Tensor, torch.Tensor] | None, groups: int) -> QuantizedTensor:
+    """:func:`adaround` on ordinary (not inference-mode) float32 tensors."""
     if ranges is None and config.clip_search:  # a grouped Hessian: the search weighs each column by its diagonal
         ranges = mse_clip_search(Wf, spec, hessian=H) if groups == 1 else \
             mse_clip_search(Wf, spec, importance=H.diagonal(dim1=1, dim2=2).mean(0))
+    if ranges is not None:
+        ranges = (ranges[0].clone(), ranges[1].clone())
     q0 = quantize(Wf, spec, *ranges) if ranges is not None else quantize(Wf, spec)
     S, Z, qmax = _grid(q0)  # (rows, cols) each
     x = Wf / torch.where(S > 0, S, torch.ones_like(S)) + Z  # the weight in code units (an all-zero tile: Z)

@@ -163,7 +163,7 @@ class _Soft(nn.Module):
         q = qm.quantized_weight()
         self.q0 = q
         S, Z, self.qmax = _grid(q)
-        self.S, self.Z = S, Z
+        self.S, self.Z = S.clone(), Z.clone()  # ordinary tensors: the layer's may be inference tensors
         self.shape = W.shape
         x = W.reshape(S.shape) / torch.where(S > 0, S, torch.ones_like(S)) + Z
         self.base = torch.floor(x)
@@ -297,8 +297,9 @@ def _optimize(model: nn.Module, name: str, softs: dict[str, _Soft], inputs: list
     if ratio > 1:
         log.info("reconstruct: %s ended with %.3gx its output error before; its codes are kept", name, ratio)
         return 1.0
-    for n, q in hard.items():
-        originals[n].set_quantized_weight(q)
+    with torch.inference_mode():  # layers built during block-by-block calibration hold inference tensors
+        for n, q in hard.items():
+            originals[n].set_quantized_weight(q)
     log.info("reconstruct: %s output error %.3gx", name, ratio)
     return ratio
 

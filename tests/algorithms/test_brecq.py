@@ -85,3 +85,20 @@ def test_settings_round_trip_and_bad_ones_are_refused():
     with pytest.raises(InputError, match="pass data="):
         quantize(skeleton("fmnist-resnet"), QuantPlan((Rule("*", "int4"),), (), (), None, Reconstruction()),
                  progress=False)
+
+
+def test_a_vit_calibrated_block_by_block_takes_adaround_and_reconstruction(tmp_path):
+    # block-by-block calibration builds the layers in inference mode: learning must still work on them
+    data = _data(32)
+    model = skeleton("fmnist-vit")
+    ref = model(data[:4])
+    a8 = ActivationQuant("int8-tensor", dynamic=False)
+    plan = QuantPlan((Rule("*", "int4", {"name": "adaround", "iters": 20}, a8),), (), (), None,
+                     Reconstruction(iters=10, batch=8))
+    quantize(model, plan, data, progress=False)
+    ratios = model.__dict__[CALIBRATION_ATTR]["reconstruct"]["error_ratio"]
+    assert {"blocks.0", "blocks.3", "head"} <= set(ratios) and all(r <= 1 for r in ratios.values())
+    out = model(data[:4])
+    assert (out - ref).abs().max() < ref.abs().max()
+    loaded = load(save(model, tmp_path / "v", plan=plan), model=skeleton("fmnist-vit"))
+    assert torch.equal(loaded(data[:4]), out)
