@@ -319,7 +319,10 @@ class ActivationQuant:
         dynamic: scales computed from each input at run time (any granularity), or fixed from calibration
             data (``dynamic=False``, per-tensor granularity only).
         observer: for static scales, the observer that sets the range: ``minmax``, ``percentile``, ``mse``
-            or ``histogram``.
+            or ``histogram``. A mapping ``{name: percentile, percentile: 99.9}`` (as recipes write it) names
+            the observer and its settings.
+        observer_settings: the observer's settings (``lowbit.observers.make_observer`` keywords), as sorted
+            ``(name, number)`` pairs; a mapping is accepted.
         clip: for dynamic scales, the fraction of each token's (or tensor's) range kept, in (0, 1]; values
             beyond are clipped (QuaRot quantizes 4-bit activations with 0.9, section 5).
     """
@@ -328,12 +331,24 @@ class ActivationQuant:
     dynamic: bool = True
     observer: str = "minmax"
     clip: float = 1.0
+    observer_settings: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.spec, str):
             object.__setattr__(self, "spec", parse_spec(self.spec))
         if not isinstance(self.dynamic, bool):
             raise InputError(f"activation 'dynamic' must be true or false, got {self.dynamic!r}")
+        settings = dict(self.observer_settings) if isinstance(self.observer_settings, (dict, tuple, list)) else None
+        if isinstance(self.observer, dict):  # {name: percentile, percentile: 99.9}
+            settings = {**(settings or {}), **{k: v for k, v in self.observer.items() if k != "name"}}
+            object.__setattr__(self, "observer", self.observer.get("name"))
+        if settings is None or not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       for k, v in settings.items()):
+            raise InputError(f"activation observer settings must map names to numbers (e.g. {{name: percentile, "
+                             f"percentile: 99.9}}), got {self.observer_settings!r}")
+        object.__setattr__(self, "observer_settings", tuple(sorted((k, float(v)) for k, v in settings.items())))
+        if settings and self.dynamic:
+            raise InputError("activation observer settings apply to static ranges (dynamic: false)")
         if not isinstance(self.spec, QuantSpec):
             raise InputError(f"activation spec must be a scheme name or a QuantSpec, got {self.spec!r}")
         if not isinstance(self.observer, str) or self.observer not in OBSERVER_NAMES:
@@ -350,10 +365,13 @@ class ActivationQuant:
     @property
     def name(self) -> str:
         clip = "" if self.clip == 1.0 else f"-clip{self.clip:g}"
-        return f"{self.spec.name}:{'dynamic' if self.dynamic else 'static-' + self.observer}{clip}"
+        settings = "".join(f"-{k}{v:g}" for k, v in self.observer_settings)
+        return f"{self.spec.name}:{'dynamic' if self.dynamic else 'static-' + self.observer + settings}{clip}"
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"spec": self.spec.name, "dynamic": self.dynamic, "observer": self.observer}
+        observer: Any = {"name": self.observer, **dict(self.observer_settings)} if self.observer_settings \
+            else self.observer  # the plain name when there are no settings: older records stay as they were
+        d = {"spec": self.spec.name, "dynamic": self.dynamic, "observer": observer}
         if self.clip != 1.0:  # only when set: older records and run keys stay as they were
             d["clip"] = self.clip
         return d

@@ -44,6 +44,7 @@ def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
     """The modules ``plan`` quantizes, each checked to fit its spec (nothing is changed yet); none only for a
     plan with KV-cache quantization."""
     targets = select_targets(model, plan, allow_none=plan.kv is not None)
+    _check_observers(plan)
     for t in targets:
         check_fits(t.name, float_weight(t.module), t.rule.weight)
         check_finite_params(t.name, t.module)
@@ -51,6 +52,19 @@ def prepare(model: nn.Module, plan: QuantPlan) -> list[Target]:
     targets = _fall_back(_act_fall_back(targets))
     _log_partial_groups(targets)
     return targets
+
+
+def _check_observers(plan: QuantPlan) -> None:
+    """Every rule's static activation observer built once with its settings: a bad setting is refused (naming the
+    rule) before any data is read."""
+    from lowbit.observers import make_observer
+
+    for r in plan.rules:
+        if r.act is not None and not r.act.dynamic and r.act.observer_settings:
+            try:
+                make_observer(r.act.observer, r.act.spec, **dict(r.act.observer_settings))
+            except InputError as e:
+                raise InputError(f"rule {r.pattern!r}: activation observer: {e}") from None
 
 
 def data_aware_misfit(module: nn.Module, method: Any) -> str | None:

@@ -191,7 +191,8 @@ class InputCollector:
         self.early_stop = early_stop
         self._order: list[str] = []  # modules observed in this batch, in call order
         self._stop_after: str | None = None
-        self.observers = {n: make_observer(r.act.observer, r.act.spec) for n, r in wanted.items()
+        self.observers = {n: make_observer(r.act.observer, r.act.spec, **dict(r.act.observer_settings))
+                          for n, r in wanted.items()
                           if r.act is not None and not r.act.dynamic}
         self.sums: dict[tuple[str, str], torch.Tensor] = {}  # (name, stat) -> running sum
         self.rows = {n: 0 for n in wanted}
