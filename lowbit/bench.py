@@ -13,8 +13,9 @@ Sections (each prints one table; every ratio is against fp32 measured in the sam
   convolutions by ``torch.fx`` and channels-last memory, the faster float baseline) and int8 (per-channel weights, static per-tensor 8-bit
   activations calibrated on bundled photos, oneDNN int8 convolutions), the latter as each convolution's own
   kernel (``int8``) and as fused int8 chains (``int8-graph``, ``lowbit.kernels.int8_conv_graph``: BatchNorm
-  folded, activations fused, uint8 passed between convolutions), with top-1 agreement with fp32 over the
-  bundled evaluation views.
+  folded, activations fused, uint8 passed between convolutions), and both again with 7-bit activations
+  (``w8a7``, ``w8a7-graph``: exact on CPUs without VNNI, where 8-bit activations stay on the reference path),
+  with top-1 agreement with fp32 over the bundled evaluation views.
 
 Quantized modules run through ``lowbit.kernels.use_kernels(model, keep_reference=False)``; the table names
 the kernels used and how many modules stayed on the reference path.
@@ -239,7 +240,7 @@ def decode_worker(folder: str, dtype: str, prompt_tokens: int, new_tokens: int) 
 def bench_vision(batch: int, say) -> list[dict]:
     say(f"\n## efficientnet-lite0: images/s (batch {batch}, 224x224)")
     rows = []
-    for label in ("fp32", "fp32-fused", "int8", "int8-graph"):
+    for label in ("fp32", "fp32-fused", "int8", "int8-graph", "w8a7", "w8a7-graph"):
         r = _in_fresh_process({"task": "vision", "format": label, "batch": batch})
         rows.append({"format": label, **r})
     say(f"{'format':>10} {'images/s':>9} {'vs fp32':>8} {'top-1 = fp32':>12}  kernels")
@@ -250,15 +251,16 @@ def bench_vision(batch: int, say) -> list[dict]:
     say("  fp32-fused: BatchNorm folded into the convolutions (torch.fx), channels-last memory. "
         "int8: every convolution int8 per channel with static per-tensor int8 activations (64 calibration "
         "crops of bundled photos), classifier int8 weight-only; BatchNorm float. int8-graph: the same model "
-        "through int8_conv_graph. top-1 = fp32: agreement over the 220 bundled evaluation views")
+        "through int8_conv_graph. w8a7: the same with 7-bit activations (codes 0..127: the int8 kernel is exact "
+        "without VNNI too). top-1 = fp32: agreement over the 220 bundled evaluation views")
     return rows
 
 
-def vision_plan():
+def vision_plan(act_bits: int = 8):
     from lowbit.plan import QuantPlan, Rule
     from lowbit.spec import ActivationQuant, QuantSpec
 
-    act = ActivationQuant(QuantSpec.parse("int8-tensor"), dynamic=False, observer="minmax")
+    act = ActivationQuant(QuantSpec.parse(f"int{act_bits}-tensor"), dynamic=False, observer="minmax")
     return QuantPlan((Rule("_fc", "int8"), Rule("*", "int8", "rtn", act)), skip=())
 
 
@@ -278,12 +280,13 @@ def vision_worker(fmt: str, batch: int) -> dict:
     graph = ""
     if fmt == "fp32-fused":
         model = _fold_batchnorm(model).to(memory_format=torch.channels_last)
-    if fmt in ("int8", "int8-graph"):
+    if fmt in ("int8", "int8-graph", "w8a7", "w8a7-graph"):
         from lowbit.quantizer import quantize
 
-        quantize(model, vision_plan(), list(calibration_views(64).split(8)), progress=False)
+        quantize(model, vision_plan(7 if fmt.startswith("w8a7") else 8), list(calibration_views(64).split(8)),
+                 progress=False)
         counts = use_kernels(model, keep_reference=False).counts()
-        if fmt == "int8-graph":
+        if fmt.endswith("-graph"):
             model, report = int8_conv_graph(model)
             graph = report.describe()
     with torch.inference_mode():

@@ -19,7 +19,9 @@ What remains float: the first convolution's input, the outputs that feed anythin
 pooling, the classifier) and every module that is not part of such a pattern. The result is a
 ``torch.fx.GraphModule`` that shares the model's modules (their kernels' packed weights are not copied);
 the model itself is left as it was. Convolutions that take no part are listed in the report with the reason
-(not on the int8 kernel, or a CPU without VNNI, where that kernel is not exact: ``cpu_features``).
+(not on the int8 kernel, or 8-bit activations on a CPU without VNNI, where that kernel is not exact:
+``cpu_features``; 7-bit activations run everywhere). A link clips ``A``'s output to the values ``B``'s codes
+represent before writing them (one oneDNN post-op with the activation), as ``B``'s own quantizer clamps.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class FusedInt8Conv(nn.Module):
         self.register_buffer("w_scale", w_scale)
         self.register_buffer("fused_bias", bias)
         self.post, self.out_q, self.codes_in = post, out_q, codes_in
+        # writing the next layer's codes: the output clipped to what they represent first, as that layer's own
+        # quantizer clamps its codes (for fewer than 8 bits the uint8 range is wider than the codes')
+        self.link_post = post if out_q is None else _clipped(post, out_q[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.conv
@@ -108,7 +113,7 @@ class FusedInt8Conv(nn.Module):
             codes = conv_int8.input_codes(m, st, x)
         output = (1.0, 0, torch.float32) if self.out_q is None else (self.out_q[0], self.out_q[1], torch.uint8)
         y = conv_int8.conv_codes(m, st, codes, w_scale=self.w_scale, bias=self.fused_bias, output=output,
-                                 post=self.post)
+                                 post=self.post if self.out_q is None else self.link_post)
         return y if self.out_q is not None or x.dtype == torch.uint8 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -119,8 +124,8 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
     """A traced copy of ``model`` whose int8 convolutions are fused into chains (see the module docstring).
 
     Call after ``lowbit.kernels.use_kernels(model)``: only convolutions on the ``conv-int8-onednn`` kernel
-    take part, and none on a CPU without VNNI (the report's ``declined`` says why). The model must be in eval
-    mode.
+    take part, and none with 8-bit activations on a CPU without VNNI (the report's ``declined`` says why). The
+    model must be in eval mode.
 
     Raises:
         InputError: the model is in training mode or ``torch.fx`` cannot trace it (data-dependent control
@@ -180,7 +185,7 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
         out_q = None
         if plan["next"] is not None:
             nst = module(plan["next"]).__dict__[KERNEL_ATTR].state
-            out_q = (float(nst["x_scale"]), int(nst["x_zp"]))
+            out_q = (float(nst["x_scale"]), int(nst["x_zp"]), conv_int8.code_range(nst))
             report.links.append((n.target, plan["next"].target))
         fused = FusedInt8Conv(conv, None if plan["fold"] is None else plan["fold"][1], plan["post"], out_q,
                               codes_in=n in consumers)
@@ -204,12 +209,23 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
 
 def _why_not_fused(m: QuantConv2d) -> str | None:
     """None if ``m`` runs the int8 kernel on a CPU where it is exact, else why it stays out of the graph."""
-    if not cpu_features.has_vnni():  # checked here too: a kernel attached elsewhere must not be chained
-        return cpu_features.NO_VNNI
+    why = conv_int8.why_not(m)  # checked here too: a kernel attached elsewhere (another CPU) must not be chained
+    if why is not None and (why == cpu_features.NO_VNNI or kernel_name(m) == KERNEL):
+        return why
     if kernel_name(m) != KERNEL:
         return conv_int8.why_not(m) or f"it runs {kernel_name(m) or 'the reference path'}, not {KERNEL} " \
                                        f"(call use_kernels first)"
     return None
+
+
+def _clipped(post: tuple[str, list], bounds: tuple[float, float]) -> tuple[str, list]:
+    """``post`` followed by a clip to ``bounds``, as one oneDNN post-op (ReLU and Hardtanh are clips too)."""
+    lo, hi = bounds
+    if post[0] == "relu":
+        lo = max(lo, 0.0)
+    elif post[0] == "hardtanh":
+        lo, hi = max(lo, post[1][0]), min(hi, post[1][1])
+    return ("hardtanh", [lo, max(lo, hi)])
 
 
 def _post_op(n: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, list] | None:

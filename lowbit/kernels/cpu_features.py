@@ -21,8 +21,9 @@ import torch
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 NO_VNNI = ("this CPU has no VNNI (avx512_vnni / avx_vnni / amx_int8): oneDNN's int8 convolution sums "
-           "uint8 x int8 products pairwise in saturating 16-bit integers there, so it is not exact; "
-           "using the reference path")
+           "uint8 x int8 products pairwise in saturating 16-bit integers there, so it is not exact with 8-bit "
+           "activations; using the reference path (activations of 7 bits or fewer, e.g. int7-tensor, run it "
+           "exactly)")
 
 
 def has_vnni() -> bool:

@@ -92,6 +92,32 @@ def test_fused_graph_matches_the_reference_model(act):
         assert torch.equal(q(x), q(x))  # the model itself is unchanged and still runs its kernels
 
 
+@pytest.mark.parametrize("act", ["int7-tensor", "int7-tensor-asym", "int6-tensor"])
+def test_seven_bit_activations_run_the_int8_graph_exactly_without_vnni(monkeypatch, act):
+    """Codes in 0..127 never saturate oneDNN's pairwise int16 sums: exact on any x86 CPU, VNNI or not."""
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    q = _model(act)
+    x = _x() * 3  # beyond the calibrated range: the links must clip as the consumers' quantizers clamp
+    with torch.no_grad():
+        ref = q(x)
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    assert report.convs == 3 and report.links == [("dw", "pw")] and report.declined == {}
+    with torch.no_grad():
+        y = gm(x)
+        direct = q(x)  # each convolution on its own kernel, float in and out
+    assert float((direct - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+    assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
+
+
+def test_eight_bit_activations_without_vnni_say_that_seven_bits_would_run(monkeypatch):
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    q = _model("int8-tensor")
+    from lowbit.kernels import conv_int8
+
+    assert conv_int8.why_not(q.dw) == cpu_features.NO_VNNI and "7 bits or fewer" in cpu_features.NO_VNNI
+
+
 @needs_vnni
 def test_link_writes_the_consumers_own_input_codes():
     q = _model()
