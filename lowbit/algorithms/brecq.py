@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.algorithms.adaround import GAMMA, ZETA, _grid, _rect_sigmoid
 from lowbit.errors import InputError
 from lowbit.formats import QuantizedTensor
 
@@ -157,8 +158,6 @@ class _Soft(nn.Module):
 
     def __init__(self, qm: nn.Module, W: torch.Tensor) -> None:
         super().__init__()
-        from lowbit.algorithms.adaround import _grid
-
         self.qm = qm
         q = qm.quantized_weight()
         self.q0 = q
@@ -168,16 +167,12 @@ class _Soft(nn.Module):
         x = W.reshape(S.shape) / torch.where(S > 0, S, torch.ones_like(S)) + Z
         self.base = torch.floor(x)
         rest = (x - self.base).clamp(1e-4, 1 - 1e-4)
-        from lowbit.algorithms.adaround import GAMMA, ZETA
-
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.act_grid = _static_grid(qm)
         self.drop = 0.0
         self.fixed: torch.Tensor | None = None  # a weight to compute with instead of the soft one (evaluation)
 
     def h(self) -> torch.Tensor:
-        from lowbit.algorithms.adaround import _rect_sigmoid
-
         return _rect_sigmoid(self.V)
 
     def weight(self) -> torch.Tensor:
