@@ -333,7 +333,11 @@ def _in_fresh_process(job: dict) -> dict:
         InputError: the worker stopped on bad input (a damaged artifact, say); its message is passed on.
         LowbitError: the worker failed otherwise; the message holds the end of its error output.
     """
+    from lowbit.models.hf import remote_code_trusted
+
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # the opt-in to a model folder's own code (--trust-remote-code) lives in this process's context: pass it on
+    job = {**job, "remote_code": remote_code_trusted()}
     cmd = [sys.executable, "-m", "lowbit.bench", json.dumps(job)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = p.stdout.strip().splitlines()
@@ -355,19 +359,25 @@ def _json_line(line: str) -> Any:
 
 
 def _worker_main(arg: str) -> None:
+    from lowbit.models.hf import remote_code
+
     job = json.loads(arg)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     try:
-        if job["task"] == "decode":
-            r = decode_worker(job["folder"], job["dtype"], job["prompt_tokens"], job["new_tokens"])
-        elif job["task"] == "vision":
-            r = vision_worker(job["format"], job["batch"])
-        else:
-            raise InputError(f"unknown bench task {job['task']!r}")
+        with remote_code(bool(job.get("remote_code", False))):
+            r = _run_job(job)
     except InputError as e:  # bad input: one JSON line the parent turns back into an InputError
         print(json.dumps({"error": str(e)}))
         raise SystemExit(2) from None
     print(json.dumps(r))
+
+
+def _run_job(job: dict) -> dict:
+    if job["task"] == "decode":
+        return decode_worker(job["folder"], job["dtype"], job["prompt_tokens"], job["new_tokens"])
+    if job["task"] == "vision":
+        return vision_worker(job["format"], job["batch"])
+    raise InputError(f"unknown bench task {job['task']!r}")
 
 
 if __name__ == "__main__":

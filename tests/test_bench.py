@@ -100,3 +100,31 @@ def test_float_baseline_folds_batchnorm_into_convolution_subclasses_exactly():
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-5)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model itself is unchanged
+
+
+def test_the_remote_code_opt_in_reaches_the_worker_process(monkeypatch, capsys):
+    """``lowbit bench --trust-remote-code``: the opt-in lives in the parent's context, so it travels in the job
+    and the worker sets it around its measurement."""
+    import json
+    import subprocess
+
+    from lowbit import bench
+    from lowbit.models.hf import remote_code, remote_code_trusted
+
+    sent = []
+
+    def fake_run(cmd, **kw):
+        sent.append(json.loads(cmd[-1]))
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"ok": 1}\n', stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    bench._in_fresh_process({"task": "vision", "format": "fp32", "batch": 1})
+    with remote_code(True):
+        bench._in_fresh_process({"task": "vision", "format": "fp32", "batch": 1})
+    assert [j["remote_code"] for j in sent] == [False, True]
+
+    monkeypatch.setattr(bench, "_run_job", lambda job: {"trusted": remote_code_trusted()})
+    for job in sent:
+        bench._worker_main(json.dumps(job))
+    assert [json.loads(line)["trusted"] for line in capsys.readouterr().out.splitlines()] == [False, True]
+    assert not remote_code_trusted()
