@@ -37,6 +37,16 @@ class AgreementResult:
                 f"KL(ref||model) {self.kl:.4f} nats over {self.n_images} images")
 
 
+def check_image_batches(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+    """InputError unless ``model`` is in eval mode, ``images`` is (N >= 1, C, H, W) and ``batch_size >= 1``."""
+    if model.training:
+        raise InputError(f"{type(model).__name__} is in training mode (dropout/BN updates); call model.eval() first")
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise InputError(f"images must be (N >= 1, C, H, W), got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def classifier_logits(
     model: nn.Module, images: torch.Tensor, batch_size: int = 32, progress: bool = True
 ) -> torch.Tensor:
@@ -45,12 +55,7 @@ def classifier_logits(
     images: FloatTensor (N, C, H, W). Returns: FloatTensor (N, n_classes), float32.
     Raises InputError if the model is in training mode or returns NaN/Inf.
     """
-    if model.training:
-        raise InputError(f"{type(model).__name__} is in training mode (dropout/BN updates); call model.eval() first")
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise InputError(f"images must be (N >= 1, C, H, W), got shape {tuple(images.shape)}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    check_image_batches(model, images, batch_size)
     chunks = []
     with torch.inference_mode():
         starts = range(0, images.shape[0], batch_size)

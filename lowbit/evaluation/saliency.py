@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import InputError
+from lowbit.evaluation.agreement import check_image_batches
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,7 @@ def output_maps(model: nn.Module, images: torch.Tensor, batch_size: int = 16, pr
     Raises InputError if the model is in training mode, does not take images of this shape, gives an output
     whose first dimension is not the batch, or NaN/Inf.
     """
-    if model.training:
-        raise InputError(f"{type(model).__name__} is in training mode (dropout/BN updates); call model.eval() first")
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise InputError(f"images must be (N >= 1, C, H, W), got shape {tuple(images.shape)}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    check_image_batches(model, images, batch_size)
     chunks = []
     with torch.inference_mode():
         starts = range(0, images.shape[0], batch_size)
