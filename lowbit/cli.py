@@ -67,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="float equivalence transforms applied first, in order: fuse_norms, rotate_residual, rotate, "
                         "rotate_inputs (see lowbit.transforms)")
     q.add_argument("--kv", help="KV-cache format, e.g. int8-token or int4-g32-asym (keys and values per head)")
-    q.add_argument("--bias-correction", action="store_true", help="correct each layer's output mean shift "
-                   "(uses calibration data)")
+    q.add_argument("--bias-correction", nargs="?", const=True, default=False, type=_analytic, metavar="analytic",
+                   help="correct each layer's output mean shift, measured on calibration data; `--bias-correction "
+                        "analytic`: derived from the BatchNorm before each layer, no data")
     q.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration samples when the plan needs "
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
     q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
@@ -165,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
 def _trust_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="let a model folder whose class only its own "
                    "code defines (config auto_map) run that code; off by default")
+
+
+def _analytic(text: str) -> str:
+    if text != "analytic":
+        raise argparse.ArgumentTypeError(f"the only value it takes is 'analytic', got {text!r}")
+    return text
 
 
 def _positive_int(text: str) -> int:

@@ -76,15 +76,17 @@ class Rule:
         weight: the weight format, or None to keep matching modules in float.
         method: the algorithm config that chooses the quantized values (default: round-to-nearest).
         act: activation quantization of the module's input, or None for float activations.
-        bias_correction: after quantizing, shift the bias so each output channel keeps its mean on the
-            calibration data (``lowbit.algorithms.bias_correction``; needs data).
+        bias_correction: after quantizing, shift the bias so each output channel keeps its mean:
+            ``True`` measures the input mean on calibration data (``lowbit.algorithms.bias_correction``);
+            ``"analytic"`` derives it, with no data, from the BatchNorm before the layer (DFQ; see
+            ``lowbit.transforms.equalization.expected_input_means``).
     """
 
     pattern: str
     weight: QuantSpec | None
     method: Any = field(default_factory=RTN)
     act: ActivationQuant | None = None
-    bias_correction: bool = False
+    bias_correction: bool | str = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
@@ -104,8 +106,10 @@ class Rule:
                              f"object with name, stats_needed, run() and to_dict(); got {self.method!r}")
         if isinstance(self.act, (str, dict)):
             object.__setattr__(self, "act", ActivationQuant.from_dict(self.act))
-        if not isinstance(self.bias_correction, bool):
-            raise InputError(f"rule {self.pattern!r}: bias_correction must be true or false")
+        if not isinstance(self.bias_correction, bool) and self.bias_correction != "analytic":
+            raise InputError(f"rule {self.pattern!r}: bias_correction must be true (measured on calibration data), "
+                             f"'analytic' (from the BatchNorm before each layer, no data) or false; got "
+                             f"{self.bias_correction!r}")
 
     def matches(self, name: str, roles: dict[str, str] | None = None) -> bool:
         return _match(self.pattern, name, roles=roles)
@@ -116,7 +120,7 @@ class Rule:
         if self.act is not None:
             d["act"] = self.act.to_dict()
         if self.bias_correction:
-            d["bias_correction"] = True
+            d["bias_correction"] = self.bias_correction
         return d
 
     @classmethod
@@ -185,7 +189,7 @@ class QuantPlan:
         if any(t in NEEDS_DATA for t in self.transforms) or self.reconstruct is not None:
             return True
         return any(
-            (r.act is not None and not r.act.dynamic) or r.bias_correction or bool(r.method.stats_needed)
+            (r.act is not None and not r.act.dynamic) or r.bias_correction is True or bool(r.method.stats_needed)
             for r in self.rules if r.weight is not None
         )
 

@@ -47,6 +47,7 @@ from lowbit.targets import (  # noqa: F401  (re-exported: the plan check lives i
     select_targets,
 )
 from lowbit.transforms import Originals, apply_transforms
+from lowbit.transforms.equalization import expected_input_means
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,19 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
     requests = _requests(targets, routed)
     expert_tokens: dict[str, int] = {}  # tokens each expert linear saw
 
+    # analytic bias correction: input means from the BatchNorms of the float model, before any layer changes
+    analytic = [t.name for t in targets if t.rule.bias_correction == "analytic"]
+    means, why = expected_input_means(model, analytic) if analytic else ({}, {})
+    if why:  # the first convolution at least: it sees the data, not a BatchNorm
+        fallbacks["analytic bias correction -> none"] = list(why)
+        name = next(iter(why))
+        log.warning("analytic bias correction leaves %d layer(s) uncorrected, having no BatchNorm statistics for "
+                    "their input (%s: %s%s)", len(why), name, why[name], ", ..." if len(why) > 1 else "")
+
     def convert(t: Target, s: InputStats | None) -> nn.Module:
         if s is not None and t.name.startswith(routed):
             expert_tokens[t.name] = s.n_rows
-        return _convert(*_no_tokens(t, s, fallbacks))
+        return _convert(*_no_tokens(t, s, fallbacks), means.get(t.name))
     if requests and data is None:
         names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
         raise InputError(f"the plan needs calibration data (static activation ranges, bias correction or "
@@ -383,8 +393,9 @@ def _requests(targets: list[Target], routed: tuple[str, ...] = ()) -> dict[str, 
             raise InputError(f"module {t.name!r}: data-aware {t.rule.method.name} cannot take {why}")
         if t.rule.bias_correction and isinstance(t.module, nn.Embedding):
             raise InputError(f"module {t.name!r}: bias correction does not apply to an embedding")
-        if static_act is not None or needs or t.rule.bias_correction:
-            wanted[t.name] = Request(t.module, static_act, mean=t.rule.bias_correction,
+        measured = t.rule.bias_correction is True
+        if static_act is not None or needs or measured:
+            wanted[t.name] = Request(t.module, static_act, mean=measured,
                                      hessian="hessian" in needs, abs_mean="abs_mean" in needs,
                                      routed=t.name.startswith(routed) if routed else False)
     return wanted
@@ -403,8 +414,9 @@ def _no_tokens(t: Target, s: InputStats | None, fallbacks: dict[str, list[str]])
     return rtn_instead(t), None
 
 
-def _convert(t: Target, s: InputStats | None) -> nn.Module:
-    """The quantized module replacing target ``t``, given its input statistics (None if it needs none)."""
+def _convert(t: Target, s: InputStats | None, mean: torch.Tensor | None = None) -> nn.Module:
+    """The quantized module replacing target ``t``, given its input statistics (None if it needs none) and, for
+    analytic bias correction, its expected input per channel."""
     W = float_weight(t.module)
     try:
         r = quantize_weight(W, t.rule, s)
@@ -415,7 +427,9 @@ def _convert(t: Target, s: InputStats | None) -> nn.Module:
         qm.set_activation_range(*s.act_range)
     if t.rule.bias_correction:
         dW = qm.effective_weight() - W.float()  # what the layer applies minus the float weight
-        qm.add_to_bias(-bias_correction(dW, s.mean, getattr(t.module, "groups", 1)))
+        mean_x = mean if t.rule.bias_correction == "analytic" else s.mean
+        if mean_x is not None:  # None: analytic, with no BatchNorm before the layer (logged)
+            qm.add_to_bias(-bias_correction(dW, mean_x, getattr(t.module, "groups", 1)))
     qm.train(t.module.training)
     return qm
 

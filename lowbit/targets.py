@@ -104,8 +104,9 @@ def _act_fall_back(targets: list[Target]) -> list[Target]:
 
 def rtn_instead(t: Target, keep_bias_correction: bool = False) -> Target:
     """``t`` with round to nearest in place of its algorithm (same format and activations), which it records;
-    bias correction kept only where its input will still be observed."""
-    rule = dataclasses.replace(t.rule, method=RTN(), bias_correction=t.rule.bias_correction and keep_bias_correction)
+    bias correction kept only where its input will still be observed (or, analytic, needs no observation)."""
+    bc = t.rule.bias_correction if keep_bias_correction or t.rule.bias_correction == "analytic" else False
+    rule = dataclasses.replace(t.rule, method=RTN(), bias_correction=bc)
     return dataclasses.replace(t, rule=rule, fallback_from=t.rule.method.name)
 
 

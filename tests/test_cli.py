@@ -192,6 +192,19 @@ def test_cnn_with_bias_correction_then_eval_prints_agreement(capsys, tmp_path):
     assert float(m.group(2)) >= 90.0 and float(m.group(4)) < 0.01
 
 
+def test_cnn_with_analytic_bias_correction_needs_no_calibration_data(capsys, tmp_path):
+    out = tmp_path / "cnn-w8-dfq"
+    rc, printed, err = run(capsys, "quantize", "tiny-cnn", "--scheme", "int8", "--bias-correction", "analytic",
+                           "--transforms", "equalize", "--out", out)
+    assert rc == 0, err
+    assert "calibration set" not in printed  # derived from the BatchNorms: no data read
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["plan"]["rules"][0]["bias_correction"] == "analytic"
+    rc, _, err = run(capsys, "quantize", "tiny-cnn", "--scheme", "int8", "--bias-correction", "analytical",
+                     "--out", tmp_path / "bad")
+    assert rc == 2 and "the only value it takes is 'analytic'" in err and not (tmp_path / "bad").exists()
+
+
 # ---- recipes: mixed precision --------------------------------------------------------------------------------
 
 

@@ -31,3 +31,29 @@ def bias_correction(dW: torch.Tensor, mean_x: torch.Tensor, groups: int = 1) -> 
     per_input = dW.float().reshape(out, in_g, -1).sum(-1)  # (out, in // groups): kernel summed
     mx = mean_x.float().reshape(groups, in_g).repeat_interleave(out // groups, dim=0)  # (out, in // groups)
     return (per_input * mx).sum(1)
+
+
+def expected_clamped_normal(mu: torch.Tensor, sigma: torch.Tensor, clip: torch.Tensor | float | None = None,
+                            rectified: bool = True) -> torch.Tensor:
+    """``E[f(z)]`` per channel for ``z ~ N(mu, sigma^2)`` and ``f`` the identity, ReLU (``rectified``) or
+    ``clamp(z, 0, clip)`` (ReLU6 and its kin): DFQ's analytic input mean (Nagel et al. 2019, Sec. 4.2.1).
+
+    ``E[relu(z)] = mu Phi(mu / sigma) + sigma phi(mu / sigma)`` and ``clamp(z, 0, t) = relu(z) - relu(z - t)``.
+    A channel with ``sigma == 0`` gives ``f(mu)``.
+    """
+    mu, sigma = mu.double(), sigma.double().abs()
+    if not rectified:
+        return mu.float()
+
+    def relu_mean(m: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+        u = m / safe
+        normal = torch.distributions.Normal(torch.zeros_like(u), torch.ones_like(u))
+        mean = m * normal.cdf(u) + safe * normal.log_prob(u).exp()
+        return torch.where(sigma > 0, mean, m.clamp(min=0))
+
+    out = relu_mean(mu)
+    if clip is not None:
+        t = torch.as_tensor(clip, dtype=torch.float64).expand_as(mu)
+        out = out - relu_mean(mu - t)
+    return out.float()

@@ -46,8 +46,14 @@ log = logging.getLogger(__name__)
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-_LEAVES = (*LAYERS, *_BN, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity)
+_LEAVES = (*LAYERS, *_BN, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d,
+           nn.AvgPool2d, nn.Dropout)
 _RELU_FUNCTIONS = (F.relu, torch.relu)
+# a layer a BatchNorm was folded into keeps, as this attribute (not saved), the BatchNorm's output distribution
+# per channel, (mean, std) = (beta, |gamma|): what analytic bias correction needs of the layer after it
+OUTPUT_NORMAL = "_lowbit_output_normal"
+_PASS_THROUGH = (nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout)  # per-channel means kept
+_PASS_FUNCTIONS = (torch.flatten, F.adaptive_avg_pool2d, F.avg_pool2d, F.dropout)
 MAX_SWEEPS = 50
 TOLERANCE = 1e-6  # a sweep whose largest |log s| is below this ends the iteration
 
@@ -241,11 +247,14 @@ def _fold_one(model: nn.Module, lname: str, layer: nn.Module, bname: str, bn: nn
         layer.bias = nn.Parameter(new_b.to(w.dtype), requires_grad=w.requires_grad)
     else:
         layer.bias.data = new_b.to(layer.bias.dtype)
+    layer.__dict__[OUTPUT_NORMAL] = _bn_output_normal(bn)  # for analytic bias correction of the next layer
     model.set_submodule(bname, nn.Identity())
 
 
 def _apply_scales(a: nn.Module, b: nn.Module, s: torch.Tensor) -> None:
     """``A``'s output channels divided by ``s``, ``B``'s input channels multiplied by it."""
+    if OUTPUT_NORMAL in a.__dict__:
+        a.__dict__[OUTPUT_NORMAL] = tuple(v / s for v in a.__dict__[OUTPUT_NORMAL])
     a.weight.data = a.weight.data / s.reshape(-1, *([1] * (a.weight.dim() - 1))).to(a.weight.dtype)
     if a.bias is not None:
         a.bias.data = a.bias.data / s.to(a.bias.dtype)
@@ -266,7 +275,7 @@ def _input_channel_range(W: torch.Tensor, groups: int) -> torch.Tensor:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*_LEAVES, ClampChannels)) or super().is_leaf_module(m, qualname)
 
 
 def _trace(model: nn.Module) -> fx.Graph:
@@ -304,3 +313,80 @@ def _channels_out(m: nn.Module) -> int:
 
 def _channels_in(m: nn.Module) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
+def expected_input_means(model: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """DFQ's analytic input mean per input channel of each layer in ``names``, from the BatchNorm before it.
+
+    The layer's input must be ``[ReLU | ReLU6 | Hardtanh(0, t) | per-channel clip](BatchNorm(...))``, with
+    pooling, flatten, dropout or a folded BatchNorm's identity allowed between, where the BatchNorm is a module
+    still there or one folded into the layer before (``fold_batchnorm``/``equalize`` keep its statistics). The
+    BatchNorm's output per channel is taken as ``N(beta, gamma^2)``. Zero padding is ignored.
+
+    Returns: ``({name: float32 (in_channels,)}, {name: why not})``: a layer whose input is not such (the first
+    convolution, which sees the images) is in the second dict, with the reason.
+    """
+    graph = _trace(model)
+    modules = dict(model.named_modules())
+    wanted = set(names)
+    means: dict[str, torch.Tensor] = {}
+    why: dict[str, str] = {}
+    for n in graph.nodes:
+        if n.op != "call_module" or n.target not in wanted:
+            continue
+        if n.target in means or n.target in why:
+            means.pop(n.target, None)
+            why[n.target] = "called at several places, each with its own input"
+            continue
+        found = _analytic_mean(n, modules)
+        if isinstance(found, str):
+            why[n.target] = found
+        else:
+            means[n.target] = found
+    for name in sorted(wanted - means.keys() - why.keys()):
+        why[name] = "not called by the traced forward"
+    return means, why
+
+
+def _analytic_mean(node: fx.Node, modules: dict[str, nn.Module]) -> torch.Tensor | str:
+    """The layer's expected input per channel, or why it cannot be derived."""
+    from lowbit.algorithms.bias_correction import expected_clamped_normal
+
+    layer = modules[node.target]
+    cur = node.args[0] if node.args else None
+    acts: list[Any] = []  # activations met walking back from the layer's input: (clip or None)
+    while isinstance(cur, fx.Node):
+        m = modules.get(cur.target) if cur.op == "call_module" else None
+        if _is_relu(cur, modules):
+            acts.append(None)
+        elif (t := _clip_of(m)) is not None:
+            acts.append(t)
+        elif isinstance(m, ClampChannels):
+            acts.append(m.clip_max)
+        elif not (isinstance(m, _PASS_THROUGH) or cur.op == "call_function" and cur.target in _PASS_FUNCTIONS
+                  or cur.op == "call_method" and cur.target == "flatten"):
+            break
+        cur = cur.args[0] if cur.args else None
+    src = modules.get(cur.target) if isinstance(cur, fx.Node) and cur.op == "call_module" else None
+    if isinstance(src, _BN) and not src.training and src.running_var is not None:
+        mu, sigma = _bn_output_normal(src)
+    elif src is not None and OUTPUT_NORMAL in src.__dict__:
+        mu, sigma = src.__dict__[OUTPUT_NORMAL]
+    else:
+        return f"no BatchNorm before its input (through ReLU/ReLU6, pooling or flatten), which comes from " \
+               f"{getattr(cur, 'target', cur)!r}"
+    if len(acts) > 1:
+        return f"{len(acts)} activations between the BatchNorm and it (one is modelled)"
+    mean = expected_clamped_normal(mu, sigma, acts[0] if acts else None, rectified=bool(acts))
+    if mean.numel() != _channels_in(layer):
+        return f"{_channels_in(layer)} input channels after a BatchNorm of {mean.numel()}"
+    return mean
+
+
+def _bn_output_normal(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) per channel of an eval-mode BatchNorm's output for inputs with its running statistics."""
+    var = bn.running_var.detach().double()
+    std = torch.sqrt(var / (var + bn.eps))
+    if bn.affine:
+        return bn.bias.detach().double().float(), (bn.weight.detach().double().abs() * std).float()
+    return torch.zeros_like(var).float(), std.float()

@@ -60,3 +60,86 @@ def test_bias_correction_needs_data_and_round_trips_in_recipes():
         quantize(copy.deepcopy(model), plan, progress=False)
     assert QuantPlan.from_yaml(plan.to_yaml()) == plan
     assert "bias_correction: true" in plan.to_yaml()
+
+
+# ---- analytic bias correction (DFQ Sec. 4.2.1): input means from the BatchNorm before each layer ----------
+
+
+@pytest.mark.parametrize("clip", [None, 6.0, "per-channel"])
+def test_expected_clamped_normal_matches_sampling(clip):
+    from lowbit.algorithms.bias_correction import expected_clamped_normal
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([-2.0, -0.5, 0.0, 0.7, 3.0, 5.5, 1.0])
+    sigma = torch.tensor([1.0, 0.3, 2.0, 1.5, 0.5, 2.0, 0.0])  # the last: no spread, f(mu) exactly
+    t = torch.tensor([6.0, 1.0, 6.0, 0.5, 2.0, 4.0, 6.0]) if clip == "per-channel" else clip
+    z = mu + sigma * torch.randn(400_000, 7, generator=g)
+    f = z.clamp(min=0) if t is None else torch.minimum(z.clamp(min=0), torch.as_tensor(t))
+    got = expected_clamped_normal(mu, sigma, t)
+    assert torch.allclose(got, f.mean(0), atol=0.01), (got, f.mean(0))
+    assert torch.equal(expected_clamped_normal(mu, sigma, t, rectified=False), mu)  # no activation: the mean
+
+
+def _with_measured_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give every BatchNorm the running statistics of its input on ``x`` (as training would)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: the statistics of x
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def _input_means(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    seen = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(
+        lambda m, inp, n=n: seen.__setitem__(n, inp[0].transpose(0, 1).reshape(inp[0].shape[1], -1).mean(1)
+                                             if inp[0].dim() > 2 else inp[0].mean(0))) for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("transform", [None, "fold_batchnorm", "equalize"])
+def test_analytic_input_means_match_the_measured_ones(transform):
+    from lowbit.models import tiny
+    from lowbit.transforms import apply_transforms
+    from lowbit.transforms.equalization import expected_input_means
+
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = _with_measured_bn(tiny.tiny_cnn(), x)
+    if transform is not None:
+        apply_transforms(model, [transform])
+    names = ["features.0", "features.3", "features.6", "features.9", "classifier"]
+    means, why = expected_input_means(model, names)
+    assert list(why) == ["features.0"] and "BatchNorm" in why["features.0"]  # the first conv sees the images
+    measured = _input_means(model, list(means), x)
+    for name, mean in means.items():
+        scale = measured[name].abs().max()
+        assert (mean - measured[name]).abs().max() <= 0.1 * scale, name  # pre-activations are near-Gaussian
+
+
+def test_analytic_bias_correction_needs_no_data_and_removes_the_mean_shift():
+    from lowbit.models import tiny
+
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    model = _with_measured_bn(tiny.tiny_cnn(), x)
+    plan = QuantPlan.uniform("int3-ch", bias_correction="analytic")
+    assert not plan.needs_data
+    plain = quantize(copy.deepcopy(model), QuantPlan.uniform("int3-ch"), progress=False)
+    corrected = quantize(copy.deepcopy(model), plan, progress=False)  # no data
+    assert _mean_shift(model, corrected, x) < 0.5 * _mean_shift(model, plain, x)
+    from lowbit.nn.state import CALIBRATION_ATTR
+
+    assert corrected.__dict__[CALIBRATION_ATTR]["fallbacks"]["analytic bias correction -> none"] == ["features.0"]
+    assert QuantPlan.from_yaml(plan.to_yaml()) == plan and "bias_correction: analytic" in plan.to_yaml()
+
+
+def test_a_bad_bias_correction_value_is_refused():
+    with pytest.raises(InputError, match="bias_correction must be true .* 'analytic'"):
+        QuantPlan.uniform("int8", bias_correction="analytical")
