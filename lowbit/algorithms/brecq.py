@@ -22,6 +22,10 @@ child holds quantized layers (a ResNet's residual blocks, EfficientNet's MBConv 
 layers; outermost such list only), and every quantized layer outside those as a unit of its own (the stem, the
 classifier). ``quantize()`` runs this after its own pass when the plan has ``reconstruct:``, against a float
 copy of the model taken after the plan's transforms (so memory holds the model twice while it runs).
+
+A unit is called with what the model passed it (keyword arguments included: an LLM layer's rotary tables and
+masks); the calibration batches are merged into one set whose rows each step samples, tensors over the batch
+cut by rows and the rest (a rotary table with one row for every sample) passed whole.
 """
 
 from __future__ import annotations
@@ -318,10 +322,19 @@ def _error(block: nn.Module, inputs: list, targets: list, softs: dict[str, _Soft
 
 
 def _rows(x: Any, n: int, sel: torch.Tensor) -> Any:
-    """``x`` (args tuple or kwargs dict) with every tensor whose first dimension is the batch (``n``) cut to ``sel``."""
+    """``x`` (args tuple or kwargs dict, tuples inside them too: a transformer's ``position_embeddings``) with
+    every batched tensor (see :func:`_batched`) cut to the rows ``sel``."""
     if isinstance(x, dict):
-        return {k: v[sel] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v for k, v in x.items()}
-    return tuple(v[sel] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v for v in x)
+        return {k: _rows(v, n, sel) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rows(v, n, sel) for v in x)
+    return x[sel] if _batched(x, n) else x
+
+
+def _batched(x: Any, n: int) -> bool:
+    """Whether ``x`` is a tensor over the ``n`` samples: at least 2-D (so a 1-D position index of length ``n``
+    is not taken for one) with ``n`` rows."""
+    return torch.is_tensor(x) and x.dim() >= 2 and x.shape[0] == n
 
 
 def _set(model: nn.Module, unit: str, inner: str, module: nn.Module) -> None:
@@ -371,23 +384,53 @@ def _unit_inputs(model: nn.Module, name: str, data: Any) -> list[tuple[tuple, di
 
 
 def _merged(calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-    """The calls as one, their tensors concatenated along the batch, where every call has the same non-tensor
-    arguments and tensors of the same shape after the batch dimension (so steps sample rows from all of them)."""
-    (args0, kw0) = calls[0]
+    """The calls as one, their batched tensors concatenated (so steps sample rows from all of them), where every
+    call has the same structure, batched tensors of the same shape after the batch dimension and the same
+    other arguments (a rotary table with one row for the whole batch, say); otherwise the calls as given."""
+    sizes = [_batch_of(c) for c in calls]
+    if len(calls) == 1 or None in sizes:
+        return calls
 
-    def layout(args: tuple, kw: dict) -> tuple:
-        return (tuple(tuple(a.shape[1:]) if torch.is_tensor(a) else ("value", a) for a in args),
-                tuple(sorted((k, tuple(v.shape[1:]) if torch.is_tensor(v) else ("value", v)) for k, v in kw.items())))
+    def merge(values: list[Any], n: list[int]) -> Any:
+        first = values[0]
+        if isinstance(first, dict):
+            if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values):
+                raise _Differ
+            return {k: merge([v[k] for v in values], n) for k in first}
+        if isinstance(first, (tuple, list)):
+            if any(type(v) is not type(first) or len(v) != len(first) for v in values):
+                raise _Differ
+            return type(first)(merge([v[i] for v in values], n) for i in range(len(first)))
+        if _batched(first, n[0]):
+            if not all(_batched(v, k) and v.shape[1:] == first.shape[1:] for v, k in zip(values, n)):
+                raise _Differ
+            return torch.cat(values)
+        if torch.is_tensor(first):
+            if not all(torch.is_tensor(v) and v.shape == first.shape and torch.equal(v, first) for v in values):
+                raise _Differ
+            return first
+        try:
+            if not all(v is first or v == first for v in values):
+                raise _Differ
+        except (TypeError, RuntimeError):  # values that cannot be compared
+            raise _Differ from None
+        return first
 
     try:
-        same = all(layout(a, k) == layout(args0, kw0) for a, k in calls)
-    except TypeError:  # an argument that cannot be compared
-        same = False
-    if len(calls) == 1 or not same:
+        return [(merge([c[0] for c in calls], sizes), merge([c[1] for c in calls], sizes))]
+    except _Differ:
         return calls
-    args = tuple(torch.cat([c[0][i] for c in calls]) if torch.is_tensor(a) else a for i, a in enumerate(args0))
-    kw = {k: torch.cat([c[1][k] for c in calls]) if torch.is_tensor(v) else v for k, v in kw0.items()}
-    return [(args, kw)]
+
+
+class _Differ(Exception):
+    pass
+
+
+def _batch_of(call: tuple[tuple, dict]) -> int | None:
+    """The batch size of a call: the first dimension of its first tensor argument (None without one)."""
+    args, kwargs = call
+    first = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+    return None if first is None or first.dim() == 0 else int(first.shape[0])
 
 
 def _call_order(model: nn.Module, units: list[str], data: Any) -> list[str]:

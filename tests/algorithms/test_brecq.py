@@ -102,3 +102,22 @@ def test_a_vit_calibrated_block_by_block_takes_adaround_and_reconstruction(tmp_p
     assert (out - ref).abs().max() < ref.abs().max()
     loaded = load(save(model, tmp_path / "v", plan=plan), model=skeleton("fmnist-vit"))
     assert torch.equal(loaded(data[:4]), out)
+
+
+def test_a_decoder_lm_reconstructs_its_layers_from_several_batches():
+    """A Llama decoder layer is called with ``position_embeddings`` (a tuple of tables with one row for the whole
+    batch) besides the hidden states: the batches merge, and the tables are shared rather than cut by rows."""
+    from lowbit.algorithms.brecq import _merged, _unit_inputs
+    from lowbit.models import load_model
+
+    model = load_model("tiny-llama").model
+    data = [torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    (args, kwargs), = _merged(_unit_inputs(model, "model.layers.0", data))
+    assert args[0].shape == (6, 16, 64)
+    assert all(t.shape[0] == 1 for t in kwargs["position_embeddings"])
+    plan = QuantPlan.uniform("int3-g16-asym")
+    plan = QuantPlan(plan.rules, plan.skip, (), None, {"iters": 40, "batch": 2})
+    quantize(model, plan, data, progress=False)
+    ratios = model.__dict__[CALIBRATION_ATTR]["reconstruct"]["error_ratio"]
+    assert set(ratios) == {"model.layers.0", "model.layers.1"}
+    assert all(r <= 1.0 for r in ratios.values()) and min(ratios.values()) < 0.95, ratios
