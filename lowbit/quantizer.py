@@ -157,7 +157,10 @@ def _quantize(model: nn.Module, plan: QuantPlan, data: Any, progress: bool, sequ
     def convert(t: Target, s: InputStats | None) -> nn.Module:
         if s is not None and t.name.startswith(routed):
             expert_tokens[t.name] = s.n_rows
-        return _convert(*_no_tokens(t, s, fallbacks), means.get(t.name))
+        qm = _convert(*_no_tokens(t, s, fallbacks))
+        if t.name in means:  # analytic bias correction
+            _correct_bias(qm, t, means[t.name])
+        return qm
     if requests and data is None:
         names = ", ".join(list(requests)[:3]) + (" ..." if len(requests) > 3 else "")
         raise InputError(f"the plan needs calibration data (static activation ranges, bias correction or "
@@ -414,9 +417,8 @@ def _no_tokens(t: Target, s: InputStats | None, fallbacks: dict[str, list[str]])
     return rtn_instead(t), None
 
 
-def _convert(t: Target, s: InputStats | None, mean: torch.Tensor | None = None) -> nn.Module:
-    """The quantized module replacing target ``t``, given its input statistics (None if it needs none) and, for
-    analytic bias correction, its expected input per channel."""
+def _convert(t: Target, s: InputStats | None) -> nn.Module:
+    """The quantized module replacing target ``t``, given its input statistics (None if it needs none)."""
     W = float_weight(t.module)
     try:
         r = quantize_weight(W, t.rule, s)
@@ -425,13 +427,18 @@ def _convert(t: Target, s: InputStats | None, mean: torch.Tensor | None = None) 
     qm = to_quantized(t.module, r.q, t.rule.act, r.input_scale)
     if s is not None and s.act_range is not None:
         qm.set_activation_range(*s.act_range)
-    if t.rule.bias_correction:
-        dW = qm.effective_weight() - W.float()  # what the layer applies minus the float weight
-        mean_x = mean if t.rule.bias_correction == "analytic" else s.mean
-        if mean_x is not None:  # None: analytic, with no BatchNorm before the layer (logged)
-            qm.add_to_bias(-bias_correction(dW, mean_x, getattr(t.module, "groups", 1)))
+    if t.rule.bias_correction is True:  # measured; analytic is applied by the caller, which knows the means
+        _correct_bias(qm, t, s.mean, W)
     qm.train(t.module.training)
     return qm
+
+
+def _correct_bias(qm: nn.Module, t: Target, mean_x: torch.Tensor, W: torch.Tensor | None = None) -> None:
+    """Shift ``qm``'s bias by minus the mean output change its quantized weight causes on inputs whose mean per
+    channel is ``mean_x`` (``W``: the float weight, read from ``t.module`` if not given)."""
+    W = float_weight(t.module) if W is None else W
+    dW = qm.effective_weight() - W.float()  # what the layer applies minus the float weight
+    qm.add_to_bias(-bias_correction(dW, mean_x, getattr(t.module, "groups", 1)))
 
 
 def _swap(model: nn.Module, pairs: list[tuple[Target, nn.Module]], swapped: UndoStore) -> None:

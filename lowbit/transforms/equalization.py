@@ -53,7 +53,8 @@ _RELU_FUNCTIONS = (F.relu, torch.relu)
 # per channel, (mean, std) = (beta, |gamma|): what analytic bias correction needs of the layer after it
 OUTPUT_NORMAL = "_lowbit_output_normal"
 _PASS_THROUGH = (nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout)  # per-channel means kept
-_PASS_FUNCTIONS = (torch.flatten, F.adaptive_avg_pool2d, F.avg_pool2d, F.dropout)
+_PASS_FUNCTIONS = (torch.flatten, torch.reshape, F.adaptive_avg_pool2d, F.avg_pool2d, F.dropout)
+# (a reshape that spreads spatial positions over the channels is caught by the channel count check)
 MAX_SWEEPS = 50
 TOLERANCE = 1e-6  # a sweep whose largest |log s| is below this ends the iteration
 
@@ -364,7 +365,7 @@ def _analytic_mean(node: fx.Node, modules: dict[str, nn.Module]) -> torch.Tensor
         elif isinstance(m, ClampChannels):
             acts.append(m.clip_max)
         elif not (isinstance(m, _PASS_THROUGH) or cur.op == "call_function" and cur.target in _PASS_FUNCTIONS
-                  or cur.op == "call_method" and cur.target == "flatten"):
+                  or cur.op == "call_method" and cur.target in ("flatten", "view", "reshape")):
             break
         cur = cur.args[0] if cur.args else None
     src = modules.get(cur.target) if isinstance(cur, fx.Node) and cur.op == "call_module" else None
