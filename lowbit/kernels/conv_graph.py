@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.kernels import conv_int8, cpu_features
+from lowbit.kernels import conv_int8
 from lowbit.kernels.dispatch import kernel_name
 from lowbit.nn.base import KERNEL_ATTR, QuantModule
 from lowbit.nn.conv import QuantConv2d
@@ -113,7 +113,7 @@ class FusedInt8Conv(nn.Module):
             codes = conv_int8.input_codes(m, st, x)
         output = (1.0, 0, torch.float32) if self.out_q is None else (self.out_q[0], self.out_q[1], torch.uint8)
         y = conv_int8.conv_codes(m, st, codes, w_scale=self.w_scale, bias=self.fused_bias, output=output,
-                                 post=self.post if self.out_q is None else self.link_post)
+                                 post=self.link_post)
         return y if self.out_q is not None or x.dtype == torch.uint8 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -210,12 +210,9 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
 def _why_not_fused(m: QuantConv2d) -> str | None:
     """None if ``m`` runs the int8 kernel on a CPU where it is exact, else why it stays out of the graph."""
     why = conv_int8.why_not(m)  # checked here too: a kernel attached elsewhere (another CPU) must not be chained
-    if why is not None and (why == cpu_features.NO_VNNI or kernel_name(m) == KERNEL):
-        return why
-    if kernel_name(m) != KERNEL:
-        return conv_int8.why_not(m) or f"it runs {kernel_name(m) or 'the reference path'}, not {KERNEL} " \
-                                       f"(call use_kernels first)"
-    return None
+    if why is None and kernel_name(m) != KERNEL:
+        why = f"it runs {kernel_name(m) or 'the reference path'}, not {KERNEL} (call use_kernels first)"
+    return why
 
 
 def _clipped(post: tuple[str, list], bounds: tuple[float, float]) -> tuple[str, list]:

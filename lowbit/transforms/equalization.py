@@ -37,6 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.algorithms.bias_correction import expected_clamped_normal
 from lowbit.errors import InputError
 
 if TYPE_CHECKING:
@@ -351,8 +352,6 @@ def expected_input_means(model: nn.Module, names: list[str]) -> tuple[dict[str, 
 
 def _analytic_mean(node: fx.Node, modules: dict[str, nn.Module]) -> torch.Tensor | str:
     """The layer's expected input per channel, or why it cannot be derived."""
-    from lowbit.algorithms.bias_correction import expected_clamped_normal
-
     layer = modules[node.target]
     cur = node.args[0] if node.args else None
     acts: list[Any] = []  # activations met walking back from the layer's input: (clip or None)
