@@ -129,9 +129,12 @@ def _adaround(Wf: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRou
     def weight(h: torch.Tensor) -> torch.Tensor:
         return S * ((base + h).clamp(0, qmax) - Z)
 
-    def out_err(Wq: torch.Tensor) -> torch.Tensor:  # tr(dW H dW^T), per group for a grouped Hessian
+    def row_err(Wq: torch.Tensor) -> torch.Tensor:  # each row's dw H dw^T (its group's H), shape (rows,)
         dW = (Wq - Wf).reshape(groups, -1, Wf.shape[1])  # (groups, rows / groups, cols)
-        return ((dW @ H.reshape(groups, *H.shape[-2:])) * dW).sum()
+        return ((dW @ H.reshape(groups, *H.shape[-2:])) * dW).sum(-1).reshape(-1)
+
+    def out_err(Wq: torch.Tensor) -> torch.Tensor:  # tr(dW H dW^T), summed over groups
+        return row_err(Wq).sum()
 
     with torch.no_grad():
         err_rtn = out_err(q0.dequantize())
@@ -152,11 +155,18 @@ def _adaround(Wf: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRou
             opt.step()
     with torch.no_grad():
         codes = (base + (_rect_sigmoid(V) >= 0.5).float()).clamp(0, qmax)
+        # the error is a sum over rows, so each row keeps the better of its learned and its nearest codes
+        rtn_codes = q0.codes.reshape(codes.shape).float()
+        worse = row_err(S * (codes - Z)) > row_err(S * (rtn_codes - Z))
+        codes = torch.where(worse[:, None], rtn_codes, codes)
         err = out_err(S * (codes - Z))
-    if err > err_rtn:
-        log.info("adaround: the learned rounding ended with %.3gx round to nearest's output error after %d "
-                 "iterations; round to nearest kept (raise iters)", float(err / err_rtn), config.iters)
+    if bool(worse.all()):
+        log.info("adaround: the learned rounding did not lower any row's output error after %d iterations; round "
+                 "to nearest kept (raise iters)", config.iters)
         return q0
+    if bool(worse.any()):
+        log.info("adaround: %d of %d rows kept round to nearest, their learned rounding being worse after %d "
+                 "iterations (raise iters)", int(worse.sum()), worse.numel(), config.iters)
     log.debug("adaround: output error %.3gx round to nearest's", float(err / err_rtn))
     return QuantizedTensor(codes.to(torch.uint8).reshape(q0.codes.shape), q0.scale, q0.zero_point, q0.global_scale,
                            q0.spec)
