@@ -15,8 +15,20 @@ lowbit's quantized modules as leaves) and rewrites, for every such convolution `
   scale and zero point (``round(y / t_B) + zp_B``, saturated: exactly ``B``'s own input quantizer), and ``B``
   reads them without a float round trip; ``B``'s input padding pads with the code of 0.0.
 
-What remains float: the first convolution's input, the outputs that feed anything else (a residual add,
-pooling, the classifier) and every module that is not part of such a pattern. The result is a
+* ``A -> [BatchNorm] -> add(., r) -> [ReLU]`` (a residual add, ``A`` without activation): the add becomes
+  oneDNN's ``sum`` post-op (``sum_relu`` with the ReLU): ``A`` accumulates onto ``r`` in the same kernel. When
+  ``r`` arrives as uint8 codes (its producer writes them, see below) the sum is computed on them and, if the
+  add's result can be written as codes, written as codes: the residual stream stays integer between blocks.
+
+A convolution's output is written as uint8 codes when exactly one of its users is an int8 convolution reading
+it (whose input quantizer sets the scale and zero point) and every other user is a fused residual add taking it
+as ``r``. That is the stream of an inverted-residual network (EfficientNet, MobileNetV2): each block's sum feeds
+the next block's expansion convolution and the next add. There the integer graph quantizes the residual stream,
+as integer runtimes do, where the reference path adds in float: the sums differ from the reference by the
+stream's rounding (at most half a code step per add), which the agreement measured at the end reports.
+
+What remains float: the first convolution's input, the outputs that feed anything else (pooling, the
+classifier, a residual add that cannot be fused) and every module that is not part of such a pattern. The result is a
 ``torch.fx.GraphModule`` that shares the model's modules (their kernels' packed weights are not copied);
 the model itself is left as it was. Convolutions that take no part are listed in the report with the reason
 (not on the int8 kernel, or 8-bit activations on a CPU without VNNI, where that kernel is not exact:
@@ -27,6 +39,7 @@ represent before writing them (one oneDNN post-op with the activation), as ``B``
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +57,7 @@ log = logging.getLogger(__name__)
 
 KERNEL = "conv-int8-onednn"
 _ACT_FUNCTIONS = {F.relu: ("relu", []), torch.relu: ("relu", []), F.relu6: ("hardtanh", [0.0, 6.0])}
+_ADDS = (operator.add, torch.add)
 
 
 class _Tracer(fx.Tracer):
@@ -62,10 +76,13 @@ class ConvGraphReport:
     links: list[tuple[str, str]] = field(default_factory=list)
     convs: int = 0
     declined: dict[str, str] = field(default_factory=dict)
+    adds: list[str] = field(default_factory=list)  # residual adds fused into the convolution before them
+    integer_adds: list[str] = field(default_factory=list)  # those of them summing uint8 codes
 
     def describe(self) -> str:
         text = (f"{self.convs} int8 convolution(s): {len(self.folded)} BatchNorm(s) folded, {self.activations} "
-                f"activation(s) fused, {len(self.links)} int8-to-int8 link(s)")
+                f"activation(s) fused, {len(self.links)} int8-to-int8 link(s), {len(self.adds)} residual add(s) "
+                f"fused ({len(self.integer_adds)} on uint8 codes)")
         reasons: dict[str, list[str]] = {}
         for name, why in self.declined.items():
             reasons.setdefault(why, []).append(name)
@@ -79,7 +96,8 @@ class FusedInt8Conv(nn.Module):
     """An int8 convolution with its folded BatchNorm, fused activation and requantized output (see module doc)."""
 
     def __init__(self, conv: QuantConv2d, fold: nn.BatchNorm2d | None, post: tuple[str, list],
-                 out_q: tuple[float, int] | None, codes_in: bool) -> None:
+                 out_q: tuple[float, int, tuple[float, float], int] | None, codes_in: bool,
+                 add: "_Add | None" = None) -> None:
         super().__init__()
         self.conv = conv
         st = conv.__dict__[KERNEL_ATTR].state
@@ -93,12 +111,12 @@ class FusedInt8Conv(nn.Module):
             bias = bias * c + beta - c * fold.running_mean.float()
         self.register_buffer("w_scale", w_scale)
         self.register_buffer("fused_bias", bias)
-        self.post, self.out_q, self.codes_in = post, out_q, codes_in
+        self.post, self.out_q, self.codes_in, self.add = post, out_q, codes_in, add
         # writing the next layer's codes: the output clipped to what they represent first, as that layer's own
         # quantizer clamps its codes (for fewer than 8 bits the uint8 range is wider than the codes')
         self.link_post = post if out_q is None else _clipped(post, out_q[2])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         m = self.conv
         packed = m.__dict__.get(KERNEL_ATTR)
         if packed is None or packed.kernel.name != KERNEL:
@@ -112,16 +130,63 @@ class FusedInt8Conv(nn.Module):
         else:
             codes = conv_int8.input_codes(m, st, x)
         output = (1.0, 0, torch.float32) if self.out_q is None else (self.out_q[0], self.out_q[1], torch.uint8)
+        if self.add is not None:
+            return self._sum(m, st, codes, residual, output)
         y = conv_int8.conv_codes(m, st, codes, w_scale=self.w_scale, bias=self.fused_bias, output=output,
                                  post=self.link_post)
         return y if self.out_q is not None or x.dtype == torch.uint8 else y.to(x.dtype)
 
+    def _sum(self, m: QuantConv2d, st: dict, codes: torch.Tensor, residual: torch.Tensor | None,
+             output: tuple[float, int, torch.dtype]) -> torch.Tensor:
+        """The convolution accumulated onto ``residual`` (oneDNN's ``sum`` post-op, which writes into it)."""
+        add = self.add
+        if residual is None:
+            raise InputError(f"{type(self).__name__} with a fused residual add was called without the residual")
+        if add.residual_q is not None and residual.dtype != torch.uint8:
+            raise InputError(f"{type(self).__name__} expected the residual as uint8 codes, got {residual.dtype}")
+        if self.out_q is None:  # float sum: oneDNN takes a float residual with scale 1
+            if add.residual_q is not None:
+                t, zp = add.residual_q
+                residual = (residual.float() - zp).mul_(t)
+            elif add.clone or residual.dtype != torch.float32 or not residual.is_contiguous(
+                    memory_format=torch.channels_last):
+                residual = residual.float().clone(memory_format=torch.channels_last)
+            accum, (a_scale, a_zp) = residual.contiguous(memory_format=torch.channels_last), (1.0, 0)
+        else:
+            accum, (a_scale, a_zp) = residual, add.residual_q
+            if add.clone or not accum.is_contiguous(memory_format=torch.channels_last):
+                accum = accum.clone(memory_format=torch.channels_last)
+        if accum.shape[0] != codes.shape[0] or accum.shape[1] != m.out_channels:
+            raise InputError(f"the residual added to {type(self).__name__}'s output has shape {tuple(accum.shape)}, "
+                             f"not the convolution's output shape")
+        y = torch.ops.onednn.qconv2d_pointwise.binary(
+            codes, st["x_scale"], st["x_zp"], st["weight"], self.w_scale, st["w_zp"], accum, self.fused_bias,
+            list(m.stride), list(m.padding), list(m.dilation), m.groups, output[0], output[1], output[2], a_scale,
+            a_zp, "sum", 1.0, "relu" if add.relu else "none", [], "")
+        if self.out_q is not None and self.out_q[3] < 255:  # codes of fewer than 8 bits: the consumer's clamp
+            y.clamp_(max=self.out_q[3])
+        return y
+
     def extra_repr(self) -> str:
-        return f"post={self.post[0]}, out={'uint8' if self.out_q else 'float'}, codes_in={self.codes_in}"
+        add = "" if self.add is None else f", add={'codes' if self.add.residual_q else 'float'}"
+        return f"post={self.post[0]}, out={'uint8' if self.out_q else 'float'}, codes_in={self.codes_in}{add}"
 
 
-def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
+@dataclass(frozen=True)
+class _Add:
+    """A residual add fused into the convolution before it: the residual's codes' ``(scale, zero_point)`` (None:
+    it arrives as float), a ReLU after the add, and whether the residual must be copied first (the kernel
+    writes into it, and a later node still reads it)."""
+
+    residual_q: tuple[float, int] | None
+    relu: bool
+    clone: bool
+
+
+def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.GraphModule, ConvGraphReport]:
     """A traced copy of ``model`` whose int8 convolutions are fused into chains (see the module docstring).
+    ``residual_adds=False`` leaves residual adds in float (the graph then equals the reference path up to
+    requantization rounding; the residual stream is not integer).
 
     Call after ``lowbit.kernels.use_kernels(model)``: only convolutions on the ``conv-int8-onednn`` kernel
     take part, and none with 8-bit activations on a CPU without VNNI (the report's ``declined`` says why). The
@@ -151,53 +216,70 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
         return n in why_not and why_not[n] is None
 
     plans: dict[fx.Node, dict] = {}
-    consumers: set[fx.Node] = set()
     for n in graph.nodes:
         if n in why_not and why_not[n] is not None:
             report.declined[n.target] = why_not[n]
-        if not is_int8_conv(n):
-            continue
-        report.convs += 1
-        plan = {"chain": [], "fold": None, "post": ("none", []), "next": None}
-        cur = n
-        users = list(cur.users)
-        bn = module(users[0]) if len(users) == 1 else None
-        if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None \
-                and not bn.training and users[0].args[0] is cur:
-            plan["fold"], cur = (users[0].target, bn), users[0]
-            plan["chain"].append(cur)
-        users = list(cur.users)
-        post = _post_op(users[0], modules) if len(users) == 1 and users[0].args and users[0].args[0] is cur \
-            else None
-        if post is not None:
-            plan["post"], cur = post, users[0]
-            plan["chain"].append(cur)
-        users = list(cur.users)
-        if len(users) == 1 and is_int8_conv(users[0]) and users[0].args[0] is cur and len(users[0].args) == 1 \
-                and not users[0].kwargs:
-            plan["next"] = users[0]
-            consumers.add(users[0])
-        plans[n] = plan
+        if is_int8_conv(n):
+            report.convs += 1
+            plans[n] = _chain(n, modules, residual_adds)
+    claimed: dict[fx.Node, fx.Node] = {}  # add node -> the convolution it is fused into (one per add)
     for n, plan in plans.items():
-        if plan["fold"] is None and plan["post"][0] == "none" and plan["next"] is None and n not in consumers:
+        if plan["add"] is not None and plan["add"] in claimed:
+            plan.update(_unclaimed(n, plan))
+        elif plan["add"] is not None:
+            claimed[plan["add"]] = n
+    residual_of = {plan["add"]: plan["residual"] for plan in plans.values() if plan["add"] is not None}
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    ends = {plan["end"]: n for n, plan in plans.items()}
+    writes: dict[fx.Node, fx.Node] = {}  # convolution -> the int8 convolution whose input codes it writes
+    for n in sorted(plans, key=lambda c: order[plans[c]["end"]]):  # a residual's producer is decided first
+        plan, end = plans[n], plans[n]["end"]
+        users = list(end.users)
+        readers = [u for u in users if is_int8_conv(u) and u.args[0] is end and len(u.args) == 1 and not u.kwargs]
+        sums = [u for u in users if residual_of.get(u) is end]
+        residual_codes = plan["add"] is None or ends.get(plan["residual"]) in writes
+        if len(readers) == 1 and len(readers) + len(sums) == len(users) and residual_codes:
+            writes[n] = readers[0]
+    consumers = set(writes.values())
+    adds: dict[fx.Node, _Add] = {}  # decided before any node is replaced (the graph's users change below)
+    for n, plan in plans.items():
+        if plan["add"] is not None:
+            r, producer = plan["residual"], ends.get(plan["residual"])
+            residual_q = None
+            if producer in writes:
+                rst = module(writes[producer]).__dict__[KERNEL_ATTR].state
+                residual_q = (float(rst["x_scale"]), int(rst["x_zp"]))
+            later = any(order[u] > order[plan["add"]] for u in r.users if u is not plan["add"])
+            adds[n] = _Add(residual_q, plan["relu_after_add"], later or r.op == "placeholder")
+    replaced: dict[fx.Node, fx.Node] = {}  # a chain's last node -> the fused module's node
+    for n, plan in plans.items():
+        if plan["fold"] is None and plan["post"][0] == "none" and n not in writes and n not in consumers \
+                and plan["add"] is None:
             continue  # nothing to gain: keep the module's own kernel call
         conv = module(n)
         out_q = None
-        if plan["next"] is not None:
-            nst = module(plan["next"]).__dict__[KERNEL_ATTR].state
-            out_q = (float(nst["x_scale"]), int(nst["x_zp"]), conv_int8.code_range(nst))
-            report.links.append((n.target, plan["next"].target))
+        if n in writes:
+            nst = module(writes[n]).__dict__[KERNEL_ATTR].state
+            out_q = (float(nst["x_scale"]), int(nst["x_zp"]), conv_int8.code_range(nst), 2 ** nst["x_bits"] - 1)
+            report.links.append((n.target, writes[n].target))
+        add = adds.get(n)
+        if add is not None:
+            report.adds.append(str(plan["add"].name))
+            if add.residual_q is not None and out_q is not None:
+                report.integer_adds.append(str(plan["add"].name))
         fused = FusedInt8Conv(conv, None if plan["fold"] is None else plan["fold"][1], plan["post"], out_q,
-                              codes_in=n in consumers)
+                              codes_in=n in consumers, add=add)
         if plan["fold"] is not None:
             report.folded.append(plan["fold"][0])
         report.activations += plan["post"][0] != "none"
         name = "int8_" + n.target.replace(".", "_")
         gm.add_submodule(name, fused)
-        last = plan["chain"][-1] if plan["chain"] else n
+        last = plan["end"]
+        args = n.args if add is None else (n.args[0], replaced.get(plan["residual"], plan["residual"]))
         with graph.inserting_after(last):
-            new = graph.call_module(name, n.args, n.kwargs)
+            new = graph.call_module(name, args, n.kwargs)
         last.replace_all_uses_with(new)
+        replaced[last] = new
         for old in reversed([n, *plan["chain"]]):
             graph.erase_node(old)
     graph.lint()
@@ -205,6 +287,46 @@ def int8_conv_graph(model: nn.Module) -> tuple[fx.GraphModule, ConvGraphReport]:
     gm.delete_all_unused_submodules()
     (log.warning if report.declined and not report.convs else log.info)("int8 conv graph: %s", report.describe())
     return gm.eval(), report
+
+
+def _chain(n: fx.Node, modules: dict[str, nn.Module], residual_adds: bool = True) -> dict:
+    """What follows int8 convolution ``n``, each step the only user of the one before: an eval-mode BatchNorm
+    (``fold``), an activation (``post``) or else a residual add (``add``, with the other operand ``residual``)
+    and a ReLU after it. ``chain``: the nodes the fused module replaces; ``end``: the last of them (or ``n``)."""
+    plan = {"chain": [], "fold": None, "post": ("none", []), "add": None, "residual": None, "relu_after_add": False}
+    cur = n
+
+    def only_user(node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    u = only_user(cur)
+    bn = modules.get(u.target) if u is not None and u.op == "call_module" else None
+    if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None \
+            and not bn.training and u.args[0] is cur:
+        plan["fold"], cur = (u.target, bn), u
+        plan["chain"].append(cur)
+    u = only_user(cur)
+    post = _post_op(u, modules) if u is not None and u.args and u.args[0] is cur else None
+    if post is not None:
+        plan["post"], cur = post, u
+        plan["chain"].append(cur)
+    elif residual_adds and u is not None and u.op == "call_function" and u.target in _ADDS and len(u.args) == 2 \
+            and not u.kwargs and all(isinstance(a, fx.Node) for a in u.args) and u.args[0] is not u.args[1]:
+        plan["add"], plan["residual"], cur = u, u.args[1] if u.args[0] is cur else u.args[0], u
+        plan["chain"].append(cur)
+        u = only_user(cur)
+        if u is not None and u.args and u.args[0] is cur and _post_op(u, modules) == ("relu", []):
+            plan["relu_after_add"], cur = True, u
+            plan["chain"].append(cur)
+    plan["end"] = cur
+    return plan
+
+
+def _unclaimed(n: fx.Node, plan: dict) -> dict:
+    """Convolution ``n``'s ``plan`` without the residual add (another convolution of the add took it)."""
+    chain = plan["chain"][:plan["chain"].index(plan["add"])]
+    return {"add": None, "residual": None, "relu_after_add": False, "chain": chain, "end": chain[-1] if chain else n}
 
 
 def _why_not_fused(m: QuantConv2d) -> str | None:

@@ -36,11 +36,13 @@ class _Net(nn.Module):
         self.pw, self.bn2 = nn.Conv2d(16, 16, 1, bias=True), nn.BatchNorm2d(16)
         self.act6, self.act = nn.ReLU6(), nn.ReLU()
         self.head = nn.Linear(16, 10)
+        self.residual_codes = None  # the reference with the residual as the int8 graph sums it (see _as_codes)
 
     def forward(self, x):
         x = self.act6(self.bn0(self.stem(x)))
         y = self.act(self.bn1(self.dw(x)))
-        y = self.bn2(self.pw(y)) + x  # the stem's output has two users: it stays float
+        r = x if self.residual_codes is None else self.residual_codes(self.dw, x)
+        y = self.bn2(self.pw(y)) + r  # a residual add: fused into pw, summing the stem's codes
         return self.head(y.mean((2, 3)))
 
 
@@ -59,6 +61,20 @@ def _model(act: str = "int8-tensor", seed: int = 0):
     return quantize(net, plan, calib, progress=False)
 
 
+def _as_codes(conv, x):
+    """``x`` as ``conv``'s input codes represent it: what a residual add of the int8 graph sums."""
+    from lowbit.kernels import conv_int8
+    from lowbit.nn.base import KERNEL_ATTR
+
+    st = conv.__dict__[KERNEL_ATTR].state
+    saved, conv.input_padding = conv.input_padding, None
+    try:
+        codes = conv_int8.input_codes(conv, st, x)
+    finally:
+        conv.input_padding = saved
+    return (codes.float() - st["x_zp"]) * st["x_scale"]
+
+
 def _x(seed: int = 7) -> torch.Tensor:
     return torch.randn(3, 3, 20, 20, generator=torch.Generator().manual_seed(seed))
 
@@ -68,7 +84,9 @@ def test_graph_folds_fuses_and_links_the_int8_convolutions(pretend_vnni):
     use_kernels(q)
     gm, report = int8_conv_graph(q)
     assert report.convs == 3 and sorted(report.folded) == ["bn0", "bn1", "bn2"] and report.activations == 2
-    assert report.links == [("dw", "pw")]  # stem -> dw is not linked: the stem's output feeds the residual too
+    # the stem's output feeds dw and the residual add: it is written as dw's codes, which the add sums
+    assert report.links == [("stem", "dw"), ("dw", "pw")] and report.adds == ["add"]
+    assert report.integer_adds == []  # the sum feeds the float mean: written as float
     assert report.declined == {}
     fused = {n: type(m).__name__ for n, m in gm.named_children()}
     assert list(fused.values()).count("FusedInt8Conv") == 3
@@ -83,11 +101,14 @@ def test_fused_graph_matches_the_reference_model(act):
         ref = q(x)  # reference path: dequantize, float BatchNorm and activations
     use_kernels(q)
     gm, report = int8_conv_graph(q)
-    assert report.convs == 3 and len(report.links) == 1
+    assert report.convs == 3 and len(report.links) == 2
     with torch.no_grad():
         y = gm(x)
+        q.residual_codes = _as_codes
+        ref_codes = q(x)  # the residual as the graph sums it: dw's input codes
+        q.residual_codes = None
     # exact in real arithmetic; float rounding can move a requantized code across a rounding boundary
-    assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    assert float((y - ref_codes).abs().max()) < 0.02 * float(ref.abs().max())
     with torch.no_grad():
         assert torch.equal(q(x), q(x))  # the model itself is unchanged and still runs its kernels
 
@@ -102,12 +123,15 @@ def test_seven_bit_activations_run_the_int8_graph_exactly_without_vnni(monkeypat
         ref = q(x)
     use_kernels(q)
     gm, report = int8_conv_graph(q)
-    assert report.convs == 3 and report.links == [("dw", "pw")] and report.declined == {}
+    assert report.convs == 3 and report.links == [("stem", "dw"), ("dw", "pw")] and report.declined == {}
     with torch.no_grad():
         y = gm(x)
         direct = q(x)  # each convolution on its own kernel, float in and out
+        q.residual_codes = _as_codes
+        ref_codes = q(x)  # the reference with the residual rounded (and clipped) to dw's input codes
+        q.residual_codes = None
     assert float((direct - ref).abs().max()) < 1e-4 * float(ref.abs().max())
-    assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    assert float((y - ref_codes).abs().max()) < 0.02 * float(ref.abs().max())
 
 
 def test_eight_bit_activations_without_vnni_say_that_seven_bits_would_run(monkeypatch):
@@ -202,3 +226,131 @@ def test_int8_conv_graph_never_chains_a_kernel_attached_while_vnni_was_assumed(m
     gm, report = int8_conv_graph(q)
     assert report.convs == 0 and set(report.declined.values()) == {cpu_features.NO_VNNI}
     assert not any(isinstance(m, FusedInt8Conv) for m in gm.modules())
+
+
+class _Stream(nn.Module):
+    """An inverted-residual stream (EfficientNet-style): stem, two blocks expand-depthwise-project whose sums
+    feed the next block and the next add, a head convolution, pooling and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def cbr(cin, cout, k=1, groups=1, act=True):
+            layers = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+            return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
+
+        self.stem = cbr(3, 8, 3)
+        self.blocks = nn.ModuleList(nn.Sequential(cbr(8, 16), cbr(16, 16, 3, groups=16), cbr(16, 8, act=False))
+                                    for _ in range(2))  # expand, depthwise, project
+        self.head, self.fc = cbr(8, 16), nn.Linear(16, 10)
+        self.residual_codes = None
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            r = x if self.residual_codes is None else self.residual_codes(b[0][0], x)
+            x = b(x) + r
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+class _Basic(nn.Module):
+    """A ResNet basic block with a strided 1x1 shortcut: add, then ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.down, self.bnd = nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16)
+        self.relu1, self.relu2, self.fc = nn.ReLU(), nn.ReLU(), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.fc(self.relu2(y + self.bnd(self.down(x))).mean((2, 3)))
+
+
+class _InputResidual(nn.Module):
+    """The model's input is the residual, and is read again after the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + x + x.mean()
+
+
+def _quantized(net: nn.Module, act: str = "int7-tensor-asym") -> nn.Module:
+    torch.manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.05, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    net.eval()
+    plan = QuantPlan((Rule("fc", "int8"), Rule("*", "int8", act={"spec": act, "dynamic": False, "observer": "minmax"})))
+    calib = [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    return quantize(net, plan, calib, progress=False)
+
+
+@pytest.mark.parametrize("act", ["int7-tensor-asym", "int7-tensor"])
+def test_an_inverted_residual_stream_stays_integer_between_blocks(monkeypatch, act):
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)  # 7-bit codes: exact on any x86 CPU
+    q = _quantized(_Stream(), act)
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    assert report.convs == 8 and report.declined == {}
+    assert report.adds == report.integer_adds and len(report.adds) == 2  # both sums read and write codes
+    assert ("stem.0", "blocks.0.0.0") in report.links and ("blocks.1.2.0", "head.0") in report.links
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[1].dtype))
+             for m in gm.modules() if isinstance(m, FusedInt8Conv) and m.add is not None]
+    with torch.no_grad():
+        y = gm(x)
+        q.residual_codes = _as_codes
+        ref_codes = q(x)  # the reference path with each residual rounded to the next expansion's input codes
+        q.residual_codes = None
+        ref = q(x)
+    for h in hooks:
+        h.remove()
+    assert seen == [torch.uint8, torch.uint8]
+    assert float((y - ref_codes).abs().max()) < 0.02 * float(ref_codes.abs().max())
+    assert float((y - ref).abs().max()) < 0.1 * float(ref.abs().max())  # the stream's rounding, bounded
+
+
+def test_a_basic_block_fuses_its_add_and_relu_in_float(monkeypatch):
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    q = _quantized(_Basic())
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = q(x)
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    # the shortcut's output has no int8 reader to take codes from: the add sums in float, ReLU fused after it
+    assert report.adds == ["add"] and report.integer_adds == []
+    fused = next(m for m in gm.modules() if isinstance(m, FusedInt8Conv) and m.add is not None)
+    assert fused.add.relu and fused.add.residual_q is None
+    assert not any(n.target is torch.relu or n.op == "call_module" and n.target == "relu2" for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert float((gm(x) - ref).abs().max()) < 0.02 * float(ref.abs().max())
+
+
+def test_a_residual_read_again_is_copied_before_the_kernel_writes_into_it(monkeypatch):
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    q = _quantized(_InputResidual())
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(8))
+    keep = x.clone()
+    with torch.no_grad():
+        ref = q(x)
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    assert report.adds == ["add"]
+    fused = next(m for m in gm.modules() if isinstance(m, FusedInt8Conv))
+    assert fused.add.clone and fused.add.residual_q is None
+    with torch.no_grad():
+        y = gm(x)
+    assert torch.equal(x, keep)  # the caller's tensor is not written into
+    assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
