@@ -19,7 +19,9 @@ EfficientNet-Lite0 runs W8A8 and W4A8 (the formats its targets name): AdaRound t
 Quality: ``efficientnet-lite0``: top-1 agreement and KL with the float model over the 220 photo views
 (``lowbit.data.imagenet_views``), calibrated on 64 views of other photos; ``fmnist-resnet`` / ``fmnist-vit``:
 top-1 accuracy on the 10,000 Fashion-MNIST test images (and agreement), calibrated on 512 training images.
-Columns also give the quantize time and the process's peak memory during quantization.
+Columns also give the quantize time and the process's peak memory during quantization. ``--speed`` then
+times the integer rows against fp32 in the same run (``benchmarks/int8_graph.py``: EfficientNet-Lite0 W8A8
+through ``int8_conv_graph``, or W8A7 on a CPU without VNNI).
 
 Each row runs in a fresh process and appends one JSON line to ``--json`` (``--resume`` skips rows already
 there for the same code version), so the table is every row in one code version:
@@ -149,6 +151,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="skip rows already in --json for this code version")
     p.add_argument("--row", nargs=3, help=argparse.SUPPRESS)  # model format method: run one row, print JSON
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speed", action="store_true", help="then time the integer EfficientNet-Lite0 against fp32 "
+                   "(benchmarks/int8_graph.py: W8A8 with VNNI, else W8A7)")
     a = p.parse_args()
     if a.row:
         import torch
@@ -186,6 +190,13 @@ def main() -> None:
                 print_table([row])
     print(f"\ncode version {version}\n")
     print_table(rows)
+    if a.speed:
+        from int8_graph import measure
+
+        from lowbit.kernels import cpu_features
+
+        print(f"\ninteger rows, images/s against fp32 in the same run (code version {version}):")
+        measure(act_bits=8 if cpu_features.has_vnni() else 7, threads=a.threads)
 
 
 if __name__ == "__main__":
