@@ -176,7 +176,8 @@ class FusedInt8Conv(nn.Module):
 class _Add:
     """A residual add fused into the convolution before it: the residual's codes' ``(scale, zero_point)`` (None:
     it arrives as float), a ReLU after the add, and whether the residual must be copied first (the kernel
-    writes into it, and a later node still reads it)."""
+    writes into it: copied when a later node still reads it or it does not come from a convolution of the
+    graph, so it may be the caller's tensor or a view of another)."""
 
     residual_q: tuple[float, int] | None
     relu: bool
@@ -250,7 +251,9 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
                 rst = module(writes[producer]).__dict__[KERNEL_ATTR].state
                 residual_q = (float(rst["x_scale"]), int(rst["x_zp"]))
             later = any(order[u] > order[plan["add"]] for u in r.users if u is not plan["add"])
-            adds[n] = _Add(residual_q, plan["relu_after_add"], later or r.op == "placeholder")
+            # a residual from anything but a convolution of this graph may be the caller's tensor or a view of
+            # one (the input, a reshape): never written into
+            adds[n] = _Add(residual_q, plan["relu_after_add"], later or producer is None)
     replaced: dict[fx.Node, fx.Node] = {}  # a chain's last node -> the fused module's node
     for n, plan in plans.items():
         if plan["fold"] is None and plan["post"][0] == "none" and n not in writes and n not in consumers \
