@@ -7,7 +7,8 @@ undoes it. Kernels are a per-instance attribute, like ``lowbit.nn.cached_weights
 the class, for other models, or in what ``lowbit.save`` writes.
 
 For CNNs, ``int8_conv_graph(model)`` (after ``use_kernels``) returns a traced copy whose int8 convolutions
-run as chains: BatchNorm folded, activations fused, uint8 codes passed from one convolution to the next.
+run as chains: BatchNorm folded, activations fused, uint8 codes passed from one convolution to the next, and
+residual adds summed by the convolution before them (on codes where the residual stream allows).
 """
 
 from lowbit.kernels.dispatch import KERNELS, Kernel, KernelReport, kernel_name, release_kernels, use_kernels
