@@ -144,6 +144,8 @@ class FusedInt8Conv(nn.Module):
             raise InputError(f"{type(self).__name__} with a fused residual add was called without the residual")
         if add.residual_q is not None and residual.dtype != torch.uint8:
             raise InputError(f"{type(self).__name__} expected the residual as uint8 codes, got {residual.dtype}")
+        if tuple(residual.shape) != _out_shape(m, codes):  # a broadcast operand: the add in float
+            return self._float_sum(m, st, codes, residual)
         if self.out_q is None:  # float sum: oneDNN takes a float residual with scale 1
             if add.residual_q is not None:
                 t, zp = add.residual_q
@@ -156,9 +158,6 @@ class FusedInt8Conv(nn.Module):
             accum, (a_scale, a_zp) = residual, add.residual_q
             if add.clone or not accum.is_contiguous(memory_format=torch.channels_last):
                 accum = accum.clone(memory_format=torch.channels_last)
-        if accum.shape[0] != codes.shape[0] or accum.shape[1] != m.out_channels:
-            raise InputError(f"the residual added to {type(self).__name__}'s output has shape {tuple(accum.shape)}, "
-                             f"not the convolution's output shape")
         y = torch.ops.onednn.qconv2d_pointwise.binary(
             codes, st["x_scale"], st["x_zp"], st["weight"], self.w_scale, st["w_zp"], accum, self.fused_bias,
             list(m.stride), list(m.padding), list(m.dilation), m.groups, output[0], output[1], output[2], a_scale,
@@ -167,9 +166,31 @@ class FusedInt8Conv(nn.Module):
             y.clamp_(max=self.out_q[3])
         return y
 
+    def _float_sum(self, m: QuantConv2d, st: dict, codes: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The same sum without the post-op: float convolution output plus the (dequantized) residual, then the
+        ReLU and the output codes as planned."""
+        y = conv_int8.conv_codes(m, st, codes, w_scale=self.w_scale, bias=self.fused_bias)
+        if self.add.residual_q is not None:
+            t, zp = self.add.residual_q
+            residual = (residual.float() - zp) * t
+        y = y + residual.float()
+        if self.add.relu:
+            y = y.relu()
+        if self.out_q is None:
+            return y
+        t, zp, _, qmax = self.out_q
+        return torch.round(y / t + zp).clamp_(0, qmax).to(torch.uint8)
+
     def extra_repr(self) -> str:
         add = "" if self.add is None else f", add={'codes' if self.add.residual_q else 'float'}"
         return f"post={self.post[0]}, out={'uint8' if self.out_q else 'float'}, codes_in={self.codes_in}{add}"
+
+
+def _out_shape(m: QuantConv2d, codes: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``m``'s output for its (padded) input ``codes``."""
+    hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+          zip(codes.shape[2:], m.padding, m.dilation, m.kernel_size, m.stride)]
+    return (codes.shape[0], m.out_channels, *hw)
 
 
 @dataclass(frozen=True)

@@ -354,3 +354,32 @@ def test_a_residual_read_again_is_copied_before_the_kernel_writes_into_it(monkey
         y = gm(x)
     assert torch.equal(x, keep)  # the caller's tensor is not written into
     assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
+
+
+class _BroadcastAdd(nn.Module):
+    """A per-channel offset added after a convolution: not a residual of the output's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.offset = nn.Parameter(torch.linspace(-1, 1, 8).reshape(1, 8, 1, 1))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)) + self.offset).mean((2, 3))
+
+
+def test_a_broadcast_operand_is_added_in_float(monkeypatch):
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
+    q = _quantized(_BroadcastAdd())
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(9))
+    offset = q.offset.detach().clone()
+    with torch.no_grad():
+        ref = q(x)
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    assert report.adds == ["add"]
+    with torch.no_grad():
+        y = gm(x)
+    assert torch.equal(q.offset, offset)  # the parameter is not written into
+    assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
