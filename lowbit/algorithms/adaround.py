@@ -166,7 +166,7 @@ def _adaround(Wf: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRou
         return q0
     if bool(worse.any()):  # usual for a few rows; debug only
         log.debug("adaround: %d of %d rows kept round to nearest, their learned rounding being worse after %d "
-                 "iterations (raise iters)", int(worse.sum()), worse.numel(), config.iters)
+                  "iterations (raise iters)", int(worse.sum()), worse.numel(), config.iters)
     log.debug("adaround: output error %.3gx round to nearest's", float(err / err_rtn))
     return QuantizedTensor(codes.to(torch.uint8).reshape(q0.codes.shape), q0.scale, q0.zero_point, q0.global_scale,
                            q0.spec)
