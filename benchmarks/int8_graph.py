@@ -6,34 +6,19 @@ machine noise falls on all of them alike; medians and ratios to fp32 with BatchN
 
     python benchmarks/int8_graph.py [--act-bits 8|7] [--batch 8] [--threads 2] [--busy]
 
-``--busy`` starts one process spinning on a core for the timed part (and stops it), to show what a shared
-machine does to each variant at the thread count given. 8-bit activations need a CPU with VNNI for the int8
+``--busy`` starts one spinning shell loop for the timed part and stops it (``busy_core.py``), to show what a
+shared machine does to each variant at the thread count given. 8-bit activations need a CPU with VNNI for the int8
 kernel (``lowbit.kernels.cpu_features``); ``--act-bits 7`` runs everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import platform
 import statistics
 import time
 
-
-def _spin() -> None:
-    while True:
-        pass
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from busy_core import busy_core
 
 
 def measure(act_bits: int = 8, batch: int = 8, threads: int = 2, rounds: int = 7, reps: int = 5,
@@ -51,9 +36,10 @@ def measure(act_bits: int = 8, batch: int = 8, threads: int = 2, rounds: int = 7
 
     if act_bits == 8 and not cpu_features.has_vnni():
         raise SystemExit("8-bit activations need VNNI for the int8 kernel on this CPU; use --act-bits 7")
-    load = os.getloadavg()[0]
-    say(f"# {cpu_name()}; torch {torch.__version__}, {threads} thread(s), batch {batch}, load average "
-        f"{load:.2f} before the run{', one core kept busy while timing' if busy else ''}")
+    from lowbit.bench import machine_line
+
+    say(f"{machine_line()}, batch {batch}, load average {os.getloadavg()[0]:.2f} before the run"
+        f"{', one core kept busy while timing' if busy else ''}")
     fp32 = load_model("efficientnet-lite0").model
     views = imagenet_views()
     with torch.inference_mode():
@@ -70,27 +56,19 @@ def measure(act_bits: int = 8, batch: int = 8, threads: int = 2, rounds: int = 7
     say(f"# float adds: {r1.describe()}\n# integer adds: {r2.describe()}")
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     rates: dict[str, list[float]] = {k: [] for k in variants}
-    spinner = None
     with torch.inference_mode():
         top1 = {k: float((torch.cat([m(v) for v in views.split(20)]).argmax(-1) == float_top1).float().mean())
                 for k, m in variants.items()}
         for m in variants.values():
             for _ in range(2):
                 m(x)
-        if busy:
-            spinner = mp.get_context("spawn").Process(target=_spin, daemon=True)
-            spinner.start()
-        try:
+        with busy_core(busy):
             for _ in range(rounds):
                 for k, m in variants.items():
                     t = time.perf_counter()
                     for _ in range(reps):
                         m(x)
                     rates[k].append(reps * batch / (time.perf_counter() - t))
-        finally:
-            if spinner is not None:
-                spinner.terminate()
-                spinner.join()
     base = statistics.median(rates["fp32, BatchNorm folded, channels-last"])
     first = statistics.median(rates["fp32 (as loaded)"])
     rows = [{"variant": k, "images_per_s": statistics.median(v), "min": min(v), "max": max(v),

@@ -146,20 +146,18 @@ class FusedInt8Conv(nn.Module):
             raise InputError(f"{type(self).__name__} expected the residual as uint8 codes, got {residual.dtype}")
         if tuple(residual.shape) != _out_shape(m, codes):  # a broadcast operand: the add in float
             return self._float_sum(m, st, codes, residual)
+        fresh = False  # whether residual is a tensor of this call's own, free to write into
         if self.out_q is None:  # float sum: oneDNN takes a float residual with scale 1
+            dtype, (a_scale, a_zp) = torch.float32, (1.0, 0)
             if add.residual_q is not None:
-                t, zp = add.residual_q
-                residual = (residual.float() - zp).mul_(t)
-            elif add.clone or residual.dtype != torch.float32 or not residual.is_contiguous(
-                    memory_format=torch.channels_last):
-                residual = residual.float().clone(memory_format=torch.channels_last)
-            accum, (a_scale, a_zp) = residual.contiguous(memory_format=torch.channels_last), (1.0, 0)
+                residual, fresh = _dequantize(residual, add.residual_q), True
         else:
-            accum, (a_scale, a_zp) = residual, add.residual_q
-            if add.clone or not accum.is_contiguous(memory_format=torch.channels_last):
-                accum = accum.clone(memory_format=torch.channels_last)
+            dtype, (a_scale, a_zp) = torch.uint8, add.residual_q
+        if add.clone and not fresh or residual.dtype != dtype \
+                or not residual.is_contiguous(memory_format=torch.channels_last):
+            residual = residual.to(dtype=dtype, memory_format=torch.channels_last, copy=True)
         y = torch.ops.onednn.qconv2d_pointwise.binary(
-            codes, st["x_scale"], st["x_zp"], st["weight"], self.w_scale, st["w_zp"], accum, self.fused_bias,
+            codes, st["x_scale"], st["x_zp"], st["weight"], self.w_scale, st["w_zp"], residual, self.fused_bias,
             list(m.stride), list(m.padding), list(m.dilation), m.groups, output[0], output[1], output[2], a_scale,
             a_zp, "sum", 1.0, "relu" if add.relu else "none", [], "")
         if self.out_q is not None and self.out_q[3] < 255:  # codes of fewer than 8 bits: the consumer's clamp
@@ -170,10 +168,7 @@ class FusedInt8Conv(nn.Module):
         """The same sum without the post-op: float convolution output plus the (dequantized) residual, then the
         ReLU and the output codes as planned."""
         y = conv_int8.conv_codes(m, st, codes, w_scale=self.w_scale, bias=self.fused_bias)
-        if self.add.residual_q is not None:
-            t, zp = self.add.residual_q
-            residual = (residual.float() - zp) * t
-        y = y + residual.float()
+        y = y + (residual.float() if self.add.residual_q is None else _dequantize(residual, self.add.residual_q))
         if self.add.relu:
             y = y.relu()
         if self.out_q is None:
@@ -184,6 +179,11 @@ class FusedInt8Conv(nn.Module):
     def extra_repr(self) -> str:
         add = "" if self.add is None else f", add={'codes' if self.add.residual_q else 'float'}"
         return f"post={self.post[0]}, out={'uint8' if self.out_q else 'float'}, codes_in={self.codes_in}{add}"
+
+
+def _dequantize(codes: torch.Tensor, q: tuple[float, int]) -> torch.Tensor:
+    """uint8 ``codes`` of ``q = (scale, zero_point)`` as the float values they represent (a new tensor)."""
+    return (codes.float() - q[1]).mul_(q[0])
 
 
 def _out_shape(m: QuantConv2d, codes: torch.Tensor) -> tuple[int, ...]:
@@ -234,6 +234,9 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
 
     why_not = {n: _why_not_fused(m) for n in graph.nodes if isinstance(m := module(n), QuantConv2d)}
 
+    def input_state(reader: fx.Node) -> dict:  # the int8 kernel's state of a convolution reading codes
+        return module(reader).__dict__[KERNEL_ATTR].state
+
     def is_int8_conv(n: fx.Node) -> bool:
         return n in why_not and why_not[n] is None
 
@@ -267,10 +270,8 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
     for n, plan in plans.items():
         if plan["add"] is not None:
             r, producer = plan["residual"], ends.get(plan["residual"])
-            residual_q = None
-            if producer in writes:
-                rst = module(writes[producer]).__dict__[KERNEL_ATTR].state
-                residual_q = (float(rst["x_scale"]), int(rst["x_zp"]))
+            rst = input_state(writes[producer]) if producer in writes else None
+            residual_q = None if rst is None else (float(rst["x_scale"]), int(rst["x_zp"]))
             later = any(order[u] > order[plan["add"]] for u in r.users if u is not plan["add"])
             # a residual from anything but a convolution of this graph may be the caller's tensor or a view of
             # one (the input, a reshape): never written into
@@ -283,7 +284,7 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
         conv = module(n)
         out_q = None
         if n in writes:
-            nst = module(writes[n]).__dict__[KERNEL_ATTR].state
+            nst = input_state(writes[n])
             out_q = (float(nst["x_scale"]), int(nst["x_zp"]), conv_int8.code_range(nst), 2 ** nst["x_bits"] - 1)
             report.links.append((n.target, writes[n].target))
         add = adds.get(n)
