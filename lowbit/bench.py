@@ -261,7 +261,7 @@ def vision_plan(act_bits: int = 8):
     from lowbit.spec import ActivationQuant, QuantSpec
 
     act = ActivationQuant(QuantSpec.parse(f"int{act_bits}-tensor"), dynamic=False, observer="minmax")
-    return QuantPlan((Rule("_fc", "int8"), Rule("*", "int8", "rtn", act)), skip=())
+    return QuantPlan((Rule("*", "int8", "rtn", act),), skip=())
 
 
 def vision_worker(fmt: str, batch: int) -> dict:

@@ -20,17 +20,21 @@ lowbit's quantized modules as leaves) and rewrites, for every such convolution `
   ``r`` arrives as uint8 codes (its producer writes them, see below) the sum is computed on them and, if the
   add's result can be written as codes, written as codes: the residual stream stays integer between blocks.
 
-A convolution's output is written as uint8 codes when exactly one of its users is an int8 convolution reading
-it (whose input quantizer sets the scale and zero point) and every other user is a fused residual add taking it
-as ``r``. That is the stream of an inverted-residual network (EfficientNet, MobileNetV2): each block's sum feeds
-the next block's expansion convolution and the next add. There the integer graph quantizes the residual stream,
-as integer runtimes do, where the reference path adds in float: the sums differ from the reference by the
-stream's rounding (at most half a code step per add), which the agreement measured at the end reports.
+A convolution's output is written as uint8 codes when exactly one of its users reads codes and every other
+user is a fused residual add taking it as ``r``. A reader is an int8 convolution (whose input quantizer sets the
+scale and zero point) or, after a clipped activation (ReLU6), a global average pool before a linear with
+static integer activations (``lowbit.kernels.int8_head``: the codes span the clip range, the pool averages
+them and requantizes once to the linear's input codes, the linear multiplies those: the classifier end is
+integer too). That is the stream of an inverted-residual network (EfficientNet, MobileNetV2):
+each block's sum feeds the next block's expansion convolution and the next add. There the integer graph
+quantizes the residual stream, as integer runtimes do, where the reference path adds in float: the sums differ
+from the reference by the stream's rounding (at most half a code step per add), which the agreement measured at
+the end reports.
 
-What remains float: the first convolution's input, the outputs that feed anything else (pooling, the
-classifier, a residual add that cannot be fused) and every module that is not part of such a pattern. The result is a
-``torch.fx.GraphModule`` that shares the model's modules (their kernels' packed weights are not copied);
-the model itself is left as it was. Convolutions that take no part are listed in the report with the reason
+What remains float: the first convolution's input, the outputs that feed anything else (a pool or classifier
+not as above, a residual add that cannot be fused) and every module that is not part of such a pattern. The
+result is a ``torch.fx.GraphModule`` that shares the model's modules (their kernels' packed weights are not
+copied); the model itself is left as it was. Convolutions that take no part are listed in the report with the reason
 (not on the int8 kernel, or 8-bit activations on a CPU without VNNI, where that kernel is not exact:
 ``cpu_features``; 7-bit activations run everywhere). A link clips ``A``'s output to the values ``B``'s codes
 represent before writing them (one oneDNN post-op with the activation), as ``B``'s own quantizer clamps.
@@ -48,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.kernels import conv_int8
+from lowbit.kernels import conv_int8, int8_head
 from lowbit.kernels.dispatch import kernel_name
 from lowbit.nn.base import KERNEL_ATTR, QuantModule
 from lowbit.nn.conv import QuantConv2d
@@ -78,11 +82,14 @@ class ConvGraphReport:
     declined: dict[str, str] = field(default_factory=dict)
     adds: list[str] = field(default_factory=list)  # residual adds fused into the convolution before them
     integer_adds: list[str] = field(default_factory=list)  # those of them summing uint8 codes
+    heads: list[str] = field(default_factory=list)  # linears fed by an integer global pool of codes (classifiers)
 
     def describe(self) -> str:
         text = (f"{self.convs} int8 convolution(s): {len(self.folded)} BatchNorm(s) folded, {self.activations} "
                 f"activation(s) fused, {len(self.links)} int8-to-int8 link(s), {len(self.adds)} residual add(s) "
                 f"fused ({len(self.integer_adds)} on uint8 codes)")
+        if self.heads:
+            text += f", {len(self.heads)} classifier(s) on pooled codes ({', '.join(self.heads)})"
         reasons: dict[str, list[str]] = {}
         for name, why in self.declined.items():
             reasons.setdefault(why, []).append(name)
@@ -234,8 +241,8 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
 
     why_not = {n: _why_not_fused(m) for n in graph.nodes if isinstance(m := module(n), QuantConv2d)}
 
-    def input_state(reader: fx.Node) -> dict:  # the int8 kernel's state of a convolution reading codes
-        return module(reader).__dict__[KERNEL_ATTR].state
+    def input_state(reader: fx.Node) -> dict:  # scale, zero point and bits of the codes a reader takes
+        return heads[reader][2] if reader in heads else module(reader).__dict__[KERNEL_ATTR].state
 
     def is_int8_conv(n: fx.Node) -> bool:
         return n in why_not and why_not[n] is None
@@ -256,11 +263,13 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
     residual_of = {plan["add"]: plan["residual"] for plan in plans.values() if plan["add"] is not None}
     order = {node: i for i, node in enumerate(graph.nodes)}
     ends = {plan["end"]: n for n, plan in plans.items()}
-    writes: dict[fx.Node, fx.Node] = {}  # convolution -> the int8 convolution whose input codes it writes
+    heads = _heads(graph, modules, plans, ends, report)
+    writes: dict[fx.Node, fx.Node] = {}  # convolution -> the reader (convolution, pool) whose codes it writes
     for n in sorted(plans, key=lambda c: order[plans[c]["end"]]):  # a residual's producer is decided first
         plan, end = plans[n], plans[n]["end"]
         users = list(end.users)
-        readers = [u for u in users if is_int8_conv(u) and u.args[0] is end and len(u.args) == 1 and not u.kwargs]
+        readers = [u for u in users if is_int8_conv(u) and u.args[0] is end and len(u.args) == 1 and not u.kwargs
+                   or u in heads and u.args[0] is end]
         sums = [u for u in users if residual_of.get(u) is end]
         residual_codes = plan["add"] is None or ends.get(plan["residual"]) in writes
         if len(readers) == 1 and len(readers) + len(sums) == len(users) and residual_codes:
@@ -286,7 +295,8 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
         if n in writes:
             nst = input_state(writes[n])
             out_q = (float(nst["x_scale"]), int(nst["x_zp"]), conv_int8.code_range(nst), 2 ** nst["x_bits"] - 1)
-            report.links.append((n.target, writes[n].target))
+            reader = writes[n] if writes[n] not in heads else heads[writes[n]][1]
+            report.links.append((n.target, reader.target))
         add = adds.get(n)
         if add is not None:
             report.adds.append(str(plan["add"].name))
@@ -307,11 +317,50 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
         replaced[last] = new
         for old in reversed([n, *plan["chain"]]):
             graph.erase_node(old)
+    for pool in consumers & heads.keys():  # the classifier end on codes: integer pool, integer linear
+        _, linear, st = heads[pool]
+        out = int8_head.codes_reader_state(module(linear))
+        mean = int8_head.CodeMeanPool(int8_head.pool_keepdim(pool, modules), (st["x_scale"], st["x_zp"]),
+                                      (out["x_scale"], out["x_zp"], 2 ** out["x_bits"] - 1))
+        _replace(gm, pool, f"int8_pool_{len(report.heads)}", mean, (pool.args[0],))
+        _replace(gm, linear, "int8_" + linear.target.replace(".", "_"), int8_head.Int8LinearCodes(module(linear)),
+                 linear.args)
+        report.heads.append(linear.target)
     graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     (log.warning if report.declined and not report.convs else log.info)("int8 conv graph: %s", report.describe())
     return gm.eval(), report
+
+
+def _heads(graph: fx.Graph, modules: dict[str, nn.Module], plans: dict[fx.Node, dict], ends: dict[fx.Node, fx.Node],
+           report: ConvGraphReport) -> dict[fx.Node, tuple[list[fx.Node], fx.Node, dict]]:
+    """Global pools that can average the codes of the int8 convolution before them for a linear reading codes
+    (``lowbit.kernels.int8_head``): pool -> (pass-through nodes, linear, the codes the convolution writes). A
+    convolution whose output is unbounded has no range for those codes: its linear is reported as declined."""
+    heads = {}
+    for n in graph.nodes:
+        found = int8_head.pooled_linear(n, modules) if n.args and isinstance(n.args[0], fx.Node) else None
+        producer = ends.get(n.args[0]) if found is not None else None
+        if producer is None:
+            continue
+        post = plans[producer]["post"]
+        if post[0] != "hardtanh" or plans[producer]["add"] is not None:
+            report.declined[found[1].target] = "the pooled input comes from an unbounded activation (ReLU or none): " \
+                                               "no range for codes before the pool, so the pool stays float"
+            continue
+        bits = modules[found[1].target].act.spec.bits
+        heads[n] = (*found, int8_head.pool_input_state((post[1][0], post[1][1]), bits))
+    return heads
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module, args: tuple) -> None:
+    """Put ``module`` (registered as ``name``) called on ``args`` in place of ``node``."""
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, args)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 def _chain(n: fx.Node, modules: dict[str, nn.Module], residual_adds: bool = True) -> dict:

@@ -48,7 +48,7 @@ def why_not(m: QuantModule) -> str | None:
     return None
 
 
-def _input_qparams(m: QuantConv2d) -> tuple[float, int]:
+def input_qparams(m: QuantModule) -> tuple[float, int]:
     """The activation quantizer's scale and zero point in uint8 codes (symmetric: zero point 2^(bits-1))."""
     lo, hi = m.act_lo.float(), m.act_hi.float()
     q = quantize(torch.cat([lo, hi], dim=1), m.act.spec, lo, hi)  # a (1, 2) tensor: one per-tensor tile
@@ -64,7 +64,7 @@ def pack(m: QuantConv2d) -> dict:
     w_scale = (q.scale if q.global_scale is None else q.scale * q.global_scale).reshape(-1).float()
     if w_scale.numel() == 1:
         w_scale = w_scale.expand(out).contiguous()
-    t, zp = _input_qparams(m)
+    t, zp = input_qparams(m)
     stride, padding, dilation = list(m.stride), list(m.padding), list(m.dilation)
     packed = torch.ops.onednn.qconv_prepack(w, w_scale, t, zp, stride, padding, dilation, m.groups, None)
     return {"weight": packed, "w_scale": w_scale, "w_zp": torch.zeros(out, dtype=torch.int64), "x_scale": t,

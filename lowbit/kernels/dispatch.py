@@ -62,19 +62,20 @@ KERNELS: tuple[Kernel, ...] = (
            "for a float product for many; built on first use", int4_avx2.why_not, int4_avx2.pack, int4_avx2.run),
     Kernel("int4-weight-bf16", "4-bit integer weights in groups of 32-256 (or per channel), bf16 activations: "
            "torch's int4 CPU matmul (_weight_int4pack_mm_for_cpu)", int4.why_not, int4.pack, int4.run),
-    Kernel("w8a8-avx2", "8-bit per-channel weights x 8-bit dynamic per-token (or per-tensor) activations on CPUs "
-           "without VNNI: each code split into two 4-bit halves for lowbit's C++ W4A8 kernel (exact)",
-           w8a8_avx2.why_not, w8a8_avx2.pack, w8a8_avx2.run),
-    Kernel("w8a8-int-mm", "8-bit per-channel weights x 8-bit dynamic per-token (or per-tensor) activations: "
-           "int8 x int8 -> int32 (torch._int_mm, VNNI), exact integer correction terms",
+    Kernel("w8a8-avx2", "8-bit per-channel weights x 8-bit activations (dynamic per token or per tensor, or "
+           "static per tensor) on CPUs without VNNI: each code split into two 4-bit halves for lowbit's C++ W4A8 "
+           "kernel (exact)", w8a8_avx2.why_not, w8a8_avx2.pack, w8a8_avx2.run),
+    Kernel("w8a8-int-mm", "8-bit per-channel weights x 8-bit activations (dynamic per token or per tensor, or "
+           "static per tensor): int8 x int8 -> int32 (torch._int_mm, VNNI), exact integer correction terms",
            int8.w8a8_why_not, int8.w8a8_pack, int8.w8a8_run),
-    Kernel("w4a8-avx2", "4-bit integer weights (per channel, or groups of a multiple of 32) x 8-bit dynamic "
-           "per-token (or per-tensor) activations: lowbit's C++ kernel (AVX2 vpmaddubsw, exact int32 sums per "
-           "group), reading the packed 4-bit codes; built on first use", w4a8_avx2.why_not, w4a8_avx2.pack,
-           w4a8_avx2.run),
-    Kernel("w4a8-int-mm", "4-bit integer weights (per channel, or groups of a multiple of 8) x 8-bit dynamic "
-           "per-token (or per-tensor) activations: int8 x int8 -> int32 per group (torch._int_mm), exact integer "
-           "corrections; the codes widened to int8 in memory", w4a8.why_not, w4a8.pack, w4a8.run),
+    Kernel("w4a8-avx2", "4-bit integer weights (per channel, or groups of a multiple of 32) x 8-bit activations "
+           "(dynamic per token or per tensor, or static per tensor): lowbit's C++ kernel (AVX2 vpmaddubsw, exact "
+           "int32 sums per group), reading the packed 4-bit codes; built on first use", w4a8_avx2.why_not,
+           w4a8_avx2.pack, w4a8_avx2.run),
+    Kernel("w4a8-int-mm", "4-bit integer weights (per channel, or groups of a multiple of 8) x 8-bit activations "
+           "(dynamic per token or per tensor, or static per tensor): int8 x int8 -> int32 per group "
+           "(torch._int_mm), exact integer corrections; the codes widened to int8 in memory", w4a8.why_not,
+           w4a8.pack, w4a8.run),
     Kernel("int8-weight-avx2", "8-bit per-channel integer weights, float32 activations: lowbit's C++ kernel for few "
            "rows, the weight dequantized to float32 for a float product for many; built on first use",
            int8_avx2.why_not, int8_avx2.pack, int8_avx2.run),

@@ -9,8 +9,8 @@ kernel with unit scales), the scales and the offset term in float32. Calls with 
 rows (a long prompt, an encoder's frames) multiply by the weight dequantized to float32 instead, in torch's float
 product, which is faster there (and exact to float32 rounding).
 
-W8A8 (per-channel weights, dynamic per-token or per-tensor activations): the activation is quantized by
-lowbit's own quantizer (the same codes as the reference path), ``x = (a + p) * t`` with signed codes ``a``
+W8A8 (per-channel weights; dynamic per-token or per-tensor activations, or a static calibrated per-tensor
+range of at most 8 bits): the activation is quantized by lowbit's own quantizer (the same codes as the reference path), ``x = (a + p) * t`` with signed codes ``a``
 and offset ``p = 128 - zx``, and
 
     sum_k x_k w_nk = t * s_n * (sum_k a_k c_nk + o_n sum_k a_k + p sum_k c_nk + K p o_n)
@@ -121,15 +121,16 @@ def w8a8_why_not(m: QuantModule) -> str | None:
 
 
 def act_why_not(m: QuantModule) -> str | None:
-    """None if ``m``'s input is quantized to 8-bit integers per token or per tensor at run time, else why not."""
+    """None if ``m``'s input is quantized to integers these kernels read as int8 codes: 8 bits per token or per
+    tensor at run time, or a static (calibrated) per-tensor range of at most 8 bits; else why not."""
     act = m.act
     if act is None:
         return "its activations are not quantized (this kernel needs 8-bit activations)"
     a = act.spec
-    if a.format != "int" or a.bits != 8 or a.granularity not in ("token", "tensor"):
+    if act.dynamic and (a.format != "int" or a.bits != 8 or a.granularity not in ("token", "tensor")):
         return f"activation format {a.name} is not 8-bit integer per token or per tensor"
-    if not act.dynamic:
-        return "static activation ranges (this kernel quantizes each input on the fly)"
+    if not act.dynamic and (a.format != "int" or a.bits > 8 or a.granularity != "tensor"):
+        return f"static activation format {a.name} is not an integer format of at most 8 bits per tensor"
     return None
 
 
@@ -140,18 +141,30 @@ def w8a8_pack(m: QuantLinear) -> dict:
 
 
 def w8a8_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
-    k = m.in_features
-    x2 = x.reshape(-1, k)
-    a, t, p = activation_codes(x2, m.act.spec, m.act.clip)
+    a, t, p = input_codes(m, x.reshape(-1, m.in_features))
+    return w8a8_from_codes(m, st, a, t, p).to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+def w8a8_from_codes(m: QuantLinear, st: dict, a: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """The layer's float32 output ``(M, out)`` for input codes ``x ~ (a + p) * t`` (:func:`input_codes`)."""
     acc = torch._int_mm(a, st["weight"].t())  # (M, out) int32
     if st["has_offset"]:
         acc += a.to(torch.int32).sum(1, keepdim=True) * st["offset"]
     if p is not None:
-        acc += p * (st["colsum"] + k * st["offset"])
+        acc += p * (st["colsum"] + m.in_features * st["offset"])
     y = acc.float().mul_(t).mul_(st["scale"])
     if m.bias is not None:
         y += m.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+    return y
+
+
+def input_codes(m: QuantModule, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``m``'s input ``x2`` ``(M, K)`` as its activation quantizer codes it: :func:`activation_codes` of a dynamic
+    quantizer, :func:`static_codes` of a calibrated one."""
+    if m.act.dynamic:
+        return activation_codes(x2, m.act.spec, m.act.clip)
+    return static_codes(x2, m.act.spec, m.act_lo, m.act_hi)
 
 
 def activation_codes(x2: torch.Tensor, spec: QuantSpec, clip: float = 1.0
@@ -169,6 +182,19 @@ def activation_codes(x2: torch.Tensor, spec: QuantSpec, clip: float = 1.0
         qx = quantize(x2, spec, lo * clip, hi * clip)
     t = qx.scale if qx.global_scale is None else qx.scale * qx.global_scale
     return _signed_codes(qx.codes), t, 128 - qx.zero_point.to(torch.int32)
+
+
+def static_codes(x2: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x2`` ``(M, K)`` in the codes of a static per-tensor range ``[lo, hi]`` (integers of at most 8 bits), as
+    :func:`activation_codes` returns them: signed int8 ``a``, scale ``t`` ``(1, 1)`` and offset ``p`` int32
+    ``(1, 1)`` with ``x2 ~ (a + p) * t``. Codes of fewer bits or without a zero point are shifted so that ``p``
+    covers both (``a + p`` = the stored code minus its zero point)."""
+    qx = quantize(x2, spec, lo, hi)  # codes uint8 (M, K), one tile: the reference path's codes
+    t = (qx.scale if qx.global_scale is None else qx.scale * qx.global_scale).reshape(1, 1).float()
+    zp = qx.zero_point.to(torch.int32).reshape(1, 1) if qx.zero_point is not None \
+        else torch.full((1, 1), 2 ** (spec.bits - 1), dtype=torch.int32)
+    return _signed_codes(qx.codes), t, 128 - zp
 
 
 def symmetric_codes(x: torch.Tensor, spec: QuantSpec, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,10 @@
-"""W4A8: 4-bit integer weights x 8-bit dynamic activations, as int8 x int8 -> int32 products (``torch._int_mm``).
+"""W4A8: 4-bit integer weights x 8-bit activations, as int8 x int8 -> int32 products (``torch._int_mm``).
 
 lowbit stores 4-bit integer codes ``q`` in 0..15 with ``w = (q - zp) * s`` per group (``zp = 8`` when
 symmetric). The kernel keeps the signed codes ``c = q - 8`` in -8..7 as int8, laid out per group as
 ``(groups, group_size, out)``, and ``o = 8 - zp`` per group and output (zero when symmetric), so that
 ``w = (c + o) * s`` (a row whose length the group size does not divide ends in a shorter group, as stored). The
-activation is quantized on the fly exactly as the W8A8 kernel does
+activation is quantized exactly as the W8A8 kernel does
 (``lowbit.kernels.int8``: ``x = (a + p) * t``, per token or per tensor), and for each group ``g``
 
     sum_{k in g} x_k w_nk = t * s_gn * (sum_k a_k c_nk + o_gn sum_k a_k + p sum_k c_nk + |g| p o_gn)
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.checks import int_linear_why_not
-from lowbit.kernels.int8 import activation_codes, act_why_not
+from lowbit.kernels.int8 import act_why_not, input_codes
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
 
@@ -67,8 +67,13 @@ def pack(m: QuantLinear) -> dict:
 
 def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., in)`` (already through the layer's input transforms) -> ``(..., out)`` in ``x``'s dtype."""
-    x2 = x.reshape(-1, m.in_features)
-    a, t, p = activation_codes(x2, m.act.spec, m.act.clip)  # int8 (M, in); scale (M, 1) or (1, 1); offset or None
+    a, t, p = input_codes(m, x.reshape(-1, m.in_features))  # int8 (M, in); scale (M, 1) or (1, 1); offset or None
+    return from_codes(m, st, a, t, p).to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+def from_codes(m: QuantLinear, st: dict, a: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """The layer's float32 output ``(M, out)`` for input codes ``x ~ (a + p) * t``
+    (:func:`lowbit.kernels.int8.input_codes`)."""
     whole = len(st["bounds"]) == 1
     y = None
     for i, (lo, hi) in enumerate(st["bounds"]):
@@ -84,4 +89,4 @@ def run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
     y = y.mul_(t)
     if m.bias is not None:
         y += m.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+    return y

@@ -1,7 +1,7 @@
-"""W4A8 on lowbit's AVX2 kernel: packed 4-bit weight codes x 8-bit dynamic activations, exact integer sums.
+"""W4A8 on lowbit's AVX2 kernel: packed 4-bit weight codes x 8-bit activations, exact integer sums.
 
 lowbit stores 4-bit integer codes ``q`` in 0..15 with ``w = (q - zp) * s`` per group (``zp = 8`` when
-symmetric). The activation is quantized on the fly exactly as the W8A8 kernel does (``lowbit.kernels.int8``:
+symmetric). The activation is quantized exactly as the W8A8 kernel does (``lowbit.kernels.int8``:
 ``x = (a + p) * t`` per token or per tensor, signed codes ``a``, offset ``p`` for asymmetric specs), and the
 C++ kernel (``csrc/w4a8_avx2.cpp``) computes, per group ``g`` and in integers,
 
@@ -24,7 +24,7 @@ from lowbit.errors import InputError
 from lowbit.kernels import native
 from lowbit.kernels.checks import check_width, int_linear_why_not
 from lowbit.kernels.dequant import sliced_linear
-from lowbit.kernels.int8 import activation_codes, act_why_not
+from lowbit.kernels.int8 import act_why_not, input_codes
 from lowbit.kernels.w4a8 import group_count, group_width
 from lowbit.nn.base import QuantModule
 from lowbit.nn.linear import QuantLinear
@@ -117,22 +117,28 @@ def linear(m: QuantLinear, st: dict, x: torch.Tensor, repeat: int) -> torch.Tens
         if n != out:
             y = y[..., :out]
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    x2 = x.reshape(-1, k)
-    xu, t, p = activation(x2, m.act)  # uint8 (M, in) a + 128; (M, 1) or (1, 1); offset or None
-    return finish(m, st, product(st, xu, st["n"], repeat), t, p, x)
+    xu, t, p = activation(x.reshape(-1, k), m)  # uint8 (M, in) a + 128; (M, 1) or (1, 1); offset or None
+    return finish(m, st, product(st, xu, st["n"], repeat), t, p).to(x.dtype).reshape(*x.shape[:-1], out)
 
 
-def finish(m: QuantLinear, st: dict, y: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None,
-           x: torch.Tensor) -> torch.Tensor:
-    """The layer's output from the integer product ``y`` float32 ``(M, n)``: the asymmetric-activation term
-    ``p * wsum``, the activation scale ``t``, the bias; in ``x``'s dtype and leading shape."""
+def from_codes(m: QuantLinear, st: dict, a: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None,
+               repeat: int = 1) -> torch.Tensor:
+    """The layer's float32 output ``(M, out)`` for input codes ``x ~ (a + p) * t``
+    (:func:`lowbit.kernels.int8.input_codes`); ``repeat`` as in :func:`linear`."""
+    xu = (a.view(torch.uint8) ^ 128).contiguous()  # a + 128
+    return finish(m, st, product(st, xu, st["n"], repeat), t, p)
+
+
+def finish(m: QuantLinear, st: dict, y: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """The layer's float32 output ``(M, out)`` from the integer product ``y`` float32 ``(M, n)``: the
+    asymmetric-activation term ``p * wsum``, the activation scale ``t``, the bias."""
     if p is not None:
         y += p.float() * st["wsum"]  # (M, 1) * (n,)
     y.mul_(t)
     y = y[:, :m.out_features]  # the rows padding added
     if m.bias is not None:
         y += m.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+    return y
 
 
 def product(st: dict, xu: torch.Tensor, n: int, repeat: int = 1) -> torch.Tensor:
@@ -166,10 +172,10 @@ def _check(rc: int, x: torch.Tensor, shape: str) -> None:
 _NATIVE_SCALES = {"fp16": 1, "fp32": 0}
 
 
-def activation(x2: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Codes ``a + 128`` uint8 ``(M, K)``, scale and offset of :func:`lowbit.kernels.int8.activation_codes`
-    (the layers whose activations the one-call C path does not quantize)."""
-    a, t, p = activation_codes(x2, act.spec, act.clip)
+def activation(x2: torch.Tensor, m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes ``a + 128`` uint8 ``(M, K)``, scale and offset of ``m``'s input by
+    :func:`lowbit.kernels.int8.input_codes` (the layers whose activations the one-call C path does not quantize)."""
+    a, t, p = input_codes(m, x2)
     return (a.view(torch.uint8) ^ 128).contiguous(), t, p
 
 

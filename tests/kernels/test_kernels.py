@@ -177,6 +177,40 @@ def test_w4a8_declines_what_it_cannot_run_exactly(spec, out_f, in_f, act, why):
     assert torch.equal(m(x), m.reference(x))
 
 
+@pytest.mark.parametrize("wspec, kernel", [("int8", "w8a8-int-mm"), ("int8-asym", "w8a8-int-mm"),
+                                           ("int4-g32-asym", "w4a8-int-mm"), ("int4-ch", "w4a8-int-mm"),
+                                           pytest.param("int8", "w8a8-avx2", marks=NATIVE),
+                                           pytest.param("int4-g32-asym", "w4a8-avx2", marks=NATIVE)])
+@pytest.mark.parametrize("aspec", ["int8-tensor", "int8-tensor-asym", "int7-tensor", "int4-tensor-asym"])
+def test_static_activation_ranges_run_on_the_integer_kernels_with_the_reference_codes(monkeypatch, wspec, kernel,
+                                                                                       aspec):
+    """A calibrated per-tensor range (8 bits or fewer, symmetric or with a zero point) gives the reference path's
+    codes, including inputs beyond the range, which both clamp."""
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)  # the avx2 kernels are for CPUs without it
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(40, 96, generator=g)
+    act = ActivationQuant(QuantSpec.parse(aspec), dynamic=False)
+    m = QuantLinear.from_float(w, torch.randn(40, generator=g), quantize_tensor(w, QuantSpec.parse(wspec)), act)
+    m.set_activation_range(torch.tensor(-1.5), torch.tensor(4.0))
+    x = _x(7, 96) * 3 + 0.5  # some of it beyond [-1.5, 4]
+    ref = m.reference(x)
+    assert _attach(m, kernel) == kernel
+    assert _rel(m(x), ref) < 1e-5
+    wide = copy.deepcopy(m)
+    release_kernels(wide)
+    wide.set_activation_range(torch.tensor(-20.0), torch.tensor(20.0))
+    assert _rel(wide.reference(x), ref) > 1e-3  # the calibrated range decided the codes
+
+
+def test_static_activations_other_than_integer_per_tensor_are_declined():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    m = QuantLinear.from_float(w, None, quantize_tensor(w, QuantSpec.parse("int8")),
+                               ActivationQuant(QuantSpec.parse("fp8-e4m3-tensor"), dynamic=False))
+    report = use_kernels(m)
+    assert "not an integer format of at most 8 bits per tensor" in report.reasons[""]["w8a8-int-mm"]
+    assert report.chosen[""] is None
+
+
 def test_int8_weight_only_kernels_decline_inputs_they_cannot_read():
     m = _linear(32, 200, "int8")  # 200 = 8 x 25: torch's kernel needs multiples of 16, lowbit's of 8
     report = use_kernels(m, tuple(k for k in KERNELS if k.name == "int8-weight-bf16"))
@@ -189,7 +223,7 @@ def test_int8_weight_only_kernels_decline_inputs_they_cannot_read():
     assert torch.equal(m(x), m.reference(x))
 
 
-def test_w8a8_is_not_chosen_for_static_or_non_8_bit_activations():
+def test_w8a8_is_not_chosen_for_dynamic_activations_of_other_widths():
     m = _linear(32, 64, "int8", act="int4-token")
     report = use_kernels(m)
     assert "not 8-bit integer per token" in report.reasons[""]["w8a8-int-mm"]
