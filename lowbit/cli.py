@@ -400,6 +400,12 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     if isinstance(calibration, dict):
         for line in describe_calibration(calibration):
             print(line)
+    inputs = (manifest.get("extra") or {}).get("inputs")
+    if isinstance(inputs, dict) and inputs:  # checked by load() above
+        print(f"quantized inputs of {len(inputs)} module(s) without weights (lowbit.nn.input_quant):")
+        for name, r in inputs.items():
+            span = "" if r["lo"] is None else f" [{r['lo']:.4g}, {r['hi']:.4g}]"
+            print(f"  {name}: {r['act']['spec']} {'dynamic' if r['act'].get('dynamic', True) else 'static'}{span}")
     return 0
 
 

@@ -25,6 +25,8 @@ Recipes are plans written as YAML::
     transforms: [fuse_norms]     # optional: float equivalence transforms applied first (lowbit.transforms)
     kv: {spec: int8-token}       # optional: KV-cache quantization of the model's attention (lowbit.nn.kv_cache)
     reconstruct: {iters: 1000}   # optional: block reconstruction of the rounding (BRECQ/QDrop, lowbit.algorithms.brecq)
+    inputs:                      # optional: inputs of modules without weights (lowbit.nn.input_quant)
+      - {pattern: "*.softmax", act: {spec: int8-tensor-asym, dynamic: false}}
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import yaml
 from lowbit.algorithms import Algorithm, RTN, make_algorithm
 from lowbit.algorithms.brecq import Reconstruction
 from lowbit.errors import InputError
+from lowbit.nn.input_quant import InputQuant
 from lowbit.nn.roles import HEAD_NAME, ROLES
 from lowbit.spec import ActivationQuant, KVCacheQuant, QuantSpec, parse_spec
 from lowbit.transforms import NEEDS_DATA, check_transforms
@@ -152,6 +155,7 @@ class QuantPlan:
     transforms: tuple[str, ...] = ()
     kv: KVCacheQuant | None = None
     reconstruct: Reconstruction | None = None
+    inputs: tuple[InputQuant, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -168,6 +172,11 @@ class QuantPlan:
         if isinstance(self.reconstruct, (bool, dict)):
             object.__setattr__(self, "reconstruct", Reconstruction.from_dict(self.reconstruct) if self.reconstruct
                                else None)
+        inputs = tuple(InputQuant.from_dict(e, f"plan inputs[{i}]") if isinstance(e, dict) else e
+                       for i, e in enumerate(self.inputs))
+        if not all(isinstance(e, InputQuant) for e in inputs):
+            raise InputError(f"plan inputs must be InputQuant entries or mappings, got {self.inputs!r}")
+        object.__setattr__(self, "inputs", inputs)
         if self.reconstruct is not None and not isinstance(self.reconstruct, Reconstruction):
             raise InputError(f"plan reconstruct must be a Reconstruction, true or a mapping, got {self.reconstruct!r}")
 
@@ -186,7 +195,8 @@ class QuantPlan:
     @property
     def needs_data(self) -> bool:
         """True when ``quantize`` needs calibration data for this plan."""
-        if any(t in NEEDS_DATA for t in self.transforms) or self.reconstruct is not None:
+        if any(t in NEEDS_DATA for t in self.transforms) or self.reconstruct is not None \
+                or any(not e.act.dynamic for e in self.inputs):
             return True
         return any(
             (r.act is not None and not r.act.dynamic) or r.bias_correction is True or bool(r.method.stats_needed)
@@ -213,6 +223,8 @@ class QuantPlan:
             d["kv"] = self.kv.to_dict()
         if self.reconstruct is not None:
             d["reconstruct"] = self.reconstruct.to_dict()
+        if self.inputs:
+            d["inputs"] = [e.to_dict() for e in self.inputs]
         return d
 
     @classmethod
@@ -221,10 +233,10 @@ class QuantPlan:
             raise InputError(f"{where} is empty; it needs 'rules' (see lowbit.plan for an example)")
         if not isinstance(d, dict):
             raise InputError(f"{where}: expected a mapping with 'rules' (and optional 'skip'), got {type(d).__name__}")
-        unknown = set(d) - {"rules", "skip", "transforms", "kv", "reconstruct", "name", "description"}
+        unknown = set(d) - {"rules", "skip", "transforms", "kv", "reconstruct", "inputs", "name", "description"}
         if unknown:
             raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: rules, skip, transforms, kv, "
-                             f"reconstruct, name, description")
+                             f"reconstruct, inputs, name, description")
         rules = d.get("rules")
         if not isinstance(rules, list) or not rules:
             raise InputError(f"{where}: 'rules' must be a non-empty list of rules")
@@ -243,8 +255,12 @@ class QuantPlan:
         reconstruct = None
         if d.get("reconstruct") not in (None, False):
             reconstruct = Reconstruction.from_dict(d["reconstruct"], f"{where}: reconstruct")
+        inputs = d.get("inputs") or []
+        if not isinstance(inputs, list):
+            raise InputError(f"{where}: 'inputs' must be a list of {{pattern, act}} mappings")
+        inputs = tuple(InputQuant.from_dict(e, f"{where}: inputs[{i}]") for i, e in enumerate(inputs))
         return cls(tuple(Rule.from_dict(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)), tuple(skip),
-                   check_transforms(transforms, where), kv, reconstruct)
+                   check_transforms(transforms, where), kv, reconstruct, inputs)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

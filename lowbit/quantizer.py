@@ -34,6 +34,7 @@ from lowbit.nn.convert import float_weight, to_quantized
 from lowbit.nn.state import CALIBRATION_ATTR
 from lowbit.nn.roles import input_embedding, output_embedding, share_quantized_storage, tied_head
 from lowbit.nn.experts import experts_of, unfuse_experts
+from lowbit.nn.input_quant import quantize_inputs, select_inputs
 from lowbit.nn.kv_cache import attach_kv_quant, check_kv_quant
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import QuantSpec
@@ -98,6 +99,9 @@ def quantize(
         plan = QuantPlan.uniform(plan)
     if plan.kv is not None:
         check_kv_quant(model, plan.kv)  # before anything changes
+    points = select_inputs(model, plan.inputs) if plan.inputs else {}  # before anything changes
+    if any(not a.dynamic for a in points.values()) and data is None:
+        raise InputError("the plan's inputs quantize module inputs statically: pass calibration data=")
     # the float pre-pass; undone if anything below fails. Fused mixture-of-experts weights become one linear
     # pair per expert first (lowbit.nn.experts), so that rules and transforms see the experts' linears
     unfused = Originals()
@@ -121,6 +125,8 @@ def quantize(
         originals.close()
     if plan.kv is not None:
         attach_kv_quant(model, plan.kv)
+    if points:  # observed on the quantized model: the ranges its own layers' outputs give
+        quantize_inputs(model, points, data, progress)
     return model
 
 

@@ -38,6 +38,7 @@ from lowbit.nn.base import STORAGE_BUFFERS, QuantModule
 from lowbit.nn.conv import QuantConv1d, QuantConv2d
 from lowbit.nn.convert import float_weight, from_layer_record, is_quantizable
 from lowbit.nn.embedding import QuantEmbedding
+from lowbit.nn.input_quant import attach_input_quant, check_input_record
 from lowbit.nn.kv_cache import attach_kv_quant
 from lowbit.spec import KVCacheQuant
 from lowbit.version import __version__
@@ -96,6 +97,7 @@ def _load(folder: Path, model: nn.Module | None) -> nn.Module:
     _rebuild_transforms(arch, manifest, header, folder)
     layers = _build_layers(arch, manifest, folder)
     _check_state(arch, layers, header, folder)
+    inputs = _input_record(arch, manifest, folder)
     if model is None:
         _check_arch_bytes(arch, folder)
     state = _read_state(folder, manifest)
@@ -118,6 +120,8 @@ def _load(folder: Path, model: nn.Module | None) -> nn.Module:
     _widen(root, manifest, folder)
     _retie(root, manifest["tied_tensors"])
     _attach_kv(root, manifest, folder)
+    if inputs is not None:
+        attach_input_quant(root, inputs)
     left = [k for k, t in root.state_dict().items() if t.is_meta]
     if left:  # cannot happen after the key check above; a guard against a module with unsaved state
         raise CorruptFileError(f"{folder}: {len(left)} tensor(s) got no data from the file ({left[:3]})")
@@ -143,6 +147,20 @@ def _skeleton(folder: Path, manifest: dict[str, Any], header: Header, meta: bool
         raise CorruptFileError(f"{folder / MANIFEST}: its source does not build a model ({type(e).__name__}: "
                                f"{e}); the manifest is damaged, or pass the float model with "
                                f"lowbit.load(path, model=...)") from None
+
+
+def _input_record(arch: nn.Module, manifest: dict[str, Any], folder: Path) -> dict | None:
+    """The quantized inputs of modules without weights the manifest records (``lowbit.nn.input_quant``), checked
+    against the architecture, or None."""
+    extra = manifest.get("extra")
+    record = extra.get("inputs") if isinstance(extra, dict) else None
+    if record is None:
+        return None
+    try:
+        check_input_record(arch, record)
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{folder / MANIFEST}: extra.inputs: {e}") from None
+    return record
 
 
 def _attach_kv(model: nn.Module, manifest: dict[str, Any], folder: Path) -> None:

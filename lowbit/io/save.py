@@ -40,6 +40,7 @@ from lowbit.errors import InputError
 from lowbit.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, file_entry, read_manifest
 from lowbit.nn.convert import layer_record
 from lowbit.nn.hf_classes import source_of
+from lowbit.nn.input_quant import INPUTS_ATTR
 from lowbit.nn.state import CALIBRATION_ATTR, distinct_tensors, for_safetensors, quantized_modules, state_tensors
 from lowbit.paths import check_outside, check_writable, kind, output_path
 from lowbit.plan import QuantPlan
@@ -98,6 +99,9 @@ def save(
     calibration = model.__dict__.get(CALIBRATION_ATTR)
     if calibration is not None and "calibration" not in (extra or {}):
         extra = {**(extra or {}), "calibration": calibration}
+    inputs = model.__dict__.get(INPUTS_ATTR)  # quantized inputs of modules without weights (lowbit.nn.input_quant)
+    if inputs and "inputs" not in (extra or {}):
+        extra = {**(extra or {}), "inputs": inputs}
     canonical, tied = distinct_tensors(state_tensors(model))
     manifest = _manifest(model, tied, source, plan, extra)
     if float_dtype is not None:

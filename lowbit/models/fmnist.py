@@ -79,12 +79,13 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.softmax = nn.Softmax(dim=-1)  # a module, so that a plan's inputs can quantize the scores
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, dim)
         n, t, d = x.shape
         q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)  # (N, heads, T, T)
+        att = self.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads))  # (N, heads, T, T)
         return self.proj((att @ v).transpose(1, 2).reshape(n, t, d))
 
 
