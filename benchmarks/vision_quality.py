@@ -5,8 +5,8 @@ a method:
 
 * ``rtn``: round to nearest, min/max ranges, activation ranges from the min/max observer (A8) or the MSE
   observer (A4);
-* ``dfq``: DFQ (Nagel et al. 2019): BatchNorm folding and cross-layer equalization (``transforms: [equalize]``),
-  then round to nearest with empirical bias correction;
+* ``dfq``: DFQ (Nagel et al. 2019): BatchNorm folding, cross-layer equalization and high-bias absorption
+  (``transforms: [equalize, absorb_bias]``), then round to nearest with empirical bias correction;
 * ``adaround``: AdaRound on each layer's output error (``lowbit.algorithms.adaround``), after BatchNorm folding;
 * ``brecq``: block reconstruction with QDrop (``lowbit.algorithms.brecq``, ``reconstruct: {iters: 500}``) from
   round to nearest, after BatchNorm folding. On EfficientNet-Lite0 ``{iters: 100, batch: 8}``: its 19 units, the
@@ -68,7 +68,7 @@ def plan_for(model: str, fmt: str, method: str):
         a8 = ActivationQuant("int8-tensor", dynamic=False, observer="minmax")
         rules += [Rule(name, "int8", "rtn", a8, method == "dfq") for name in ENDS[model]]
     rules.append(Rule("*", weight, algo, a, method == "dfq"))
-    transforms = ("equalize",) if method == "dfq" else ("fold_batchnorm",) if method in ("adaround", "brecq") else ()
+    transforms = ("equalize", "absorb_bias") if method == "dfq" else ("fold_batchnorm",) if method in ("adaround", "brecq") else ()
     if model == "fmnist-vit":
         transforms = ()  # no BatchNorm
     reconstruct = BRECQ_SETTINGS.get(model, {"iters": BRECQ_ITERS}) if method == "brecq" else None

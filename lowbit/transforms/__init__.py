@@ -21,6 +21,7 @@ recorded in the manifest with the transform's entry in ``REBUILD``, before it re
 | `awq_scales`      | AWQ's activation-aware scales, shared by each norm's linears and folded into the norm (needs data) |
 | `fold_batchnorm`  | each BatchNorm folded into the convolution or linear before it                         |
 | `equalize`        | BatchNorms folded, then cross-layer equalization of consecutive layer pairs (DFQ)      |
+| `absorb_bias`     | BatchNorms folded, then high-bias absorption into the next layer's bias (DFQ)          |
 
 Scaling transforms (``smoothquant``, ``awq_scales``) come after ``fuse_norms`` and any rotation: those would fuse
 the scaled norm gains back into the weights.
@@ -42,6 +43,7 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.hadamard import hadamard_transform
+from lowbit.transforms.bias_absorption import absorb_bias
 from lowbit.transforms.equalization import equalize, fold_batchnorm, rebuild_fold_batchnorm
 from lowbit.transforms.fuse_norms import fuse_norms, rebuild_fuse_norms
 from lowbit.transforms.rotate import (
@@ -66,6 +68,7 @@ TRANSFORMS: dict[str, Callable[..., nn.Module]] = {
     "awq_scales": awq_scales,
     "fold_batchnorm": fold_batchnorm,
     "equalize": equalize,
+    "absorb_bias": absorb_bias,
 }
 NEEDS_DATA = ("smoothquant", "awq_scales")
 # per transform: (float architecture, the saved state's keys) -> None, restoring what it changed in the structure
@@ -78,6 +81,7 @@ REBUILD: dict[str, Callable[[nn.Module, set[str]], None]] = {
     "awq_scales": lambda model, keys: None,
     "fold_batchnorm": rebuild_fold_batchnorm,
     "equalize": rebuild_fold_batchnorm,
+    "absorb_bias": rebuild_fold_batchnorm,
 }
 _ROTATIONS = ("rotate_residual", "rotate", "rotate_inputs")
 _SCALINGS = ("smoothquant", "awq_scales")
@@ -228,7 +232,6 @@ def rebuild_structure(model: nn.Module, names: Iterable[str], keys: set[str]) ->
         REBUILD[n](model, keys)
 
 
-__all__ = ["REBUILD", "TRANSFORMS", "Originals", "apply_transforms", "check_transforms", "equalize", "fold_batchnorm",
-           "fuse_norms",
-           "hadamard_transform", "rebuild_structure", "rotate", "rotate_inputs", "rotate_residual", "smoothquant",
-           "awq_scales", "NEEDS_DATA"]
+__all__ = ["REBUILD", "TRANSFORMS", "NEEDS_DATA", "Originals", "absorb_bias", "apply_transforms", "awq_scales",
+           "check_transforms", "equalize", "fold_batchnorm", "fuse_norms", "hadamard_transform", "rebuild_structure",
+           "rotate", "rotate_inputs", "rotate_residual", "smoothquant"]

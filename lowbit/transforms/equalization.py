@@ -63,12 +63,13 @@ TOLERANCE = 1e-6  # a sweep whose largest |log s| is below this ends the iterati
 @dataclass(frozen=True)
 class Pair:
     """``A -> activation -> B``: module names, the activation's clip ``t`` (None: identity or ReLU) and, for a
-    clipped activation called at this place only, its module name (None otherwise)."""
+    clipped activation called at this place only, its module name (None otherwise); ``relu``: a ReLU between."""
 
     a: str
     b: str
     clip: float | None
     act: str | None = None
+    relu: bool = False  # a ReLU between (clip None): not the identity
 
 
 def fold_batchnorm(model: nn.Module, originals: "Originals | None" = None, *, data: Any = None,
@@ -102,7 +103,9 @@ def equalize(model: nn.Module, originals: "Originals | None" = None, *, data: An
                     originals.keep(modules[name], "weight")
                     originals.keep(modules[name], "bias")
             if p.clip is not None:
-                clips[p.act] = torch.full((_channels_out(modules[p.a]),), p.clip)
+                m = modules[p.act]
+                clips[p.act] = m.clip_max.clone() if isinstance(m, ClampChannels) else \
+                    torch.full((_channels_out(modules[p.a]),), p.clip)
         for sweep in range(MAX_SWEEPS):
             worst = 0.0
             for p in pairs:
@@ -164,8 +167,9 @@ def equalization_scales(W1: torch.Tensor, W2: torch.Tensor, groups: int = 1) -> 
 
 
 def layer_pairs(model: nn.Module) -> list[Pair]:
-    """Every ``A -> [ReLU | ReLU6 | Hardtanh(0, t) | nothing] -> B`` in ``model``'s traced graph where each
-    step is the only user of the one before and ``B`` takes ``A``'s channels as its input channels."""
+    """Every ``A -> [ReLU | ReLU6 | Hardtanh(0, t) | ClampChannels | nothing] -> B`` in ``model``'s traced graph
+    where each step is the only user of the one before and ``B`` takes ``A``'s channels as its input channels (a
+    ClampChannels' ``clip`` is its largest)."""
     graph = _trace(model)
     modules = dict(model.named_modules())
 
@@ -177,19 +181,21 @@ def layer_pairs(model: nn.Module) -> list[Pair]:
         a = module(n)
         if not isinstance(a, LAYERS):
             continue
-        cur, clip, act = n, None, None
+        cur, clip, act, relu = n, None, None, False
         nxt = _only_user(cur)
         while nxt is not None and isinstance(module(nxt), nn.Identity):  # a folded BatchNorm
             cur, nxt = nxt, _only_user(nxt)
         if nxt is not None and _is_relu(nxt, modules):
-            cur, nxt = nxt, _only_user(nxt)
+            cur, nxt, relu = nxt, _only_user(nxt), True
         elif nxt is not None and (t := _clip_of(module(nxt))) is not None:
             calls = sum(1 for m in graph.nodes if m.op == "call_module" and m.target == nxt.target)
             cur, clip, act, nxt = nxt, t, nxt.target if calls == 1 else None, _only_user(nxt)
+        elif nxt is not None and isinstance(module(nxt), ClampChannels):  # clipped per channel already (equalize)
+            cur, clip, act, nxt = nxt, float(module(nxt).clip_max.max()), nxt.target, _only_user(nxt)
         b = module(nxt) if nxt is not None else None
         if isinstance(b, LAYERS) and nxt.args[0] is cur and _channels_out(a) == _channels_in(b) \
                 and (type(b) is not nn.Linear or type(a) is nn.Linear):
-            pairs.append(Pair(n.target, nxt.target, clip, act))
+            pairs.append(Pair(n.target, nxt.target, clip, act, relu))
     return pairs
 
 
