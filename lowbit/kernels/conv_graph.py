@@ -22,20 +22,23 @@ lowbit's quantized modules as leaves) and rewrites, for every such convolution `
 
 A convolution's output is written as uint8 codes when exactly one of its users reads codes and every other
 user is a fused residual add taking it as ``r``. A reader is an int8 convolution (whose input quantizer sets the
-scale and zero point) or, after a clipped activation (ReLU6), a global average pool before a linear with
-static integer activations (``lowbit.kernels.int8_head``: the codes span the clip range, the pool averages
-them and requantizes once to the linear's input codes, the linear multiplies those: the classifier end is
-integer too). That is the stream of an inverted-residual network (EfficientNet, MobileNetV2):
-each block's sum feeds the next block's expansion convolution and the next add. There the integer graph
-quantizes the residual stream, as integer runtimes do, where the reference path adds in float: the sums differ
-from the reference by the stream's rounding (at most half a code step per add), which the agreement measured at
-the end reports.
+scale and zero point); after a clipped activation (ReLU6), a global average pool before a linear with static
+integer activations (``lowbit.kernels.int8_head``: the codes span the clip range, the pool averages them and
+requantizes once to the linear's input codes, the linear multiplies those: the classifier end is integer too);
+or a channel concatenation (``torch.cat(..., dim=1)``) of such outputs that only one int8 convolution reads
+(each branch writes that convolution's codes, and the concatenation joins codes).
+
+With the fused adds, the first kind makes an inverted-residual network's stream (EfficientNet, MobileNetV2)
+integer: each block's sum feeds the next block's expansion convolution and the next add. There the integer
+graph quantizes the residual stream, as integer runtimes do, where the reference path adds in float: the sums
+differ from the reference by the stream's rounding (at most half a code step per add), which the agreement
+measured at the end reports.
 
 What remains float: the first convolution's input, the outputs that feed anything else (a pool or classifier
 not as above, a residual add that cannot be fused) and every module that is not part of such a pattern. The
 result is a ``torch.fx.GraphModule`` that shares the model's modules (their kernels' packed weights are not
-copied); the model itself is left as it was. Convolutions that take no part are listed in the report with the reason
-(not on the int8 kernel, or 8-bit activations on a CPU without VNNI, where that kernel is not exact:
+copied); the model itself is left as it was. Convolutions that take no part are listed in the report with the
+reason (not on the int8 kernel, or 8-bit activations on a CPU without VNNI, where that kernel is not exact:
 ``cpu_features``; 7-bit activations run everywhere). A link clips ``A``'s output to the values ``B``'s codes
 represent before writing them (one oneDNN post-op with the activation), as ``B``'s own quantizer clamps.
 """
@@ -264,12 +267,14 @@ def int8_conv_graph(model: nn.Module, residual_adds: bool = True) -> tuple[fx.Gr
     order = {node: i for i, node in enumerate(graph.nodes)}
     ends = {plan["end"]: n for n, plan in plans.items()}
     heads = _heads(graph, modules, plans, ends, report)
+    cats = _concats(graph, plans, ends, is_int8_conv)
     writes: dict[fx.Node, fx.Node] = {}  # convolution -> the reader (convolution, pool) whose codes it writes
     for n in sorted(plans, key=lambda c: order[plans[c]["end"]]):  # a residual's producer is decided first
         plan, end = plans[n], plans[n]["end"]
         users = list(end.users)
-        readers = [u for u in users if is_int8_conv(u) and u.args[0] is end and len(u.args) == 1 and not u.kwargs
-                   or u in heads and u.args[0] is end]
+        readers = [cats.get(u, u) for u in users
+                   if is_int8_conv(u) and u.args[0] is end and len(u.args) == 1 and not u.kwargs
+                   or u in heads and u.args[0] is end or u in cats]
         sums = [u for u in users if residual_of.get(u) is end]
         residual_codes = plan["add"] is None or ends.get(plan["residual"]) in writes
         if len(readers) == 1 and len(readers) + len(sums) == len(users) and residual_codes:
@@ -352,6 +357,27 @@ def _heads(graph: fx.Graph, modules: dict[str, nn.Module], plans: dict[fx.Node, 
         bits = modules[found[1].target].act.spec.bits
         heads[n] = (*found, int8_head.pool_input_state((post[1][0], post[1][1]), bits))
     return heads
+
+
+def _concats(graph: fx.Graph, plans: dict[fx.Node, dict], ends: dict[fx.Node, fx.Node], is_int8_conv
+             ) -> dict[fx.Node, fx.Node]:
+    """Channel concatenations of int8 convolutions' outputs read only by one int8 convolution: ``torch.cat``
+    node -> that reader. Each input is a convolution chain's end (without a residual add) that only the
+    concatenation reads, so every producer can write the reader's codes and the concatenation joins codes."""
+    cats = {}
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target is not torch.cat or not n.args:
+            continue
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        parts = n.args[0]
+        users = list(n.users)
+        if dim != 1 or not isinstance(parts, (list, tuple)) or len(users) != 1 or not is_int8_conv(users[0]) \
+                or users[0].args != (n,) or users[0].kwargs:
+            continue
+        if all(isinstance(p, fx.Node) and p in ends and plans[ends[p]]["add"] is None and list(p.users) == [n]
+               for p in parts):
+            cats[n] = users[0]
+    return cats
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module, args: tuple) -> None:

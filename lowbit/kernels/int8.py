@@ -10,8 +10,8 @@ rows (a long prompt, an encoder's frames) multiply by the weight dequantized to 
 product, which is faster there (and exact to float32 rounding).
 
 W8A8 (per-channel weights; dynamic per-token or per-tensor activations, or a static calibrated per-tensor
-range of at most 8 bits): the activation is quantized by lowbit's own quantizer (the same codes as the reference path), ``x = (a + p) * t`` with signed codes ``a``
-and offset ``p = 128 - zx``, and
+range of at most 8 bits): the activation is quantized by lowbit's own quantizer (the same codes as the
+reference path), ``x = (a + p) * t`` with signed codes ``a`` and offset ``p = 128 - zx``, and
 
     sum_k x_k w_nk = t * s_n * (sum_k a_k c_nk + o_n sum_k a_k + p sum_k c_nk + K p o_n)
 

@@ -4,11 +4,11 @@ A plan's ``inputs`` (:class:`InputQuant`: a module-name pattern and an :class:`~
 names modules whose *input* an integer runtime would see as codes although the module has no weight to
 quantize: the attention softmax (its input is the ``q k^T`` product), the MLP's GELU, a LayerNorm. After the
 plan's layers are quantized, :func:`quantize_inputs` calibrates a static range for each (in one pass of the
-quantized model, before any of these inputs is quantized, with the observer the setting names) and :func:`attach_input_quant` puts a forward pre-hook on the
-module that fake-quantizes its first argument: the module then computes on the values the codes stand for, so
-evaluation measures what quantizing that point costs. The hooks change no module and no state dict; the
-ranges live in a record on the model that ``lowbit.save`` writes into the manifest (``extra["inputs"]``) and
-``lowbit.load`` attaches again.
+quantized model, before any of these inputs is quantized, with the observer the setting names) and
+:func:`attach_input_quant` puts a forward pre-hook on the module that fake-quantizes its first argument: the
+module then computes on the values the codes stand for, so evaluation measures what quantizing that point
+costs. The hooks change no module and no state dict; the ranges live in a record on the model that
+``lowbit.save`` writes into the manifest (``extra["inputs"]``) and ``lowbit.load`` attaches again.
 
 Only modules called as modules can be hooked: a softmax written as ``torch.softmax(...)`` inside an attention's
 ``forward`` (Hugging Face's eager attention) has no module to name; bundled models call ``nn.Softmax``.
@@ -99,7 +99,8 @@ def quantize_inputs(model: nn.Module, points: dict[str, ActivationQuant], data: 
     record = {}
     for n, a in points.items():
         lo, hi = stats[n].act_range if n in stats else (None, None)
-        record[n] = {"act": a.to_dict(), "lo": None if lo is None else float(lo), "hi": None if hi is None else float(hi)}
+        record[n] = {"act": a.to_dict(), "lo": None if lo is None else float(lo),
+                     "hi": None if hi is None else float(hi)}
     attach_input_quant(model, record)
     log.info("quantized the input of %d module(s) without weights (%s%s)", len(record), next(iter(record)),
              ", ..." if len(record) > 1 else "")

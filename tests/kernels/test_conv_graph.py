@@ -466,3 +466,37 @@ def test_a_pool_after_an_unbounded_activation_stays_float_and_says_why(monkeypat
     with torch.no_grad():
         ref = q(x)
         assert float((gm(x) - ref).abs().max()) < 0.02 * float(ref.abs().max())
+
+
+class _Concat(nn.Module):
+    """Two branches (1x1 with ReLU6, 3x3 with ReLU) concatenated along channels, read by a 1x1 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU6())
+        self.b = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.merge = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.merge(torch.cat([self.a(x), self.b(x)], dim=1)).mean((2, 3))
+
+
+def test_a_concatenation_read_by_an_int8_convolution_joins_codes(monkeypatch):
+    monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)  # 7-bit codes: exact on any x86 CPU
+    q = _quantized(_Concat())
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        ref = q(x)
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    assert ("a.0", "merge") in report.links and ("b.0", "merge") in report.links, report.describe()
+    merge = next(m for m in gm.modules() if isinstance(m, FusedInt8Conv) and m.conv is q.merge)
+    seen = []
+    h = merge.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        y = gm(x)
+    h.remove()
+    assert seen[0].dtype == torch.uint8 and seen[0].shape[1] == 10
+    assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())

@@ -70,7 +70,8 @@ def test_outputs_are_unchanged_where_pre_activations_stay_above_the_absorbed_par
     assert torch.allclose(before - after, c1_bias[:, None, None].expand_as(before), atol=1e-5)
     originals.restore()
     assert isinstance(model.relu6, nn.ReLU6)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == state.keys()
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def _output_of(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
