@@ -64,7 +64,9 @@ def quantize(
     """Quantize ``model`` in place according to ``plan`` and return it.
 
     The plan's ``transforms`` (``lowbit.transforms``: float equivalence transforms such as ``fuse_norms``)
-    rewrite the float model first, and are undone if quantization then fails.
+    rewrite the float model first, and are undone if quantization then fails. Its ``inputs``
+    (``lowbit.nn.input_quant``: the inputs of softmax, GELU or other modules without weights) are calibrated
+    last, on the quantized model, and hooked; an entry that names no module is refused before anything changes.
 
     When the plan needs statistics of the inputs of layers inside a model's repeated blocks (every stack of
     them, found by ``lowbit.calibration.blocks.find_stacks``: the decoder layers of an LLM; the encoder and

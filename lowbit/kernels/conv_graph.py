@@ -76,7 +76,8 @@ class _Tracer(fx.Tracer):
 class ConvGraphReport:
     """What :func:`int8_conv_graph` fused: BatchNorms folded (their names), activations fused into a
     convolution, and int8 links (convolution pairs that pass uint8 codes), each as ``(producer, consumer)``;
-    ``declined``: each quantized convolution left out, with the reason."""
+    ``declined``: each quantized convolution left out (and each classifier whose pool stays float), with the
+    reason; ``heads``: the classifiers that read pooled codes."""
 
     folded: list[str] = field(default_factory=list)
     activations: int = 0
