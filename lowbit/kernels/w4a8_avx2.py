@@ -117,8 +117,8 @@ def linear(m: QuantLinear, st: dict, x: torch.Tensor, repeat: int) -> torch.Tens
         if n != out:
             y = y[..., :out]
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    xu, t, p = activation(x.reshape(-1, k), m)  # uint8 (M, in) a + 128; (M, 1) or (1, 1); offset or None
-    return finish(m, st, product(st, xu, st["n"], repeat), t, p).to(x.dtype).reshape(*x.shape[:-1], out)
+    a, t, p = input_codes(m, x.reshape(-1, k))  # int8 (M, in); scale (M, 1) or (1, 1); offset or None
+    return from_codes(m, st, a, t, p, repeat).to(x.dtype).reshape(*x.shape[:-1], out)
 
 
 def from_codes(m: QuantLinear, st: dict, a: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None,
@@ -170,13 +170,6 @@ def _check(rc: int, x: torch.Tensor, shape: str) -> None:
 
 # scale formats the C quantizer rounds to exactly as lowbit.formats.scales.round_scale does
 _NATIVE_SCALES = {"fp16": 1, "fp32": 0}
-
-
-def activation(x2: torch.Tensor, m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Codes ``a + 128`` uint8 ``(M, K)``, scale and offset of ``m``'s input by
-    :func:`lowbit.kernels.int8.input_codes` (the layers whose activations the one-call C path does not quantize)."""
-    a, t, p = input_codes(m, x2)
-    return (a.view(torch.uint8) ^ 128).contiguous(), t, p
 
 
 def native_codes(x2: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,12 +89,11 @@ def select_inputs(model: nn.Module, inputs: tuple[InputQuant, ...]) -> dict[str,
 
 
 def quantize_inputs(model: nn.Module, points: dict[str, ActivationQuant], data: Any, progress: bool = True) -> None:
-    """Calibrate the static ranges of ``points`` on ``model`` (as it is now: quantized) and attach the hooks."""
+    """Calibrate the static ranges of ``points`` on ``model`` (as it is now: quantized) and attach the hooks;
+    ``data`` (calibration batches) is needed when any is static (``lowbit.quantize`` checks that first)."""
     from lowbit.calibration.capture import Request, collect_input_stats
 
     static = {n: Request(model.get_submodule(n), act=a) for n, a in points.items() if not a.dynamic}
-    if static and data is None:
-        raise InputError(f"static input quantization of {next(iter(static))} needs calibration data; pass data=")
     stats = collect_input_stats(model, static, data, progress) if static else {}
     record = {}
     for n, a in points.items():
@@ -117,7 +116,7 @@ def attach_input_quant(model: nn.Module, record: dict[str, dict]) -> None:
     hooks = check_input_record(model, record)
     detach_input_quant(model)
     handles = [model.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
-    object.__setattr__(model, _HANDLES_ATTR, handles)
+    model.__dict__[_HANDLES_ATTR] = handles
     model.__dict__[INPUTS_ATTR] = {n: dict(r) for n, r in record.items()}
 
 

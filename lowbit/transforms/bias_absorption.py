@@ -30,9 +30,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lowbit.algorithms.bias_correction import bias_correction
 from lowbit.transforms.equalization import OUTPUT_NORMAL, ClampChannels, _fold, _spatial, layer_pairs
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def absorb_bias(model: nn.Module, originals: "Originals | None" = None, *, data:
                 originals.keep(b, "bias")
             a.bias.data -= c.to(a.bias.dtype)
             a.__dict__[OUTPUT_NORMAL] = (mu - c, sigma)
-            _add_bias(b, _applied_to_constant(b, c))
+            _add_bias(b, bias_correction(b.weight.detach(), c, getattr(b, "groups", 1)))  # B applied to c
             if act is not None:
                 if originals is not None:
                     parent, _, attr = p.act.rpartition(".")
@@ -94,20 +94,10 @@ def _why_not(p: Any, a: nn.Module, b: nn.Module) -> str | None:
         return "a clipped activation the model calls at several places"
     if OUTPUT_NORMAL not in a.__dict__ or a.bias is None:
         return "no BatchNorm statistics for the first layer's output"
-    if isinstance(b, nn.modules.conv._ConvNd) and (any(int(x) for x in b.padding) if not isinstance(b.padding, str)
-                                                   else b.padding != "valid"):
+    padding = getattr(b, "padding", ())  # a linear has none; a convolution's is a tuple or "same" / "valid"
+    if padding != "valid" if isinstance(padding, str) else any(padding):
         return "the second layer pads its input"
     return None
-
-
-def _applied_to_constant(b: nn.Module, c: torch.Tensor) -> torch.Tensor:
-    """``B``'s output (without bias) for an input equal to ``c_i`` everywhere in channel ``i``: ``(out,)``."""
-    w = b.weight.detach().float()
-    if isinstance(b, nn.Linear):
-        return w @ c
-    x = c.reshape(1, -1, *([1] * (w.dim() - 2))).expand(1, -1, *w.shape[2:])  # (1, in, *kernel)
-    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
-    return conv(x, w, None, 1, 0, 1, b.groups).reshape(-1)  # one output position: the sum over the kernel
 
 
 def _add_bias(b: nn.Module, delta: torch.Tensor) -> None:

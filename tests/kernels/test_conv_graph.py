@@ -297,6 +297,16 @@ def _quantized(net: nn.Module, act: str = "int7-tensor-asym", classifier: bool =
     return quantize(net, plan, calib, progress=False)
 
 
+def _graphed(q: nn.Module, seed: int, n: int = 2):
+    """An input ``(n, 3, 12, 12)``, ``q``'s reference output on it, then ``q``'s int8 graph (after use_kernels)."""
+    x = torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = q(x)
+    use_kernels(q)
+    gm, report = int8_conv_graph(q)
+    return x, ref, gm, report
+
+
 @pytest.mark.parametrize("act", ["int7-tensor-asym", "int7-tensor"])
 def test_an_inverted_residual_stream_stays_integer_between_blocks(monkeypatch, act):
     monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)  # 7-bit codes: exact on any x86 CPU
@@ -327,11 +337,7 @@ def test_an_inverted_residual_stream_stays_integer_between_blocks(monkeypatch, a
 def test_a_basic_block_fuses_its_add_and_relu_in_float(monkeypatch):
     monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
     q = _quantized(_Basic())
-    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        ref = q(x)
-    use_kernels(q)
-    gm, report = int8_conv_graph(q)
+    x, ref, gm, report = _graphed(q, 6)
     # the shortcut's output has no int8 reader to take codes from: the add sums in float, ReLU fused after it
     assert report.adds == ["add"] and report.integer_adds == []
     fused = next(m for m in gm.modules() if isinstance(m, FusedInt8Conv) and m.add is not None)
@@ -375,12 +381,8 @@ class _BroadcastAdd(nn.Module):
 def test_a_broadcast_operand_is_added_in_float(monkeypatch):
     monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)
     q = _quantized(_BroadcastAdd())
-    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(9))
     offset = q.offset.detach().clone()
-    with torch.no_grad():
-        ref = q(x)
-    use_kernels(q)
-    gm, report = int8_conv_graph(q)
+    x, ref, gm, report = _graphed(q, 9)
     assert report.adds == ["add"]
     with torch.no_grad():
         y = gm(x)
@@ -406,11 +408,7 @@ class _Concat(nn.Module):
 def test_a_concatenation_read_by_an_int8_convolution_joins_codes(monkeypatch):
     monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)  # 7-bit codes: exact on any x86 CPU
     q = _quantized(_Concat())
-    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(12))
-    with torch.no_grad():
-        ref = q(x)
-    use_kernels(q)
-    gm, report = int8_conv_graph(q)
+    x, ref, gm, report = _graphed(q, 12)
     assert ("a.0", "merge") in report.links and ("b.0", "merge") in report.links, report.describe()
     merge = next(m for m in gm.modules() if isinstance(m, FusedInt8Conv) and m.conv is q.merge)
     seen = []

@@ -10,7 +10,7 @@ from lowbit.errors import InputError
 from lowbit.kernels import cpu_features, use_kernels
 from lowbit.kernels.conv_graph import int8_conv_graph
 
-from test_conv_graph import _Basic, _quantized, _Stream
+from test_conv_graph import _Basic, _graphed, _quantized, _Stream
 
 
 class _PoolHead(nn.Module):
@@ -35,11 +35,7 @@ def test_the_classifier_end_pools_codes_and_multiplies_them_in_integers(monkeypa
 
     monkeypatch.setattr(cpu_features, "has_vnni", lambda: False)  # 7-bit codes: exact on any x86 CPU
     q = _quantized(net(), act, classifier=True)
-    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        ref = q(x)
-    use_kernels(q)
-    gm, report = int8_conv_graph(q)
+    x, ref, gm, report = _graphed(q, 11, n=3)
     assert report.heads == ["fc"] and (last, "fc") in report.links, report.describe()
     seen = {}
     pool = next(m for m in gm.modules() if isinstance(m, CodeMeanPool))
