@@ -45,9 +45,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
 
-# packages only the comparison benchmarks need (benchmarks/gguf_llamacpp.py): compiled, so not in `install`
+# packages only the comparison benchmarks need (benchmarks/gguf_llamacpp.py, benchmarks/speed.py): compiled, so
+# not in `install`. llama.cpp is built for this CPU's vector extensions as /proc/cpuinfo lists them, with its AMX
+# kernels off: a native build dies with "Illegal instruction" (tileloadd) on Q4_0 on some AMX Xeons here.
+LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	$(foreach f,AVX2:avx2 FMA:fma F16C:f16c AVX512:avx512f AVX512_VNNI:avx512_vnni AVX512_BF16:avx512_bf16 \
+	  AVX_VNNI:avx_vnni,-DGGML_$(word 1,$(subst :, ,$(f)))=$(if $(shell grep -qw $(word 2,$(subst :, ,$(f))) \
+	  /proc/cpuinfo && echo y),ON,OFF))
 bench-deps: $(STAMP)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -r benchmarks/requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet \
+		--no-binary llama-cpp-python -r benchmarks/requirements.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,6 +5,7 @@
     lowbit eval MODEL_OR_DIR [--tokens N] [--window N] [--bos | --no-bos]
     lowbit inspect DIR [--no-reference]
     lowbit export DIR --format onnx|gguf --out FILE [--overwrite]
+    lowbit generate MODEL_OR_DIR --prompt TEXT [--max-new-tokens N] [--chat] [--temperature T]
     lowbit bench [ARTIFACT ...] [--sections matmul decode vision] [--model MODEL] [--formats ...] [--json FILE]
     lowbit schemes
     lowbit demo
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from lowbit.cli_generate import add_parser as add_generate
 from lowbit.errors import InputError, LowbitError
 
 log = logging.getLogger("lowbit")
@@ -151,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     _trust_flag(b)
     b.set_defaults(func=_cmd_bench)
 
+    add_generate(sub)
     s = sub.add_parser("schemes", help="list the named weight formats and algorithms")
     s.set_defaults(func=_cmd_schemes)
 

@@ -29,6 +29,8 @@ LATER = {  # module: the later stages it must not import
     "lowbit.io": set("calibration quantizer targets models data evaluation kernels export".split()),
     "lowbit.models": set("calibration quantizer targets io data evaluation kernels export".split()),
     "lowbit.kernels": set("calibration quantizer targets io models data evaluation export".split()),
+    "lowbit.runtime.generate": set("calibration quantizer targets io models data evaluation export".split()),
+    "lowbit.runtime.native_lm": set("calibration quantizer targets io models data evaluation export".split()),
 }
 
 

@@ -35,11 +35,12 @@ from lowbit.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("w4a8_avx2.cpp", "weight_only_avx2.cpp")
+SOURCES = ("w4a8_avx2.cpp", "weight_only_avx2.cpp", "decode_step.cpp")
+HEADERS = ("weight_only_avx2.h", "weight_only_avx512.h", "w4_vnni.h")
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
          "-ffp-contract=off")
 ENV = "LOWBIT_NATIVE"  # "0" turns the native kernels off (to compare against the torch kernels, or to debug)
-ABI = 3  # lowbit_native_abi() of a library this module can call
+ABI = 4  # lowbit_native_abi() of a library this module can call
 BUILD_TIMEOUT_S = 300
 
 _VOID, _INT = ctypes.c_void_p, ctypes.c_int
@@ -52,6 +53,9 @@ _SIGNATURES = {
     "lowbit_s8_dequant": (_INT, [_VOID] * 4 + [_INT] * 3),
     "lowbit_s8_linear_f32": (_INT, [_VOID] * 6 + [_INT] * 4),
     "lowbit_set_parallel_work": (ctypes.c_long, [ctypes.c_long]),
+    "lowbit_decode_check": (_INT, [_VOID]),
+    "lowbit_decode_scratch": (ctypes.c_long, [_VOID]),
+    "lowbit_decode_step": (_INT, [_VOID, _VOID, _INT, _VOID, _VOID, _INT]),
     "lowbit_native_abi": (_INT, []),
 }
 
@@ -143,7 +147,7 @@ def _built_library() -> Path:
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     h = hashlib.sha256(repr((version, FLAGS, ABI)).encode())
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update((_source_dir() / name).read_bytes())
     dest = cache_dir() / "kernels" / f"lowbit_native_{h.hexdigest()[:16]}.so"
     if dest.is_file():

@@ -219,7 +219,7 @@ class ByteTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def decode(self, ids: Any) -> str:
+    def decode(self, ids: Any, **_: Any) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 

@@ -332,4 +332,4 @@ extern "C" long lowbit_set_parallel_work(long work) {
     return before;
 }
 
-extern "C" int lowbit_native_abi(void) { return 3; }
+extern "C" int lowbit_native_abi(void) { return 4; }

@@ -1,0 +1,114 @@
+// The decode engine's fast 4-bit product for one token on CPUs with AVX-512 VNNI: 4-bit weight codes (the
+// layout of weight_only_avx2.cpp) times the token's activations quantized to int8 in blocks of B columns,
+// integer dot products (vpdpbusd: 32 code x activation products per instruction) summed exactly in int32 per
+// block, then scaled in float32. This is what llama.cpp's Q4_0 x Q8_0 product does (blocks of 32 there); it is
+// not the reference path's float product: the activations carry a rounding error of up to half a step,
+// max|x_block| / 254, which lowbit_decode_step's callers choose (NativeLM(exact=False), the default) and the
+// tests bound.
+//
+// Per row n and activation block b (columns [bB, bB + B) inside one weight group g):
+//   y[n] += s[g, n] * xs[b] * (sum_k q[n, k] * xq[k] - z[n, g] * sum_k xq[k])
+// the bracket exact in int32 (8 rows' sums reduced together), then one float32 multiply-add per row and block.
+// with xq = round(x / xs[b]) in -127..127 and xs[b] = max|x| / 127 over the block. The code x activation sum
+// is exact in int32; the zero-point term uses the block's activation sum, so the weight codes need no
+// centering.
+//
+// Needs the group width g a multiple of 64 (each 32-byte row block of 64 columns then lies in one group);
+// B = 128 where g is a multiple of 128, else 64.
+
+#pragma once
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#include <cmath>
+
+#include "weight_only_avx2.h"
+
+#define LOWBIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace lowbit_wo {
+
+inline bool have_vnni() {
+    static const bool yes = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl");
+    return yes;
+}
+
+inline int vnni_block(int g) { return g % 128 == 0 ? 128 : 64; }
+
+// a token's activations in blocks of B columns: codes q (K rounded up to 64, zero padded), scale and code sum
+// per block
+struct XQ {
+    int8_t* q;
+    float* scale;
+    int32_t* sum;
+    int B;
+};
+
+// x (K floats) -> X (blocks of X.B columns)
+LOWBIT_VNNI inline void quantize_blocks(const float* x, int K, XQ& X) {
+    const int nb = (K + X.B - 1) / X.B;
+    for (int b = 0; b < nb; ++b) {
+        const int k0 = b * X.B, k1 = k0 + X.B < K ? k0 + X.B : K;
+        __m512 amax = _mm512_setzero_ps();
+        for (int k = k0; k < k1; k += 16)
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+        const float m = _mm512_reduce_max_ps(amax);
+        const float s = m / 127.0f;
+        const __m512 inv = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = k0; k < k1; k += 16) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));  // nearest even
+            sum = _mm512_add_epi32(sum, v);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(X.q + k), _mm512_cvtsepi32_epi8(v));
+        }
+        X.scale[b] = s;
+        X.sum[b] = _mm512_reduce_add_epi32(sum);
+    }
+    for (int k = K; k % 64; ++k) X.q[k] = 0;
+}
+
+// lane j = sum of the 8 lanes of v[j] (int32)
+LOWBIT_VNNI inline __m256i reduce8_epi32(const __m256i v[8]) {
+    const __m256i h0 = _mm256_hadd_epi32(v[0], v[1]), h1 = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i h2 = _mm256_hadd_epi32(v[4], v[5]), h3 = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i a = _mm256_hadd_epi32(h0, h1), b = _mm256_hadd_epi32(h2, h3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// y[n0 .. n0 + 8) = rows n0.. of the weight times X (+ bias). zt: the zero points transposed, int8 (G, N), so
+// the 8 rows' zero points of a group are one load.
+LOWBIT_VNNI inline void rows8_w4_vnni(const W4& A, const int8_t* zt, int n0, const XQ& X, const float* bias,
+                                      float* y) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const uint8_t* rows = A.w + (size_t)n0 * A.wstride;
+    const int nb = (A.K + X.B - 1) / X.B, per = X.B / 64, blocks64 = (A.K + 63) / 64;
+    __m256 out = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const int j0 = b * per, j1 = (b + 1) * per < blocks64 ? (b + 1) * per : blocks64;
+        const int gi = b * X.B / A.g;
+        __m256i acc[8];
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_si256();
+        for (int j = j0; j < j1; ++j) {
+            const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q + j * 64));
+            const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q + j * 64 + 32));
+            for (int r = 0; r < 8; ++r) {
+                const uint8_t* src = rows + (size_t)r * A.wstride + j * 32;
+                _mm_prefetch(reinterpret_cast<const char*>(src + 8 * A.wstride), _MM_HINT_T0);  // the next tile
+                const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+                acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_and_si256(w, low), xlo);
+                acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_and_si256(_mm256_srli_epi16(w, 4), low), xhi);
+            }
+        }
+        // the 8 rows' exact integer sums, less zero point x activation sum, then one scale per row
+        const __m256i z8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + (size_t)gi * A.N + n0)));
+        const __m256i t = _mm256_sub_epi32(reduce8_epi32(acc), _mm256_mullo_epi32(z8, _mm256_set1_epi32(X.sum[b])));
+        const __m256 f = _mm256_mul_ps(_mm256_loadu_ps(A.s + (size_t)gi * A.N + n0), _mm256_set1_ps(X.scale[b]));
+        out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), f, out);
+    }
+    if (bias) out = _mm256_add_ps(out, _mm256_loadu_ps(bias + n0));
+    _mm256_storeu_ps(y + n0, out);
+}
+
+}  // namespace lowbit_wo
