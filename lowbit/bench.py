@@ -9,6 +9,9 @@ Sections (each prints one table; every ratio is against fp32 measured in the sam
   the kernels' packed copies, each tensor once) and the resident memory it added to the process (total and anonymous).
   Each format is saved as a lowbit artifact first, then loaded and measured in a fresh process, so the
   resident memory is that format's alone (round-to-nearest weights: speed does not depend on the algorithm).
+* ``engines``: the same causal LM's greedy decode on every engine in one process, in turns: fp32/bf16/int4
+  eager, lowbit's decode engine, llama.cpp Q4_0 and Q4_K_M, with prefill, the fraction of the measured memory
+  read bandwidth each reaches, and a second table with one core kept busy (``lowbit.bench_engines``).
 * ``vision``: EfficientNet-Lite0 images/s in fp32 (as loaded, and ``fp32-fused``: BatchNorm folded into the
   convolutions by ``torch.fx`` and channels-last memory, the faster float baseline) and int8 (per-channel weights, static per-tensor 8-bit
   activations calibrated on bundled photos, oneDNN int8 convolutions), the latter as each convolution's own
@@ -43,7 +46,7 @@ from lowbit.evaluation.speed import BATCHES, LLM_SHAPES, MATMUL_FORMATS, matmul_
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("matmul", "decode", "vision")
+SECTIONS = ("matmul", "decode", "engines", "vision")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ def run_bench(sections: tuple[str, ...] = SECTIONS, *, model: str = "smollm2-135
         out["matmul"] = bench_matmul(shapes, batches, matmul_formats, min_time, say)
     if "decode" in sections:
         out["decode"] = bench_decode(model, formats, artifacts, prompt_tokens, new_tokens, say)
+    if "engines" in sections:
+        from lowbit.bench_engines import bench_engines
+
+        out["engines"] = bench_engines(model, prompt_tokens, new_tokens, say=say)
     if "vision" in sections:
         out["vision"] = bench_vision(vision_batch, say)
     return out

@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed and memory of quantized models against float on this machine")
     b.add_argument("artifacts", nargs="*", help="folders written by `lowbit quantize` to add to the decode table")
     b.add_argument("--sections", nargs="+", default=None, metavar="SECTION",
-                   help="matmul, decode, vision (default: all; only decode when artifacts are given)")
+                   help="matmul, decode, engines, vision (default: all; only decode when artifacts are given)")
     b.add_argument("--model", default=None, help="causal LM of the decode table's float rows (default: the "
                    "artifacts' source model, else smollm2-135m)")
     b.add_argument("--formats", nargs="+", default=None, help="decode formats: fp32 bf16 int4 int8 w8a8 w4a8 (default: "

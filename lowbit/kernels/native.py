@@ -35,8 +35,8 @@ from lowbit.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("w4a8_avx2.cpp", "weight_only_avx2.cpp", "decode_step.cpp")
-HEADERS = ("weight_only_avx2.h", "weight_only_avx512.h", "w4_vnni.h")
+SOURCES = ("w4a8_avx2.cpp", "weight_only_avx2.cpp", "decode_step.cpp", "prefill.cpp")
+HEADERS = ("weight_only_avx2.h", "weight_only_avx512.h", "w4_vnni.h", "decode_common.h")
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
          "-ffp-contract=off")
 ENV = "LOWBIT_NATIVE"  # "0" turns the native kernels off (to compare against the torch kernels, or to debug)
@@ -56,6 +56,8 @@ _SIGNATURES = {
     "lowbit_decode_check": (_INT, [_VOID]),
     "lowbit_decode_scratch": (ctypes.c_long, [_VOID]),
     "lowbit_decode_step": (_INT, [_VOID, _VOID, _INT, _VOID, _VOID, _INT]),
+    "lowbit_prefill_ok": (_INT, [_VOID]),
+    "lowbit_prefill": (_INT, [_VOID, _VOID, _INT, _INT, _VOID, _INT]),
     "lowbit_native_abi": (_INT, []),
 }
 

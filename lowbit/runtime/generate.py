@@ -10,7 +10,7 @@ each ending in a barrier, so when another process keeps a core busy a two-thread
 thread at every barrier and runs 10-30x slower than one thread alone. :class:`ThreadChooser` therefore times
 every step, runs the faster of 1 thread and torch's thread count (the median of each one's recent steps), and
 tries the other one now and then (every 16 steps, backing off to every 256 while it keeps losing), so it
-follows a load that comes and goes.
+follows a load that comes and goes. A :class:`Generator` keeps its chooser from one call to the next.
 """
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ class Generator:
         else:
             self.engine, self.lm = "native", native_lm.NativeLM(model, max_len, exact=exact)
         self.stats = GenerationStats(self.engine)
+        # kept across calls: what the last steps measured still holds for the next request
+        self._chooser = ThreadChooser(torch.get_num_threads())
 
     def tokens(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: tuple[int, ...] = ()) -> Iterator[int]:
@@ -155,9 +157,10 @@ class Generator:
         native = self.engine == "native"
         if native:
             self.lm.reserve(prompt.numel() + max_new_tokens)
-        chooser = ThreadChooser(torch.get_num_threads()) if native and self.threads == "auto" else None
+        chooser = self._chooser if native and self.threads == "auto" else None
         fixed = None if self.threads == "auto" else self.threads
         st = self.stats = GenerationStats(self.engine, prompt_tokens=prompt.numel())
+        before = dict(chooser.used) if chooser else {}
         t0 = time.perf_counter()
         logits = self.lm.prefill(prompt)
         st.prefill_seconds = time.perf_counter() - t0
@@ -180,7 +183,7 @@ class Generator:
                 st.threads[used] = st.threads.get(used, 0) + 1
             pos += 1
         if chooser:
-            st.threads = dict(chooser.used)
+            st.threads = {t: chooser.used[t] - before.get(t, 0) for t in chooser.used if chooser.used[t] > before.get(t, 0)}
 
 
 class _Sampler:

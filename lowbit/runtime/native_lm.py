@@ -34,6 +34,7 @@ from lowbit.nn.base import KERNEL_ATTR, QuantModule
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _KINDS = {"int4-weight-avx2": 1, "int8-weight-avx2": 2}
+PREFILL_CHUNK = 256  # prompt tokens per engine call (its buffers grow with this)
 EMBEDDING_CACHE_ROWS = 4096  # embedding rows kept as float32 by NativeLM.step (9 MB for SmolLM2)
 _P = ctypes.c_void_p
 _I = ctypes.c_int32
@@ -270,15 +271,32 @@ class NativeLM:
 
     # -- running -------------------------------------------------------------------------------------
 
+    @property
+    def engine_prefill(self) -> bool:
+        """Whether :meth:`prefill` runs on the engine (``csrc/prefill.cpp``: every linear on the integer tile),
+        else in torch."""
+        return bool(native.function("lowbit_prefill_ok")(ctypes.addressof(self._struct)))
+
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt ``ids`` (``(T,)`` or ``(1, T)`` int64) through the model in torch, fill the cache's
-        positions ``0..T-1``, and return the last position's logits ``(vocab,)`` float32."""
+    def prefill(self, ids: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """Run the prompt ``ids`` (``(T,)`` or ``(1, T)`` int64) through the model, fill the cache's positions
+        ``0..T-1``, and return the last position's logits ``(vocab,)`` float32: on the engine where
+        :attr:`engine_prefill`, in chunks of :data:`PREFILL_CHUNK` tokens, else by the model in torch."""
         ids = ids.reshape(1, -1)
         t = ids.shape[1]
         if t < 1:
             raise InputError("the prompt has no tokens")
         self.reserve(t + 1)
+        if self.engine_prefill:
+            x = self.parts.embed(ids)[0].float().contiguous()
+            fn = native.function("lowbit_prefill")
+            for start in range(0, t, PREFILL_CHUNK):
+                n = min(PREFILL_CHUNK, t - start)
+                rc = fn(ctypes.addressof(self._struct), x[start].data_ptr(), start, n, self.logits.data_ptr(),
+                        threads or self.threads)
+                if rc:
+                    raise RuntimeError(f"lowbit's prefill refused {n} tokens at {start} (code {rc})")
+            return self.logits[:self.vocab].clone()
         out = self.model(input_ids=ids, use_cache=True)
         cache = out.past_key_values
         for i in range(len(self.parts.layers)):

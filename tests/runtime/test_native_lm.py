@@ -65,6 +65,20 @@ def test_int8_activation_blocks_stay_within_their_rounding_bound(fmt):
 
     if "avx512_vnni" in (cpu_flags() or ()):
         assert err > 10 * exact_err  # the integer path did run
+        assert NativeLM(model).engine_prefill and not NativeLM(model, exact=True).engine_prefill
+
+
+def test_a_prompt_in_chunks_gives_the_same_cache_and_logits(monkeypatch):
+    from lowbit.runtime import native_lm
+
+    model = _quantized(_llama(), "int4-g64-asym")
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(5))
+    whole = NativeLM(model, max_len=32)
+    a = whole.prefill(ids)
+    monkeypatch.setattr(native_lm, "PREFILL_CHUNK", 6)
+    chunked = NativeLM(model, max_len=32)
+    b = chunked.prefill(ids)
+    assert torch.equal(a, b) and torch.equal(whole.k_cache, chunked.k_cache)
 
 
 @pytest.mark.parametrize("kind,extra", [("qwen2", {}), ("qwen3", {"head_dim": 32}), ("mistral", {"sliding_window": None})])

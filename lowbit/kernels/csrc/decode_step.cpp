@@ -27,6 +27,7 @@
 #include "weight_only_avx2.h"
 #include "weight_only_avx512.h"
 #include "w4_vnni.h"
+#include "decode_common.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -38,46 +39,9 @@
 #include <vector>
 
 using namespace lowbit_wo;
-
-extern "C" {
-
-struct LbLinear {
-    int32_t kind, n, rows, k, group;
-    const void* w;
-    const void* z;  // kind 1: int8 zero points (rows, groups)
-    const int8_t* zt;  // kind 1: the same transposed (groups, rows), for the integer tile
-    const float* s;  // kind 1: (groups, rows); kind 2: (n,)
-    const int32_t* o;  // kind 2: offsets (n,) or null
-    const float* bias;  // (n,) or null (kind 1: (rows,), zero padded)
-    const float* in_scale;  // (k,) or null
-};
-
-struct LbLayer {
-    const float* attn_norm;
-    const float* mlp_norm;
-    const float* q_norm;  // (head_dim,) or null
-    const float* k_norm;
-    LbLinear q, k, v, o, gate, up, down;
-};
-
-struct LbModel {
-    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, max_len, max_rows;
-    int32_t exact;  // 1: float32 activations everywhere; 0: int8 activation blocks for 4-bit products (w4_vnni.h)
-    float eps, attn_scale;
-    const LbLayer* layers;
-    const float* final_norm;
-    LbLinear head;
-    const float* rope_cos;  // (max_len, head_dim)
-    const float* rope_sin;
-    float* k_cache;  // (n_layers, n_kv, max_len, head_dim)
-    float* v_cache;
-};
-
-}  // extern "C"
+using namespace lowbit_lm;
 
 namespace {
-
-inline int pad8(int n) { return (n + 7) / 8 * 8; }
 
 int linear_ok(const LbLinear& L) {
     if (L.n <= 0 || L.k <= 0 || L.rows < L.n || !L.w) return 0;
@@ -156,7 +120,7 @@ void run_jobs(Job* jobs, int nj, bool exact) {
         for (int j = 0; j < nj; ++j)
             if (takes_vnni(*jobs[j].L)) {
                 need_q += (jobs[j].L->k + 63) / 64 * 64;
-                need_b += (jobs[j].L->k + 63) / 64;
+                need_b += (jobs[j].L->k + 31) / 32;
             }
         if (codes.size() < need_q) codes.resize(need_q);
         if (scales.size() < need_b) scales.resize(need_b), sums.resize(need_b);
@@ -164,11 +128,11 @@ void run_jobs(Job* jobs, int nj, bool exact) {
         for (int j = 0; j < nj; ++j) {
             const LbLinear& L = *jobs[j].L;
             if (!takes_vnni(L)) continue;
-            xq[j] = XQ{codes.data() + oq, scales.data() + ob, sums.data() + ob, vnni_block(L.group)};
+            xq[j] = XQ{codes.data() + oq, scales.data() + ob, sums.data() + ob, 32};
             quantize_blocks(L.in_scale ? jobs[j].scaled : jobs[j].x, L.k, xq[j]);
             quantized[j] = true;
             oq += (L.k + 63) / 64 * 64;
-            ob += (L.k + 63) / 64;
+            ob += (L.k + 31) / 32;
         }
     }
 #pragma omp for schedule(static)
@@ -184,55 +148,6 @@ void run_jobs(Job* jobs, int nj, bool exact) {
         } else {
             tile(*J.L, b - start[j], J.L->in_scale ? J.scaled : J.x, J.y);
         }
-    }
-}
-
-float dot(const float* a, const float* b, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum(acc);
-    for (; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
-
-// scores s[t] = scale * q . k_t for t < T: keys rows of `hd` floats; eight keys per tile
-void scores(const float* q, const float* keys, int T, int hd, float scale, float* s) {
-    int t = 0;
-    for (; t + 8 <= T; t += 8) rows8_float(hd, keys + (size_t)t * hd, q, nullptr, s, t);
-    for (; t < T; ++t) s[t] = dot(q, keys + (size_t)t * hd, hd);
-    for (t = 0; t < T; ++t) s[t] *= scale;
-}
-
-// out = sum_t p[t] v_t (rows of hd floats, hd a multiple of 8), 64 output columns at a time in registers
-void weighted_sum(const float* p, const float* v, int T, int hd, float* out) {
-    for (int d0 = 0; d0 < hd; d0 += 64) {
-        const int w = (hd - d0 < 64 ? hd - d0 : 64) / 8;
-        __m256 acc[8];
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-        for (int t = 0; t < T; ++t) {
-            const __m256 pt = _mm256_set1_ps(p[t]);
-            const float* row = v + (size_t)t * hd + d0;
-            for (int j = 0; j < w; ++j) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row + 8 * j), acc[j]);
-        }
-        for (int j = 0; j < w; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
-    }
-}
-
-// out = x / sqrt(mean(x^2) + eps) * w, as the models' RMSNorm (float32)
-void rmsnorm(const float* x, const float* w, float eps, float* out, int n) {
-    const float ms = dot(x, x, n) / (float)n;
-    const float r = 1.0f / std::sqrt(ms + eps);
-    for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
-}
-
-// the rotate-half rotary embedding of one head in place: x * cos + rotate_half(x) * sin
-void rope(float* x, const float* cos, const float* sin, int d) {
-    const int h = d / 2;
-    for (int i = 0; i < h; ++i) {
-        const float a = x[i], b = x[i + h];
-        x[i] = a * cos[i] - b * sin[i];
-        x[i + h] = b * cos[i + h] + a * sin[i + h];
     }
 }
 

@@ -13,8 +13,9 @@
 // is exact in int32; the zero-point term uses the block's activation sum, so the weight codes need no
 // centering.
 //
-// Needs the group width g a multiple of 64 (each 32-byte row block of 64 columns then lies in one group);
-// B = 128 where g is a multiple of 128, else 64.
+// Activation blocks are B = 32 columns, as llama.cpp's Q8_0 (measured on SmolLM2-135M int4-g64: perplexity
+// +0.50% over the float-activation path with 32, +0.77% with 64). Needs the group width g a multiple of 64 (each
+// 32-byte row block of 64 columns then lies in one group).
 
 #pragma once
 
@@ -35,10 +36,8 @@ inline bool have_vnni() {
     return yes;
 }
 
-inline int vnni_block(int g) { return g % 128 == 0 ? 128 : 64; }
-
 // a token's activations in blocks of B columns: codes q (K rounded up to 64, zero padded), scale and code sum
-// per block
+// per block (B = 32 here)
 struct XQ {
     int8_t* q;
     float* scale;
@@ -78,37 +77,75 @@ LOWBIT_VNNI inline __m256i reduce8_epi32(const __m256i v[8]) {
 }
 
 // y[n0 .. n0 + 8) = rows n0.. of the weight times X (+ bias). zt: the zero points transposed, int8 (G, N), so
-// the 8 rows' zero points of a group are one load.
+// the 8 rows' zero points of a group are one load. The low and high nibbles of each 32-byte row block (columns
+// 64j.. and 64j + 32..) meet two activation blocks, whose exact int32 sums are reduced over the 8 rows together
+// and scaled apart.
 LOWBIT_VNNI inline void rows8_w4_vnni(const W4& A, const int8_t* zt, int n0, const XQ& X, const float* bias,
-                                      float* y) {
+                                        float* y) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     const uint8_t* rows = A.w + (size_t)n0 * A.wstride;
-    const int nb = (A.K + X.B - 1) / X.B, per = X.B / 64, blocks64 = (A.K + 63) / 64;
+    const int chunks = (A.K + 63) / 64, nb = (A.K + 31) / 32;
     __m256 out = _mm256_setzero_ps();
-    for (int b = 0; b < nb; ++b) {
-        const int j0 = b * per, j1 = (b + 1) * per < blocks64 ? (b + 1) * per : blocks64;
-        const int gi = b * X.B / A.g;
-        __m256i acc[8];
-        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_si256();
-        for (int j = j0; j < j1; ++j) {
-            const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q + j * 64));
-            const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q + j * 64 + 32));
-            for (int r = 0; r < 8; ++r) {
-                const uint8_t* src = rows + (size_t)r * A.wstride + j * 32;
-                _mm_prefetch(reinterpret_cast<const char*>(src + 8 * A.wstride), _MM_HINT_T0);  // the next tile
-                const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-                acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_and_si256(w, low), xlo);
-                acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_and_si256(_mm256_srli_epi16(w, 4), low), xhi);
-            }
+    for (int j = 0; j < chunks; ++j) {
+        const int gi = j * 64 / A.g;
+        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q + j * 64));
+        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q + j * 64 + 32));
+        __m256i lo[8], hi[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t* src = rows + (size_t)r * A.wstride + j * 32;
+            _mm_prefetch(reinterpret_cast<const char*>(src + 8 * A.wstride), _MM_HINT_T0);  // the next tile
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+            lo[r] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(w, low), xlo);
+            hi[r] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(_mm256_srli_epi16(w, 4), low), xhi);
         }
-        // the 8 rows' exact integer sums, less zero point x activation sum, then one scale per row
         const __m256i z8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + (size_t)gi * A.N + n0)));
-        const __m256i t = _mm256_sub_epi32(reduce8_epi32(acc), _mm256_mullo_epi32(z8, _mm256_set1_epi32(X.sum[b])));
-        const __m256 f = _mm256_mul_ps(_mm256_loadu_ps(A.s + (size_t)gi * A.N + n0), _mm256_set1_ps(X.scale[b]));
-        out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), f, out);
+        const __m256 s8 = _mm256_loadu_ps(A.s + (size_t)gi * A.N + n0);
+        const __m256i tl = _mm256_sub_epi32(reduce8_epi32(lo), _mm256_mullo_epi32(z8, _mm256_set1_epi32(X.sum[2 * j])));
+        out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tl), _mm256_mul_ps(s8, _mm256_set1_ps(X.scale[2 * j])), out);
+        if (2 * j + 1 < nb) {
+            const __m256i th =
+                _mm256_sub_epi32(reduce8_epi32(hi), _mm256_mullo_epi32(z8, _mm256_set1_epi32(X.sum[2 * j + 1])));
+            out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(th), _mm256_mul_ps(s8, _mm256_set1_ps(X.scale[2 * j + 1])), out);
+        }
     }
     if (bias) out = _mm256_add_ps(out, _mm256_loadu_ps(bias + n0));
     _mm256_storeu_ps(y + n0, out);
+}
+
+// The same product for M tokens (prefill), with activation blocks of 64 columns (X[t].B == 64): each 64-column
+// chunk of the 8 rows is unpacked into registers once and used by every token, whose partial sums go through one
+// exact reduction per chunk and are added into y[t * ldy + n0 ..] (which holds the bias or 0 first). A prompt is
+// bound by these reductions, not by reading the weights, so it takes blocks of 64 (one reduction per chunk) where
+// a generated token takes 32 (two): measured on SmolLM2-135M, 128 tokens in 100 ms against 160 ms.
+LOWBIT_VNNI inline void rows8_w4_vnni_tokens(const W4& A, const int8_t* zt, int n0, const XQ* X, int M,
+                                             const float* bias, float* y, int ldy) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const uint8_t* rows = A.w + (size_t)n0 * A.wstride;
+    const __m256 b8 = bias ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
+    for (int t = 0; t < M; ++t) _mm256_storeu_ps(y + (size_t)t * ldy + n0, b8);
+    const int chunks = (A.K + 63) / 64;
+    for (int j = 0; j < chunks; ++j) {
+        const int gi = j * 64 / A.g;
+        __m256i wlo[8], whi[8];
+        for (int r = 0; r < 8; ++r) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + (size_t)r * A.wstride + j * 32));
+            wlo[r] = _mm256_and_si256(w, low);
+            whi[r] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+        }
+        const __m256i z8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + (size_t)gi * A.N + n0)));
+        const __m256 s8 = _mm256_loadu_ps(A.s + (size_t)gi * A.N + n0);
+        for (int t = 0; t < M; ++t) {
+            const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t].q + j * 64));
+            const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t].q + j * 64 + 32));
+            __m256i acc[8];
+            for (int r = 0; r < 8; ++r)
+                acc[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wlo[r], xlo), whi[r], xhi);
+            const __m256i tsum = _mm256_sub_epi32(reduce8_epi32(acc), _mm256_mullo_epi32(z8, _mm256_set1_epi32(X[t].sum[j])));
+            float* yt = y + (size_t)t * ldy + n0;
+            _mm256_storeu_ps(yt, _mm256_fmadd_ps(_mm256_cvtepi32_ps(tsum), _mm256_mul_ps(s8, _mm256_set1_ps(X[t].scale[j])),
+                                                 _mm256_loadu_ps(yt)));
+        }
+    }
 }
 
 }  // namespace lowbit_wo
