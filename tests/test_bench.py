@@ -128,3 +128,24 @@ def test_the_remote_code_opt_in_reaches_the_worker_process(monkeypatch, capsys):
         bench._worker_main(json.dumps(job))
     assert [json.loads(line)["trusted"] for line in capsys.readouterr().out.splitlines()] == [False, True]
     assert not remote_code_trusted()
+
+
+def test_engines_table_on_a_tiny_llm():
+    """Every engine row of ``lowbit bench --sections engines`` (no llama.cpp rows without llama-cpp-python, or
+    for a model whose GGUF has no tokenizer), and the busy-core table."""
+    from lowbit.bench_engines import bench_engines
+    from lowbit.kernels import native
+
+    lines: list[str] = []
+    out = bench_engines("tiny-llama", prompt_tokens=8, new_tokens=4, rounds=1, busy=True, say=lines.append)
+    quiet = out["quiet"]
+    expected = {"fp32 eager", "bf16 eager", "int4 eager"}
+    if native.why_unavailable() is None:
+        expected |= {"fp32 engine", "int4 engine exact", "int4 engine"}
+        assert set(out["busy"]) >= {"int4 engine auto", "int4 engine 1 thread"}
+    assert expected <= set(quiet)
+    for r in quiet.values():
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_seconds"] > 0 and 0 < r["bandwidth_fraction"]
+    assert quiet["int4 eager"]["bytes_per_token"] < quiet["fp32 eager"]["bytes_per_token"] / 3
+    assert any("of bandwidth" in line for line in lines)
+    json.dumps(out)

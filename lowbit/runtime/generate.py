@@ -78,7 +78,7 @@ class _EagerLM:
         self.model, self.cache = model, None
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         out = self.model(input_ids=ids.reshape(1, -1), use_cache=True)
         self.cache = out.past_key_values
         return out.logits[0, -1].float()
@@ -162,7 +162,7 @@ class Generator:
         st = self.stats = GenerationStats(self.engine, prompt_tokens=prompt.numel())
         before = dict(chooser.used) if chooser else {}
         t0 = time.perf_counter()
-        logits = self.lm.prefill(prompt)
+        logits = self.lm.prefill(prompt, chooser.best if chooser else fixed)
         st.prefill_seconds = time.perf_counter() - t0
         pos = prompt.numel()
         for i in range(max_new_tokens):

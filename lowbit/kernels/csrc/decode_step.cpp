@@ -239,12 +239,7 @@ extern "C" int lowbit_decode_step(const LbModel* m, const float* x_in, int pos, 
                 const float* vh = vc + (h / group) * head_stride;
                 float* s = score_buf + (size_t)h * m->max_len;
                 scores(qh, kh, T, hd, m->attn_scale, s);
-                float mx = -INFINITY;
-                for (int t = 0; t < T; ++t) mx = s[t] > mx ? s[t] : mx;
-                float sum = 0.0f;
-                for (int t = 0; t < T; ++t) sum += (s[t] = std::exp(s[t] - mx));
-                const float inv = 1.0f / sum;
-                for (int t = 0; t < T; ++t) s[t] *= inv;
+                softmax(s, T);
                 weighted_sum(s, vh, T, hd, att + h * hd);
             }
             Job o[1] = {{&L.o, att, tmp, scaled_at[0]}};
@@ -257,7 +252,7 @@ extern "C" int lowbit_decode_step(const LbModel* m, const float* x_in, int pos, 
             Job gu[2] = {{&L.gate, xn, g, scaled_at[0]}, {&L.up, xn, u, scaled_at[1]}};
             run_jobs(gu, 2, exact);
 #pragma omp for schedule(static)
-            for (int i = 0; i < I; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+            for (int i = 0; i < I; i += 64) silu_mul(g, u, i, i + 64 < I ? i + 64 : I);
             Job d[1] = {{&L.down, g, tmp, scaled_at[0]}};
             run_jobs(d, 1, exact);
 #pragma omp single

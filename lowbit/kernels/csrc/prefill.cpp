@@ -160,12 +160,7 @@ extern "C" int lowbit_prefill(const LbModel* m, const float* x_in, int pos0, int
                 const int t = i / nh, h = i % nh, T = pos0 + t + 1;
                 float* s = score_buf.data();
                 scores(&q[(size_t)t * lq + h * hd], kc + (h / group) * head_stride, T, hd, m->attn_scale, s);
-                float mx = -INFINITY;
-                for (int c = 0; c < T; ++c) mx = s[c] > mx ? s[c] : mx;
-                float sum = 0.0f;
-                for (int c = 0; c < T; ++c) sum += (s[c] = std::exp(s[c] - mx));
-                const float inv = 1.0f / sum;
-                for (int c = 0; c < T; ++c) s[c] *= inv;
+                softmax(s, T);
                 weighted_sum(s, vc + (h / group) * head_stride, T, hd, &att[(size_t)t * lq + h * hd]);
             }
             GJob o[1] = {{&L.o, att.data(), lq, tmp.data(), lh}};
@@ -179,11 +174,7 @@ extern "C" int lowbit_prefill(const LbModel* m, const float* x_in, int pos0, int
             GJob gu[2] = {{&L.gate, xn.data(), lh, g.data(), li}, {&L.up, xn.data(), lh, u.data(), li}};
             gemm(gu, 2, M, qs);
 #pragma omp for schedule(static)
-            for (int t = 0; t < M; ++t)
-                for (int c = 0; c < I; ++c) {
-                    float& gv = g[(size_t)t * li + c];
-                    gv = gv / (1.0f + std::exp(-gv)) * u[(size_t)t * li + c];
-                }
+            for (int t = 0; t < M; ++t) silu_mul(&g[(size_t)t * li], &u[(size_t)t * li], 0, I);
             GJob d[1] = {{&L.down, g.data(), li, tmp.data(), lh}};
             gemm(d, 1, M, qs);
 #pragma omp for schedule(static)
