@@ -10,13 +10,16 @@ each ending in a barrier, so when another process keeps a core busy a two-thread
 thread at every barrier and runs 10-30x slower than one thread alone. :class:`ThreadChooser` therefore times
 every step, runs the faster of 1 thread and torch's thread count (the median of each one's recent steps), and
 tries the other one now and then (every 16 steps, backing off to every 256 while it keeps losing), so it
-follows a load that comes and goes. A :class:`Generator` keeps its chooser from one call to the next.
+follows a load that comes and goes. It tries more threads only where the kernel's CPU counters (``/proc/stat``)
+show an idle core since it last looked, so a busy machine does not pay for probes that would lose. A
+:class:`Generator` keeps its chooser from one call to the next.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,24 +35,73 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "native", "eager")
 
 
-class ThreadChooser:
-    """Picks the thread count of each step from the measured times of recent steps (see the module docstring)."""
+class IdleMeter:
+    """Idle CPU cores, on average, since the previous call (Linux ``/proc/stat``; None where it cannot say)."""
 
-    def __init__(self, max_threads: int, probe_every: int = 16, max_probe_every: int = 256, window: int = 8):
+    MIN_TICKS = 4  # a shorter interval (in the kernel's clock ticks, summed over CPUs) says nothing
+
+    def __init__(self, path: str = "/proc/stat") -> None:
+        self.path = path
+        self.cores = os.cpu_count() or 1
+        self.last = self._read()
+
+    def _read(self) -> tuple[int, int] | None:
+        try:
+            with open(self.path) as f:
+                fields = f.readline().split()
+            values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        except (OSError, ValueError):
+            return None
+        if not fields or fields[0] != "cpu" or len(values) < 5:
+            return None
+        return values[3] + values[4], sum(values)
+
+    def __call__(self) -> float | None:
+        now = self._read()
+        if now is None or self.last is None:
+            self.last = now
+            return None
+        idle, total = now[0] - self.last[0], now[1] - self.last[1]
+        if total < self.MIN_TICKS:
+            return None
+        self.last = now
+        return self.cores * idle / total
+
+
+class ThreadChooser:
+    """Picks the thread count of each step from the measured times of recent steps (see the module docstring).
+
+    A step with more threads than the current best is tried only where ``idle()`` (idle cores since the last
+    check, :class:`IdleMeter`) says a core was free for the extra thread, or cannot say: on a machine whose other
+    cores are busy such a step costs tens of milliseconds, and it would lose anyway."""
+
+    def __init__(self, max_threads: int, probe_every: int = 16, max_probe_every: int = 256, window: int = 8,
+                 idle=None):
         self.candidates = sorted({1, max(1, int(max_threads))})
         self.times = {t: collections.deque(maxlen=window) for t in self.candidates}
         self.best = self.candidates[-1]
         self.probe_every, self.base_every, self.max_every = probe_every, probe_every, max_probe_every
         self.since_probe = 0
         self.used: collections.Counter = collections.Counter()
+        self.idle = idle if idle is not None else IdleMeter()
+        self.skipped = 0  # probes of more threads not made: no idle core
 
     def next(self) -> int:
         """The thread count for the next step."""
-        untried = [t for t in self.candidates if not self.times[t]]
-        if untried:
-            return untried[0]
-        if len(self.candidates) > 1 and self.since_probe >= self.probe_every:
-            return next(t for t in self.candidates if t != self.best)
+        if len(self.candidates) == 1:
+            return self.candidates[0]
+        low, high = self.candidates
+        if not self.times[low]:
+            return low
+        due = self.since_probe >= self.probe_every
+        if self.best == low and (due or not self.times[high]):
+            idle = self.idle()
+            if idle is not None and idle < 0.5 * (high - low):
+                self.since_probe, self.skipped = 0, self.skipped + 1  # look again after probe_every steps
+                return low
+            return high
+        if self.best == high and due:
+            return low
         return self.best
 
     def record(self, threads: int, seconds: float) -> None:
@@ -58,16 +110,15 @@ class ThreadChooser:
         probed = threads != self.best
         if probed:  # a probe stands for the present: the count's older times may be from another load
             self.times[threads].clear()
-        self.times[threads].append(seconds)
-        if not all(self.times.values()):
-            return
-        best = min(self.candidates, key=lambda t: statistics.median(self.times[t]))
-        if probed:
             self.since_probe = 0
-            # a probe that lost waits twice as long before the next one; one that won resets the interval
-            self.probe_every = self.base_every if best == threads else min(2 * self.probe_every, self.max_every)
         else:
             self.since_probe += 1
+        self.times[threads].append(seconds)
+        best = min((t for t in self.candidates if self.times[t]), key=lambda t: statistics.median(self.times[t]))
+        if best != self.best:  # the load changed (or a probe won): look at the other count at the base rate again
+            self.probe_every = self.base_every
+        elif probed and all(len(self.times[t]) for t in self.candidates):
+            self.probe_every = min(2 * self.probe_every, self.max_every)  # a probe that lost waits twice as long
         self.best = best
 
 

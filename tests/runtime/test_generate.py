@@ -10,7 +10,7 @@ from lowbit.cli import main
 from lowbit.errors import InputError
 from lowbit.kernels import native, use_kernels
 from lowbit.models.tiny import tiny_gpt2, tiny_llama
-from lowbit.runtime.generate import Generator, ThreadChooser
+from lowbit.runtime.generate import Generator, IdleMeter, ThreadChooser
 
 needs_native = pytest.mark.skipif(native.why_unavailable() is not None, reason="lowbit's C++ kernels are unavailable")
 
@@ -88,13 +88,13 @@ class TestThreadChooser:
         return used
 
     def test_keeps_the_faster_count_and_probes_the_other_now_and_then(self):
-        c = ThreadChooser(2)
+        c = ThreadChooser(2, idle=lambda: None)  # no CPU counters: the times alone decide
         used = self.run(c, lambda t: 1.0 / t, 200)  # 2 threads twice as fast
         assert used[:2] == [1, 2]
         assert c.best == 2 and 3 <= used.count(1) <= 8  # probes after 16, 32, 64, 128 steps (each lost)
 
     def test_a_busy_core_moves_it_to_one_thread_and_probes_back_off(self):
-        c = ThreadChooser(2)
+        c = ThreadChooser(2, idle=lambda: None)
         self.run(c, lambda t: 1.0 / t, 50)
         used = self.run(c, lambda t: 1.0 if t == 1 else 20.0, 600)  # another process now holds a core
         assert c.best == 1
@@ -102,6 +102,29 @@ class TestThreadChooser:
         assert late.count(2) <= 3  # probes of 2 threads every 16, 32, ... then 256 steps
         used = self.run(c, lambda t: 1.0 / t, 600)  # the load is gone again
         assert c.best == 2 and used[-50:].count(2) >= 45
+
+    def test_no_idle_core_means_no_probe_of_more_threads(self):
+        idle = {"cores": 1.0}
+        c = ThreadChooser(2, idle=lambda: idle["cores"])
+        self.run(c, lambda t: 1.0 / t, 50)
+        assert c.best == 2
+        idle["cores"] = 0.0  # the other core is now busy, and a 2-thread step costs 20x
+        used = self.run(c, lambda t: 1.0 if t == 1 else 20.0, 600)
+        assert c.best == 1 and used[50:].count(2) == 0 and c.skipped >= 30
+        idle["cores"] = 0.9  # free again: the next check finds it
+        used = self.run(c, lambda t: 1.0 / t, 40)
+        assert c.best == 2 and used[-20:].count(2) >= 18
+
+    def test_idle_meter_reads_proc_stat(self, tmp_path):
+        stat = tmp_path / "stat"
+        stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3\n")
+        meter = IdleMeter(str(stat))
+        meter.cores = 2
+        stat.write_text("cpu  150 0 100 850 0 0 0 0 0 0\n")  # 100 ticks, half of them idle
+        assert meter() == pytest.approx(1.0)
+        stat.write_text("cpu  151 0 100 850 0 0 0 0 0 0\n")  # 1 tick: too short to say
+        assert meter() is None
+        assert IdleMeter(str(tmp_path / "missing"))() is None
 
     def test_one_thread_has_nothing_to_choose(self):
         c = ThreadChooser(1)
