@@ -1,10 +1,10 @@
 """Speed and memory of lowbit's quantized models against float, on this machine, in one run.
 
-    python benchmarks/speed.py [--json out.json]
+    python benchmarks/speed.py [--sections matmul decode engines vision] [--json out.json]
 
 Prints every table of ``lowbit bench`` (matrix products per format and shape at batch 1, 16 and 128; SmolLM2-135M
-prefill, decode tokens/s, weight bytes and resident memory per format; EfficientNet-Lite0 images/s), then one
-more: the same 4-bit and 8-bit layers through lowbit's reference path (dequantize, then a float matrix
+prefill, decode tokens/s, weight bytes and resident memory per format; the decode engines against llama.cpp,
+quiet and with a busy core; EfficientNet-Lite0 images/s), then, with the matmul section, one more: the same 4-bit and 8-bit layers through lowbit's reference path (dequantize, then a float matrix
 product: what "simulated" quantization costs) next to their kernels, so the kernels' share is visible.
 """
 
@@ -47,10 +47,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write every number of the lowbit bench tables here")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    out = run_bench(SECTIONS)
-    reference_vs_kernel()
+    out = run_bench(tuple(a.sections))
+    if "matmul" in a.sections:
+        reference_vs_kernel()
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
