@@ -13,8 +13,9 @@
 // is exact in int32; the zero-point term uses the block's activation sum, so the weight codes need no
 // centering.
 //
-// Activation blocks are B = 32 columns, as llama.cpp's Q8_0 (measured on SmolLM2-135M int4-g64: perplexity
-// +0.50% over the float-activation path with 32, +0.77% with 64). Needs the group width g a multiple of 64 (each
+// Activation blocks are B = 32 columns, as llama.cpp's Q8_0 (SmolLM2-135M's int4-g64 format, teacher-forced:
+// perplexity +0.38% over the float-activation path, benchmarks/decode_quality.py; +0.77% with blocks of 64 in
+// an ad hoc run). Needs the group width g a multiple of 64 (each
 // 32-byte row block of 64 columns then lies in one group).
 
 #pragma once
