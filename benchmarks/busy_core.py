@@ -12,30 +12,17 @@ condition is measured in that condition; ratios are against fp32 of the same con
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
 from lowbit.bench import LM_FORMATS, decode_in_fresh_process, machine_line, save_lm_formats
+from lowbit.bench_engines import busy_core
 from lowbit.evaluation.speed import matmul_times
 
 MATMUL = ("fp32", "int4-g128", "w8a8", "w4a8")
-
-
-@contextlib.contextmanager
-def busy_core(on: bool):
-    """One spinning shell loop while the block runs (nothing when ``on`` is False)."""
-    spinner = subprocess.Popen(["sh", "-c", "while :; do :; done"]) if on else None
-    try:
-        yield
-    finally:
-        if spinner is not None:
-            spinner.kill()
-            spinner.wait()
 
 
 def main() -> None:

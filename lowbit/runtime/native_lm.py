@@ -4,9 +4,13 @@ Why C++ and not ``torch.compile``: on SmolLM2-135M a decode step of the eager Hu
 torch dispatches (30 layers of norms, projections, rotary embedding, attention, residuals), a few microseconds
 each, which is most of a step once the 4-bit products themselves take microseconds; and lowbit's kernels are
 ctypes calls that a compiled graph can only call back into one by one. ``csrc/decode_step.cpp`` runs the whole
-step (every layer, the final norm, the head) in one call and one OpenMP team, on the same single-token tiles as
-lowbit's per-layer kernels (``int4-weight-avx2``, ``int8-weight-avx2``; float32 for unquantized linears), so the
-logits are the reference path's up to float32 rounding order. ``benchmarks/speed.py`` measures both.
+step (every layer, the final norm, the head) in one call and one OpenMP team. With ``exact=True`` its linears
+are the same single-token float tiles as lowbit's per-layer kernels (``int4-weight-avx2``, ``int8-weight-avx2``;
+float32 for unquantized linears), so the logits are the reference path's up to float32 rounding order. By
+default, on CPUs with AVX-512 VNNI, 4-bit linears with groups of a multiple of 64 take the token's activations in
+int8 blocks of 32 and integer dot products (``csrc/w4_vnni.h``), as llama.cpp's Q8_0 does: faster, at +0.38%
+perplexity on SmolLM2-135M (``benchmarks/decode_quality.py``). ``benchmarks/speed.py --sections engines``
+measures them against the eager model and llama.cpp.
 
 What it runs (:func:`why_not` says what it refuses, and why): a Hugging Face ``LlamaForCausalLM``,
 ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` (so SmolLM, TinyLlama, ...), each linear
@@ -16,8 +20,9 @@ rotary module, so its scaling type is honoured), grouped-query attention, no sli
 cache. The embedding runs in torch (one lookup per token). Everything else: :mod:`lowbit.runtime.generate`
 decodes it eagerly instead.
 
-The prompt is processed by the model itself in torch (a batched forward pass: lowbit's kernels take many rows
-at once), and its keys and values are copied into the engine's cache.
+The prompt goes through ``csrc/prefill.cpp`` in one call per :data:`PREFILL_CHUNK` tokens where every linear
+takes the integer path (each block of weight rows read once for all the prompt's tokens); otherwise the model
+itself processes it in torch (a batched forward pass) and its keys and values are copied into the engine's cache.
 """
 
 from __future__ import annotations
@@ -82,6 +87,9 @@ class _Parts:
         kind = getattr(cfg, "model_type", None)
         if kind not in ARCHITECTURES:
             raise _Refused(f"model type {kind!r} is not one the decode engine runs ({', '.join(ARCHITECTURES)})")
+        away = next((t.device for t in [*model.parameters(), *model.buffers()] if t.device.type != "cpu"), None)
+        if away is not None:
+            raise _Refused(f"the model is on {away}; the engine runs on the CPU")
         body = getattr(model, "model", None)
         self.layers = list(getattr(body, "layers", []))
         if not self.layers or not all(hasattr(body, a) for a in ("embed_tokens", "norm", "rotary_emb")):

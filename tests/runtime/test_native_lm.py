@@ -104,6 +104,7 @@ def test_refusals_name_the_reason():
     from lowbit.models.tiny import tiny_gpt2
 
     assert "model type 'gpt2'" in why_not(tiny_gpt2())
+    assert "on meta" in why_not(_llama().to("meta"))
     from lowbit.spec import ActivationQuant, QuantSpec
 
     model = _quantized(_llama(), "int4-ch-asym", act=ActivationQuant(QuantSpec.parse("int8-token"), dynamic=True))

@@ -1,6 +1,6 @@
 // One decode step of a Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, SmolLM) per call: every layer, the
 // final norm and the head, for one token, with a static key/value cache. Python (lowbit/runtime/native_lm.py)
-// fills the structs below once from the model's modules (pointers into torch tensors it keeps alive) and then
+// fills the structs of decode_common.h once from the model's modules (pointers into torch tensors it keeps alive) and then
 // calls lowbit_decode_step once per token: one ctypes call instead of the ~40 torch dispatches a layer costs.
 //
 // Per layer: RMSNorm; q, k, v projections (one parallel loop over the three); optional per-head RMSNorm of q
@@ -8,15 +8,17 @@
 // rotary module, so every RoPE scaling it implements is honoured); k and v written to the cache at `pos`;
 // attention of each query head over cache positions 0..pos (grouped-query: head h reads kv head
 // h / (n_heads / n_kv)); output projection; residual; RMSNorm; gate and up projections; SiLU(gate) * up; down
-// projection; residual. Then the final RMSNorm and the head. Everything in float32, as the reference path.
+// projection; residual. Then the final RMSNorm and the head. Float32 throughout, as the reference path, except
+// the 4-bit products where the caller allows it (LbModel.exact == 0) and the CPU has AVX-512 VNNI: those take
+// the token's activations in int8 blocks of 32 (w4_vnni.h).
 //
-// Linears (LbLinear.kind):
+// Linears (LbLinear.kind, the structs in decode_common.h):
 //   0  float32 weight (n, k) row-major                                   (an unquantized nn.Linear)
 //   1  4-bit codes in the layout of weight_only_avx2.cpp (w, z, s, group); rows = n rounded up to 8
 //   2  8-bit per-channel codes c (int8, (n, k)), scale s, optional offset o (lowbit.kernels.int8's layout)
 // each with an optional bias (n) and an optional input scale (k; AWQ's 1/s, multiplied into the input first).
-// The tiles are the single-token tiles of weight_only_avx2.h, so a linear computes what lowbit_w4_linear_f32 /
-// lowbit_s8_linear_f32 compute for one row.
+// The float tiles are the single-token tiles of weight_only_avx2.h / weight_only_avx512.h, so a linear computes
+// what lowbit_w4_linear_f32 / lowbit_s8_linear_f32 compute for one row.
 //
 // Threads: one OpenMP team for the whole step (`threads` of them; torch's runtime), each product split over
 // blocks of 8 output rows; the small vector operations run on one thread between barriers. With 1 thread no
