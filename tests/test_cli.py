@@ -325,3 +325,14 @@ def test_quantize_with_a_rotation_and_a_quantized_kv_cache_then_inspect_and_eval
     rc, _, err = run(capsys, "quantize", "tiny-llama", "--scheme", "int8", "--transforms", "spin", "--out",
                      tmp_path / "bad")
     assert rc != 0 and "unknown transform 'spin'" in err and not (tmp_path / "bad").exists()
+
+
+def test_quantize_with_bfloat16_calibration_passes_and_inspect_says_so(capsys, tmp_path):
+    out = tmp_path / "w4"
+    assert main(["quantize", "tiny-llama", "--scheme", "int4-g32-asym", "--method", "gptq", "--calib-samples", "2",
+                 "--calib-len", "16", "--calib-dtype", "bfloat16", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--no-reference"]) == 0
+    assert "model.layers (2 blocks, 32 tokens or positions, bfloat16 passes)" in capsys.readouterr().out
+    assert main(["quantize", "tiny-llama", "--scheme", "int4", "--calib-dtype", "fp16", "--out",
+                 str(tmp_path / "x")]) == 2

@@ -155,3 +155,29 @@ def test_true_sequential_observes_each_stage_after_the_stages_before_it_are_quan
     staged_o = seen.pop(o)
     quantize(copy.deepcopy(model), QuantPlan.uniform("int4-g32-asym", "gptq"), calib, progress=False)
     assert not torch.allclose(seen[o], staged_o, rtol=1e-4, atol=1e-6)  # without stages: float q/k/v inputs
+
+
+def test_bfloat16_calibration_passes_stay_close_to_float32_and_are_recorded():
+    """calib_dtype="bfloat16" runs the block passes under bf16 autocast: the GPTQ result stays about as close to
+    the float model as the float32 run's (the statistics are still accumulated in float32), the record says so,
+    and a bad name is refused before anything changes."""
+    from lowbit.nn.state import CALIBRATION_ATTR
+
+    data = [_ids(4, s) for s in range(2)]
+    test = _ids(4, 9)
+    ref = tiny.tiny_llama()
+    with torch.inference_mode():
+        ref_logits = ref(test).logits
+    plan = QuantPlan((Rule("*", "int4-g32-asym", "gptq"),), skip=("lm_head", "type:Embedding"))
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny.tiny_llama()
+        quantize(model, plan, data, progress=False, calib_dtype=dtype)
+        errors[dtype] = _output_error(model, ref_logits, test)
+        step = getattr(model, CALIBRATION_ATTR)["schedule"][0]
+        assert step.get("dtype") == (None if dtype == "float32" else "bfloat16")
+    assert errors["bfloat16"] < 1.25 * errors["float32"], errors
+    model = tiny.tiny_llama()
+    with pytest.raises(InputError, match="calib_dtype"):
+        quantize(model, plan, data, progress=False, calib_dtype="fp16")
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())

@@ -221,19 +221,22 @@ class InputCollector:
     def _add(self, key: tuple[str, str], v: torch.Tensor) -> None:
         self.sums[key] = v.clone() if key not in self.sums else self.sums[key].add_(v)
 
-    def _xtx(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        # the same tensor object fed to several modules in one call: compute X^T X once (the tensor is kept
-        # alive in the cache so its id cannot be reused within the batch)
-        key = (id(x), x.data_ptr(), tuple(x.shape))
+    def _xtx(self, raw: torch.Tensor, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        # the same tensor object fed to several modules in one call (a Llama layer's q/k/v, its gate/up): compute
+        # X^T X once. ``raw`` is the tensor the call passed, ``x`` what the module multiplies (its own online
+        # rotation of ``raw``, or ``raw`` itself); only the latter is shared. The cache keeps the tensor alive so
+        # its id cannot be reused within the batch.
+        key = (id(raw), raw.data_ptr(), tuple(raw.shape)) if x.data_ptr() == raw.data_ptr() else (id(x),)
         if key not in self._shared:
-            self._shared[key] = (x, gram(x2))  # (in, in)
+            self._shared[key] = (raw, gram(x2))  # (in, in)
         return self._shared[key][1]
 
     def _hook_for(self, name: str, req: Request):
         is_conv = isinstance(req.module, nn.modules.conv._ConvNd)
 
         def hook(mod: nn.Module, args: tuple) -> None:
-            x = module_input(mod, args[0].detach())  # after the layer's own online rotation, if it has one
+            raw = args[0]
+            x = module_input(mod, raw.detach())  # after the layer's own online rotation, if it has one
             if x.numel() == 0:
                 return
             if name in self.observers:
@@ -254,7 +257,7 @@ class InputCollector:
                 P = P.reshape(P.shape[0], mod.groups, -1).transpose(0, 1)  # (groups, positions, cols)
                 self._add((name, "xtx"), P.transpose(1, 2) @ P)
             elif req.hessian:
-                self._add((name, "xtx"), gram(conv_patches(mod, x)) if is_conv else self._xtx(x, x2))
+                self._add((name, "xtx"), gram(conv_patches(mod, x)) if is_conv else self._xtx(raw, x, x2))
             if req.mean:
                 xc = x.float().transpose(0, 1).reshape(x.shape[1], -1) if is_conv else x2.t()  # (channels, n)
                 self._add((name, "sum"), xc.sum(1))

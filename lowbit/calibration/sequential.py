@@ -77,13 +77,19 @@ class BlockInputs:
     # float), so each records the arguments it gets from the one before; otherwise the hidden states pass
     # through unchanged (the arguments of a Llama layer do not depend on the layer before)
     passes_more: bool = False
+    # run the blocks under CPU autocast to bfloat16 (their matrix products and attention in bf16, norms and the
+    # residual stream as the model computes them; the statistics are taken in float32 from what reaches each
+    # layer): run_block_sequential(calib_dtype=torch.bfloat16)
+    autocast_bf16: bool = False
 
     def run(self, block_index: int, block: nn.Module, b: int) -> torch.Tensor:
         """Run ``block`` on batch ``b``'s current hidden states; returns the output hidden states."""
         args, kwargs = self.calls[block_index][b]
         h = self.hidden[b]
-        out = block(*args, hidden_states=h, **kwargs) if self.in_kwargs else block(h, *args, **kwargs)
-        return _hidden_of(out)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            out = block(*args, hidden_states=h, **kwargs) if self.in_kwargs else block(h, *args, **kwargs)
+        out = _hidden_of(out)
+        return out.to(h.dtype) if out.dtype != h.dtype and h.is_floating_point() else out
 
 
 class _Stop(Exception):
@@ -199,6 +205,7 @@ def run_block_sequential(
     true_sequential: bool = False,
     checkpoint: BlockCheckpoint | None = None,
     first_index: int = 0,
+    calib_dtype: torch.dtype = torch.float32,
 ) -> int:
     """For each block in order: observe ``wanted[i]`` on its inputs, ``solve`` (quantize and swap), then
     compute its outputs with the quantized modules as the next block's inputs.
@@ -213,10 +220,13 @@ def run_block_sequential(
             hidden states are recomputed, not stored; every block solved here is saved to it.
         first_index: the index of ``blocks[0]`` among all blocks of the run (a model with several stacks runs
             them one after another): ``solve`` and the checkpoint see ``first_index + i``.
+        calib_dtype: ``torch.bfloat16`` runs every block pass (observing and computing the next inputs) under
+            CPU autocast to bf16 (:attr:`BlockInputs.autocast_bf16`); the hidden states stay float32.
     Returns:
         the tokens (or positions: frames, patches) the blocks were calibrated on.
     """
     inputs = capture_block_inputs(model, blocks, data, progress)
+    inputs.autocast_bf16 = calib_dtype == torch.bfloat16
     n_tokens = sum(h.shape[0] * h.shape[1] if h.dim() >= 2 else h.shape[0] for h in inputs.hidden)
     log.info("block-sequential calibration of %s: %d block(s), %d batch(es), %d token(s) or positions; hidden "
              "states %.0f MB", blocks[0][0].rsplit(".", 1)[0], len(blocks), len(inputs.hidden), n_tokens,

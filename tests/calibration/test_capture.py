@@ -184,3 +184,25 @@ def test_gram_equals_the_full_product(d):
     x = torch.randn(300, d, generator=torch.Generator().manual_seed(d))
     assert torch.allclose(gram(x), x.t() @ x, rtol=1e-5, atol=1e-3)
     assert torch.allclose(gram(x), gram(x).t(), rtol=1e-5, atol=1e-3)
+
+
+def test_modules_fed_the_same_tensor_share_one_x_t_x(monkeypatch):
+    """A Llama layer's q/k/v take one tensor, its gate/up another: X^T X is computed once for each, and every
+    module gets the same statistics as alone."""
+    from lowbit.calibration import capture
+    from lowbit.models.tiny import tiny_llama
+
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    names = {f"model.layers.0.{n}": m for n, m in layer.named_modules()
+             if isinstance(m, nn.Linear)}
+    calls = []
+    real = capture.gram
+    monkeypatch.setattr(capture, "gram", lambda x, *a: calls.append(x.shape) or real(x, *a))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    shared = collect_input_stats(model, {n: Request(m, hessian=True) for n, m in names.items()}, [ids],
+                                 progress=False)
+    assert len(calls) == 4  # q/k/v, o, gate/up, down
+    for n, m in names.items():
+        alone = collect_input_stats(model, {n: Request(m, hessian=True)}, [ids], progress=False)
+        assert torch.equal(alone[n].hessian, shared[n].hessian), n
