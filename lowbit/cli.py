@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                    "interrupted run of this command kept in .NAME.lowbit-resume next to --out")
     _trust_flag(q)
     q.add_argument("--calib-dtype", choices=("float32", "bfloat16"), default="float32", help="precision of the "
-                   "block-by-block calibration passes (bfloat16: about half the time on CPUs with native bf16)")
+                   "block-by-block calibration passes (bfloat16: about 0.7x the time on CPUs with native bf16)")
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model or a saved quantized folder")

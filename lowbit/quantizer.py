@@ -95,8 +95,9 @@ def quantize(
             (``lowbit.calibration.checkpoint.remove_checkpoint``). None: no checkpoint.
         calib_dtype: ``"float32"`` (default) or ``"bfloat16"``: the precision of the block-by-block calibration
             passes (CPU autocast: matrix products and attention in bf16; the statistics are accumulated in
-            float32). On CPUs with native bf16 (AVX-512 BF16, AMX) the passes take about half the time: GPTQ W4
-            g64 on SmolLM2-135M 298 s -> 185 s, perplexity 24.269 -> 24.273 (``benchmarks/gptq_speed.py``).
+            float32). On CPUs with native bf16 (AVX-512 BF16, AMX) the passes are faster: GPTQ W4 g64 on
+            SmolLM2-135M 261.6 s -> 181.7 s, perplexity 24.2690 -> 24.2731 (``benchmarks/gptq_speed.py``).
+            On CPUs without it bf16 is emulated and slower: keep float32 there.
     Raises:
         InputError: the plan selects nothing or an unsupported module, a spec does not fit a layer, a weight
             holds NaN/Inf, data is missing or empty when needed, ``checkpoint`` holds files lowbit did

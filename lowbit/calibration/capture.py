@@ -226,7 +226,9 @@ class InputCollector:
         # X^T X once. ``raw`` is the tensor the call passed, ``x`` what the module multiplies (its own online
         # rotation of ``raw``, or ``raw`` itself); only the latter is shared. The cache keeps the tensor alive so
         # its id cannot be reused within the batch.
-        key = (id(raw), raw.data_ptr(), tuple(raw.shape)) if x.data_ptr() == raw.data_ptr() else (id(x),)
+        if x.data_ptr() != raw.data_ptr() or tuple(x.shape) != tuple(raw.shape):
+            return gram(x2)  # the module's own transform of the input: not shared
+        key = (id(raw), raw.data_ptr(), tuple(raw.shape))
         if key not in self._shared:
             self._shared[key] = (raw, gram(x2))  # (in, in)
         return self._shared[key][1]
