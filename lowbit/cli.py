@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                    "lowbit.models.default_bos: yes for Gemma, no for SmolLM2 and the tiny models)")
     e.add_argument("--views", type=_positive_int, default=None, help="image views for classifiers and image-to-image "
                    "models (default: all)")
-    e.add_argument("--data", default=None, help="your own evaluation text instead of the bundled Wikipedia text: a "
+    e.add_argument("--data", "--text", default=None, help="your own evaluation text instead of the bundled Wikipedia text: a "
                    "UTF-8 text file, or .jsonl with one {\"text\": ...} object per line (perplexity; for text "
                    "encoders its sentences); for speech models a folder of .wav clips, each with an optional "
                    "same-named .txt transcript (word error rate); for vision-language models a folder of images "

@@ -74,6 +74,8 @@ def test_cli_calibrates_and_evaluates_on_the_users_text(tmp_path, capsys):
     rc, out, _ = _cli(capsys, "eval", tmp_path / "q", "--data", tmp_path / "mine.txt", "--tokens", "2048")
     assert rc == 0 and f"protocol: {tmp_path / 'mine.txt'}, first 2,048 tokens" in out
     assert re.search(r"perplexity [0-9.]+ over \d+ tokens", out)
+    same = _cli(capsys, "eval", tmp_path / "q", "--text", tmp_path / "mine.txt", "--tokens", "2048")[1]
+    assert re.search(r"perplexity [0-9.]+", same).group() == re.search(r"perplexity [0-9.]+", out).group()
 
 
 def test_cli_refuses_bad_user_text_before_loading_anything(tmp_path, capsys):
