@@ -216,25 +216,27 @@ class Generator:
         logits = self.lm.prefill(prompt, chooser.best if chooser else fixed)
         st.prefill_seconds = time.perf_counter() - t0
         pos = prompt.numel()
-        for i in range(max_new_tokens):
-            token = pick(logits)
-            st.new_tokens += 1
-            yield token
-            if token in stop or i == max_new_tokens - 1:
-                break
-            threads = chooser.next() if chooser else fixed
-            t0 = time.perf_counter()
-            logits = self.lm.step(token, pos, threads)
-            dt = time.perf_counter() - t0
-            st.decode_seconds += dt
+        try:
+            for i in range(max_new_tokens):
+                token = pick(logits)
+                st.new_tokens += 1
+                yield token
+                if token in stop or i == max_new_tokens - 1:
+                    break
+                threads = chooser.next() if chooser else fixed
+                t0 = time.perf_counter()
+                logits = self.lm.step(token, pos, threads)
+                dt = time.perf_counter() - t0
+                st.decode_seconds += dt
+                if chooser:
+                    chooser.record(threads, dt)
+                else:
+                    used = threads or torch.get_num_threads()
+                    st.threads[used] = st.threads.get(used, 0) + 1
+                pos += 1
+        finally:  # also when the caller stops reading early
             if chooser:
-                chooser.record(threads, dt)
-            else:
-                used = threads or torch.get_num_threads()
-                st.threads[used] = st.threads.get(used, 0) + 1
-            pos += 1
-        if chooser:
-            st.threads = {t: chooser.used[t] - before.get(t, 0) for t in chooser.used if chooser.used[t] > before.get(t, 0)}
+                st.threads = {t: n - before.get(t, 0) for t, n in chooser.used.items() if n > before.get(t, 0)}
 
 
 class _Sampler:

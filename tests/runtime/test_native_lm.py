@@ -81,7 +81,8 @@ def test_a_prompt_in_chunks_gives_the_same_cache_and_logits(monkeypatch):
     assert torch.equal(a, b) and torch.equal(whole.k_cache, chunked.k_cache)
 
 
-@pytest.mark.parametrize("kind,extra", [("qwen2", {}), ("qwen3", {"head_dim": 32}), ("mistral", {"sliding_window": None})])
+@pytest.mark.parametrize("kind,extra", [("qwen2", {}), ("qwen3", {"head_dim": 32}),
+                                        ("mistral", {"sliding_window": None})])
 def test_other_llama_family_architectures(kind, extra):
     """Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Mistral's layout: the same step, exact."""
     model = _quantized(_llama(kind, **extra), "int4-g64-asym")

@@ -1,7 +1,8 @@
 // One decode step of a Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, SmolLM) per call: every layer, the
 // final norm and the head, for one token, with a static key/value cache. Python (lowbit/runtime/native_lm.py)
-// fills the structs of decode_common.h once from the model's modules (pointers into torch tensors it keeps alive) and then
-// calls lowbit_decode_step once per token: one ctypes call instead of the ~40 torch dispatches a layer costs.
+// fills the structs of decode_common.h once from the model's modules (pointers into torch tensors it keeps
+// alive) and then calls lowbit_decode_step once per token: one ctypes call instead of the ~40 torch dispatches
+// a layer costs.
 //
 // Per layer: RMSNorm; q, k, v projections (one parallel loop over the three); optional per-head RMSNorm of q
 // and k (Qwen3); rotary embedding from the cos/sin tables (rotate-half convention, tables from the model's own

@@ -69,6 +69,11 @@ LOWBIT_VNNI inline void quantize_blocks(const float* x, int K, XQ& X) {
     for (int k = K; k % 64; ++k) X.q[k] = 0;
 }
 
+// the 8 rows' zero points of group gi (zt: (G, N) int8) as int32
+LOWBIT_VNNI inline __m256i zeros8(const int8_t* zt, int gi, int N, int n0) {
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + (size_t)gi * N + n0)));
+}
+
 // lane j = sum of the 8 lanes of v[j] (int32)
 LOWBIT_VNNI inline __m256i reduce8_epi32(const __m256i v[8]) {
     const __m256i h0 = _mm256_hadd_epi32(v[0], v[1]), h1 = _mm256_hadd_epi32(v[2], v[3]);
@@ -99,7 +104,7 @@ LOWBIT_VNNI inline void rows8_w4_vnni(const W4& A, const int8_t* zt, int n0, con
             lo[r] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(w, low), xlo);
             hi[r] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(_mm256_srli_epi16(w, 4), low), xhi);
         }
-        const __m256i z8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + (size_t)gi * A.N + n0)));
+        const __m256i z8 = zeros8(zt, gi, A.N, n0);
         const __m256 s8 = _mm256_loadu_ps(A.s + (size_t)gi * A.N + n0);
         const __m256i tl = _mm256_sub_epi32(reduce8_epi32(lo), _mm256_mullo_epi32(z8, _mm256_set1_epi32(X.sum[2 * j])));
         out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tl), _mm256_mul_ps(s8, _mm256_set1_ps(X.scale[2 * j])), out);
@@ -129,11 +134,12 @@ LOWBIT_VNNI inline void rows8_w4_vnni_tokens(const W4& A, const int8_t* zt, int 
         const int gi = j * 64 / A.g;
         __m256i wlo[8], whi[8];
         for (int r = 0; r < 8; ++r) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + (size_t)r * A.wstride + j * 32));
+            const uint8_t* src = rows + (size_t)r * A.wstride + j * 32;
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
             wlo[r] = _mm256_and_si256(w, low);
             whi[r] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
         }
-        const __m256i z8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + (size_t)gi * A.N + n0)));
+        const __m256i z8 = zeros8(zt, gi, A.N, n0);
         const __m256 s8 = _mm256_loadu_ps(A.s + (size_t)gi * A.N + n0);
         for (int t = 0; t < M; ++t) {
             const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X[t].q + j * 64));
@@ -141,9 +147,10 @@ LOWBIT_VNNI inline void rows8_w4_vnni_tokens(const W4& A, const int8_t* zt, int 
             __m256i acc[8];
             for (int r = 0; r < 8; ++r)
                 acc[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wlo[r], xlo), whi[r], xhi);
-            const __m256i tsum = _mm256_sub_epi32(reduce8_epi32(acc), _mm256_mullo_epi32(z8, _mm256_set1_epi32(X[t].sum[j])));
+            const __m256i zx = _mm256_mullo_epi32(z8, _mm256_set1_epi32(X[t].sum[j]));
+            const __m256 f = _mm256_mul_ps(s8, _mm256_set1_ps(X[t].scale[j]));
             float* yt = y + (size_t)t * ldy + n0;
-            _mm256_storeu_ps(yt, _mm256_fmadd_ps(_mm256_cvtepi32_ps(tsum), _mm256_mul_ps(s8, _mm256_set1_ps(X[t].scale[j])),
+            _mm256_storeu_ps(yt, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(reduce8_epi32(acc), zx)), f,
                                                  _mm256_loadu_ps(yt)));
         }
     }
