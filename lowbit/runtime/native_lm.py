@@ -219,13 +219,14 @@ class NativeLM:
     # -- set-up --------------------------------------------------------------------------------------
 
     def _ptr(self, t: torch.Tensor | None) -> int | None:
-        """Address of ``t`` as contiguous float32 (a converted copy is kept alive), or None."""
+        """Address of ``t`` as contiguous float32 (a converted copy where needed), or None. The tensor is kept
+        alive here, so the engine's pointers stay valid whatever later happens to the model's modules."""
         if t is None:
             return None
         t = t.detach()
         if t.dtype != torch.float32 or not t.is_contiguous():
             t = t.float().contiguous()
-            self._keep.append(t)
+        self._keep.append(t)
         return t.data_ptr()
 
     def _linear(self, m: nn.Module) -> _Linear:
@@ -236,6 +237,7 @@ class NativeLM:
         if isinstance(m, QuantModule):
             packed = m.__dict__[KERNEL_ATTR]
             st = packed.state
+            self._keep.append(st)  # the kernel's packed tensors, alive even if use_kernels() packs the module again
             L.kind = _KINDS[packed.kernel.name]
             L.w, L.s = st["weight"].data_ptr(), st["scale"].data_ptr()
             if L.kind == 1:

@@ -134,3 +134,18 @@ def test_one_and_two_threads_give_the_same_logits():
         lm.prefill(ids[:, :8])
         runs.append(torch.stack([lm.step(int(ids[0, t]), t, threads).clone() for t in range(8, 24)]))
     assert torch.equal(runs[0], runs[1])  # each output row is computed by one thread either way
+
+
+def test_the_engine_keeps_its_weights_when_the_model_is_packed_again():
+    """use_kernels() again gives every module new packed tensors; the engine still reads its own."""
+    import gc
+
+    model = _quantized(_llama(), "int4-g64-asym")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(6))
+    lm = NativeLM(model, max_len=16, exact=True)
+    lm.prefill(ids[:, :8])
+    before = lm.step(int(ids[0, 8]), 8).clone()
+    use_kernels(model)
+    gc.collect()
+    lm.prefill(ids[:, :8])
+    assert torch.equal(lm.step(int(ids[0, 8]), 8), before)
