@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from lowbit.cli_generate import add_parser as add_generate
 from lowbit.errors import InputError, LowbitError
 
 log = logging.getLogger("lowbit")
@@ -154,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="also write every number to this JSON file")
     _trust_flag(b)
     b.set_defaults(func=_cmd_bench)
+
+    from lowbit.cli_generate import add_parser as add_generate  # here: it reads this module's helpers
 
     add_generate(sub)
     s = sub.add_parser("schemes", help="list the named weight formats and algorithms")

@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from lowbit.cli import _positive_int
 from lowbit.errors import InputError
 
 log = logging.getLogger("lowbit")
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     g.add_argument("--chat", action="store_true", help="lay the prompt out as one user turn with the model's chat "
                    "template (and stop at the end of the assistant's turn)")
-    g.add_argument("--max-new-tokens", type=_positive, default=128)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set reaching this mass")
@@ -42,13 +43,6 @@ def add_parser(sub) -> None:
                    "default: int8 activation blocks on CPUs with AVX-512 VNNI, as llama.cpp's Q8_0)")
     g.add_argument("--trust-remote-code", action="store_true", help="let a model folder's own Python code run")
     g.set_defaults(func=cmd_generate)
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

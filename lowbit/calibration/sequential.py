@@ -89,7 +89,7 @@ class BlockInputs:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
             out = block(*args, hidden_states=h, **kwargs) if self.in_kwargs else block(h, *args, **kwargs)
         out = _hidden_of(out)
-        return out.to(h.dtype) if out.dtype != h.dtype and h.is_floating_point() else out
+        return out.to(h.dtype) if self.autocast_bf16 and out.dtype != h.dtype else out
 
 
 class _Stop(Exception):

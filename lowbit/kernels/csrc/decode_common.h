@@ -52,6 +52,18 @@ using namespace lowbit_wo;
 
 inline int pad8(int n) { return (n + 7) / 8 * 8; }
 
+// a 4-bit linear (kind 1) as the tiles take it; check() fills its group count and row stride (0 when the shapes fit)
+inline W4 w4_of(const LbLinear& L, int* bad = nullptr) {
+    W4 A{static_cast<const uint8_t*>(L.w), static_cast<const int8_t*>(L.z), L.s, L.rows, L.k, L.group, 0, 0};
+    const int rc = check(A);
+    if (bad) *bad = rc;
+    return A;
+}
+
+// whether a linear can run on the integer tile of w4_vnni.h (the CPU aside): 4-bit codes with their zero points
+// transposed, groups of a multiple of 64 columns
+inline bool vnni_linear(const LbLinear& L) { return L.kind == 1 && L.zt && L.group % 64 == 0; }
+
 inline float dot(const float* a, const float* b, int n) {
     __m256 acc = _mm256_setzero_ps();
     int i = 0;

@@ -50,8 +50,9 @@ int linear_ok(const LbLinear& L) {
     if (L.n <= 0 || L.k <= 0 || L.rows < L.n || !L.w) return 0;
     if (L.kind == 0) return L.rows == L.n && L.k % 8 == 0;
     if (L.kind == 1) {
-        W4 A{static_cast<const uint8_t*>(L.w), static_cast<const int8_t*>(L.z), L.s, L.rows, L.k, L.group, 0, 0};
-        return L.z && L.s && check(A) == 0;
+        int bad = 0;
+        w4_of(L, &bad);
+        return L.z && L.s && bad == 0;
     }
     if (L.kind == 2) return L.rows == L.n && L.s && L.k % 8 == 0;
     return 0;
@@ -63,9 +64,7 @@ int blocks(const LbLinear& L) { return (L.rows + 7) / 8; }
 void tile(const LbLinear& L, int b, const float* x, float* y) {
     const int n0 = b * 8;
     if (L.kind == 1) {
-        W4 A{static_cast<const uint8_t*>(L.w), static_cast<const int8_t*>(L.z), L.s, L.rows, L.k, L.group, 0, 0};
-        check(A);
-        rows8_packed_best(A, n0, x, L.bias, y);
+        rows8_packed_best(w4_of(L), n0, x, L.bias, y);
     } else if (L.kind == 2) {
         const int rows = L.n - n0 < 8 ? L.n - n0 : 8;
         s8_rows(x, static_cast<const int8_t*>(L.w), L.s, L.o, L.bias, y, n0, rows, L.k);
@@ -92,7 +91,7 @@ struct Job {
 };
 
 // whether job L runs on the integer tile (w4_vnni.h) when the caller allows it
-bool takes_vnni(const LbLinear& L) { return L.kind == 1 && L.zt && L.group % 64 == 0 && have_vnni(); }
+bool takes_vnni(const LbLinear& L) { return vnni_linear(L) && have_vnni(); }
 
 // y_j = L_j(x_j) for every job, the row blocks of all of them shared out over the team; ends with a barrier.
 // Unless `exact`, each thread first quantizes the inputs of the 4-bit jobs into its own buffers (a few hundred
@@ -144,10 +143,7 @@ void run_jobs(Job* jobs, int nj, bool exact) {
         while (j + 1 < nj && b >= start[j + 1]) ++j;
         const Job& J = jobs[j];
         if (quantized[j]) {
-            const LbLinear& L = *J.L;
-            W4 A{static_cast<const uint8_t*>(L.w), static_cast<const int8_t*>(L.z), L.s, L.rows, L.k, L.group, 0, 0};
-            check(A);
-            rows8_w4_vnni(A, L.zt, (b - start[j]) * 8, xq[j], L.bias, J.y);
+            rows8_w4_vnni(w4_of(*J.L), J.L->zt, (b - start[j]) * 8, xq[j], J.L->bias, J.y);
         } else {
             tile(*J.L, b - start[j], J.L->in_scale ? J.scaled : J.x, J.y);
         }

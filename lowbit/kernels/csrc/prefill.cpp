@@ -25,8 +25,6 @@ using namespace lowbit_lm;
 
 namespace {
 
-bool vnni_linear(const LbLinear& L) { return L.kind == 1 && L.zt && L.group % 64 == 0; }
-
 struct GJob {
     const LbLinear* L;
     const float* x;  // M rows at stride ldx
@@ -73,9 +71,7 @@ void gemm(GJob* jobs, int nj, int M, Quantized* qs) {
         int j = 0;
         while (j + 1 < nj && b >= start[j + 1]) ++j;
         const LbLinear& L = *jobs[j].L;
-        W4 A{static_cast<const uint8_t*>(L.w), static_cast<const int8_t*>(L.z), L.s, L.rows, L.k, L.group, 0, 0};
-        check(A);
-        rows8_w4_vnni_tokens(A, L.zt, (b - start[j]) * 8, qs[j].xq.data(), M, L.bias, jobs[j].y, jobs[j].ldy);
+        rows8_w4_vnni_tokens(w4_of(L), L.zt, (b - start[j]) * 8, qs[j].xq.data(), M, L.bias, jobs[j].y, jobs[j].ldy);
     }
 }
 
