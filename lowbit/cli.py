@@ -74,13 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration samples when the plan needs "
                    "data (default: 128 text windows of 512 tokens, or 64 images)")
     q.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per calibration text window")
-    q.add_argument("--calib-data", default=None, help="your own calibration text: a UTF-8 text file, or .jsonl with "
-                   "one {\"text\": ...} object per line (a list of role/content messages there is laid out by the "
-                   "model's chat template) (default: the bundled news text); for speech models a folder of .wav "
-                   "clips; for vision-language models a folder of images (with --prompt)")
+    q.add_argument("--calib-data", default=None, help="your own calibration text: a UTF-8 text file, .jsonl with "
+                   "one {\"text\": ...} object per line or a folder saved by datasets' save_to_disk (a list of "
+                   "role/content messages there is laid out by the model's chat template) (default: the bundled news "
+                   "text); for speech models a folder of .wav clips; for vision-language models a folder of images "
+                   "(with --prompt)")
     q.add_argument("--prompt", default=None, help="vision-language models: the prompt asked about each image "
                    "(default: \"Describe this image.\")")
-    q.add_argument("--calib-field", default="text", help="the text field of --calib-data's JSON lines (default: text)")
+    q.add_argument("--calib-field", default="text", help="the text field of --calib-data's JSON lines or column of its "
+                   "datasets folder (default: text)")
+    q.add_argument("--calib-split", default=None, help="the split of a --calib-data datasets folder saved from a "
+                   "DatasetDict (default: train, or its only split)")
     q.add_argument("--seed", type=_seed, default=0, help="calibration sampling seed (0 to 2**64 - 1)")
     q.add_argument("--skip", nargs="*", default=None, help="module-name patterns kept in float, or role:head, "
                    "role:embedding, type:CLASS (default: role:head role:embedding type:Embedding)")
@@ -104,14 +108,17 @@ def _parser() -> argparse.ArgumentParser:
                    "lowbit.models.default_bos: yes for Gemma, no for SmolLM2 and the tiny models)")
     e.add_argument("--views", type=_positive_int, default=None, help="image views for classifiers and image-to-image "
                    "models (default: all)")
-    e.add_argument("--data", "--text", default=None, help="your own evaluation text instead of the bundled Wikipedia text: a "
-                   "UTF-8 text file, or .jsonl with one {\"text\": ...} object per line (perplexity; for text "
-                   "encoders its sentences); for speech models a folder of .wav clips, each with an optional "
-                   "same-named .txt transcript (word error rate); for vision-language models a folder of images "
-                   "(with --prompt)")
+    e.add_argument("--data", "--text", default=None, help="your own evaluation text instead of the bundled "
+                   "Wikipedia text: a UTF-8 text file, .jsonl with one {\"text\": ...} object per line, or a folder "
+                   "saved by datasets' save_to_disk (perplexity; for text encoders its sentences); for speech models "
+                   "a folder of .wav clips, each with an optional same-named .txt transcript (word error rate); for "
+                   "vision-language models a folder of images (with --prompt)")
     e.add_argument("--prompt", default=None, help="vision-language models: the prompt asked about each image "
                    "(default: \"Describe this image.\")")
-    e.add_argument("--data-field", default="text", help="the text field of --data's JSON lines (default: text)")
+    e.add_argument("--data-field", default="text", help="the text field of --data's JSON lines or column of its "
+                   "datasets folder (default: text)")
+    e.add_argument("--data-split", default=None, help="the split of a --data datasets folder saved from a DatasetDict "
+                   "(default: test, then validation, or its only split)")
     e.add_argument("--agreement-tokens", type=_positive_int, default=4096,
                    help="tokens of the evaluation text on which a quantized LM's next-token distributions are "
                    "compared with the float model's (default 4096)")
@@ -235,14 +242,16 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     check_destination(a.out, a.overwrite, inputs=(a.model,))  # also refuses --out inside the model's folder
     user_text = audio = images = None
     if a.calib_data is not None:  # read (and refuse) the user's text, audio or images before loading anything
-        if Path(a.calib_data).is_dir():
+        from lowbit.data.saved_dataset import is_saved_dataset
+
+        if Path(a.calib_data).is_dir() and not is_saved_dataset(a.calib_data):
             from lowbit.data.folders import media_folder
 
             audio, images = media_folder(a.calib_data, a.calib_samples)
         else:
             from lowbit.data.user_text import read_text
 
-            user_text = read_text(a.calib_data, a.calib_field)
+            user_text = read_text(a.calib_data, a.calib_field, a.calib_split, prefer_splits=("train",))
         if not plan.needs_data:
             log.warning("--calib-data %s is not used: the plan needs no calibration data", a.calib_data)
     # finished blocks are kept next to --out until the artifact is saved, so that a killed run resumes

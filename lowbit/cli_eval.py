@@ -20,14 +20,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     user_text = None
     audio = images = None
-    if a.data is not None and Path(a.data).is_dir():  # a folder of audio clips (and transcripts) or of images
+    from lowbit.data.saved_dataset import is_saved_dataset
+
+    if a.data is not None and Path(a.data).is_dir() and not is_saved_dataset(a.data):  # audio clips or images
         from lowbit.data.folders import media_folder
 
         audio, images = media_folder(a.data, a.sentences)
     elif a.data is not None:  # read (and refuse) the user's text before loading anything
         from lowbit.data.user_text import read_text
 
-        user_text = read_text(a.data, a.data_field)
+        user_text = read_text(a.data, a.data_field, a.data_split, prefer_splits=("test", "validation"))
     target, ref, kind, tokenizer, name = _load_target(a.target)
     user_text = _rendered(user_text, tokenizer)
     print(f"{name}: {model_size(target).describe()}")
