@@ -4,7 +4,7 @@
     lowbit quantize MODEL --recipe recipe.yaml --out DIR
     lowbit eval MODEL_OR_DIR [--tokens N] [--window N] [--bos | --no-bos]
     lowbit inspect DIR [--no-reference]
-    lowbit export DIR --format onnx|gguf --out FILE [--overwrite]
+    lowbit export DIR --format onnx|gguf|compressed-tensors --out PATH [--overwrite]
     lowbit generate MODEL_OR_DIR --prompt TEXT [--max-new-tokens N] [--chat] [--temperature T]
     lowbit bench [ARTIFACT ...] [--sections matmul decode vision] [--model MODEL] [--formats ...] [--json FILE]
     lowbit schemes
@@ -139,10 +139,11 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a saved quantized folder in a format other runtimes load")
     x.add_argument("path", help="a folder written by `lowbit quantize`")
-    x.add_argument("--format", required=True, choices=("onnx", "gguf"),
-                   help="onnx (QDQ, checked in onnxruntime) or gguf (llama.cpp, transformers)")
-    x.add_argument("--out", required=True, help="output file (written atomically)")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
+    x.add_argument("--format", required=True, choices=("onnx", "gguf", "compressed-tensors"),
+                   help="onnx (QDQ, checked in onnxruntime), gguf (llama.cpp, transformers) or compressed-tensors "
+                   "(pack-quantized Hugging Face folder for transformers and vLLM, checked in transformers)")
+    x.add_argument("--out", required=True, help="output file (a folder for compressed-tensors), written atomically")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
     _trust_flag(x)
     x.set_defaults(func=_cmd_export)
 
@@ -371,9 +372,23 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from lowbit.io import check_destination, load, read_manifest
 
-    check_destination(a.out, a.overwrite, file=True, inputs=(a.path,))  # before loading or tracing anything
+    if a.format == "compressed-tensors":
+        from lowbit.export.compressed_tensors import check_export_folder
+
+        check_export_folder(a.out, a.overwrite, inputs=(a.path,))  # before loading anything
+    else:
+        check_destination(a.out, a.overwrite, file=True, inputs=(a.path,))  # before loading or tracing anything
     manifest = read_manifest(a.path)
     model = load(a.path)
+    if a.format == "compressed-tensors":
+        from lowbit.export.compressed_tensors import export_compressed_tensors
+        from lowbit.models.registry import load_tokenizer
+
+        tokenizer = load_tokenizer(manifest["source"]) if manifest.get("source") is not None else None
+        out = export_compressed_tensors(model, a.out, tokenizer=tokenizer, overwrite=a.overwrite)
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"wrote {out} ({size / 1e6:.1f} MB; load it with transformers' from_pretrained, or lowbit)")
+        return 0
     if a.format == "gguf":
         from lowbit.export import export_gguf
 

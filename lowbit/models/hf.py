@@ -84,6 +84,12 @@ def load_hf_folder(path: Path) -> tuple[nn.Module, str, Any]:
     """(model, kind, tokenizer or None) from a local Hugging Face model folder, fp32, eval mode."""
     config = folder_config(path)
     kind, cls = model_class(config, path)
+    from lowbit.io.compressed_tensors import is_compressed_tensors
+
+    if is_compressed_tensors(config.to_dict()):  # already quantized (pack-quantized): lowbit's own layers
+        from lowbit.io.compressed_tensors import read_compressed_tensors
+
+        return read_compressed_tensors(path, config, cls), kind, _optional_tokenizer(path, gguf_file=None)
     extra = {"trust_remote_code": True} if remote_code_trusted() and uses_remote_code(config) else {}
     model = _read(
         lambda: cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, use_safetensors=True, **extra),
