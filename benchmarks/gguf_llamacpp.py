@@ -57,12 +57,16 @@ def llama_cpp_ppl_and_speed(path: Path, windows: torch.Tensor, threads: int) -> 
     return math.exp(total / count), prefill, decode
 
 
-def llama_cpp_quantize(src: Path, dst: Path, threads: int) -> None:
+def llama_cpp_quantize(src: Path, dst: Path, threads: int, ftype: str = "Q4_0", embedding: str | None = "Q8_0"
+                       ) -> None:
+    """llama.cpp's own quantization of ``src`` (``llama_model_quantize``) to the mix ``ftype``; ``embedding``: the
+    token embedding's type (None: the mix's own choice)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    if embedding is not None:
+        params.token_embedding_type = getattr(llama_cpp, f"GGML_TYPE_{embedding}")
     params.nthread = threads
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:

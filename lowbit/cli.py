@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     g = q.add_mutually_exclusive_group()
     g.add_argument("--scheme", help="weight format, e.g. int4-g128-asym, int8, nvfp4 (see `lowbit schemes`)")
     g.add_argument("--recipe", help="YAML recipe file (a QuantPlan)")
+    g.add_argument("--gguf-mix", metavar="MIX", help="llama.cpp's per-tensor types of a GGUF mix (Q4_K_M, Q5_K_M, "
+                   "Q6_K...), values chosen by --method, for `lowbit export --format gguf`")
     q.add_argument("--method", default="rtn", help="algorithm: rtn, gptq, awq, awq+gptq or adaround (default: rtn)")
     q.add_argument("--clip-search", action="store_true", help="clipping-range search: output-error weighted from "
                    "calibration data for rtn, static group ranges for gptq (awq always searches)")
@@ -231,8 +233,18 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         if given:
             raise InputError(f"{', '.join(given)} cannot be combined with --recipe; put those settings in the recipe")
         plan = QuantPlan.load(a.recipe)
+    elif a.gguf_mix:
+        from lowbit.export.gguf_mix import MIXES
+
+        given = [f for f, v in (("--act", a.act), ("--bias-correction", a.bias_correction), ("--skip", a.skip),
+                                ("--transforms", a.transforms), ("--kv", a.kv)) if v]
+        if given or a.gguf_mix.upper().replace("-", "_") not in MIXES:
+            raise InputError(f"{', '.join(given)} cannot be combined with --gguf-mix" if given else
+                             f"unknown --gguf-mix {a.gguf_mix!r}; known: {', '.join(MIXES)}")
+        plan = QuantPlan.uniform("int8", _method(a.method, a.clip_search))  # until the model's layers are known
     elif not a.scheme:
-        raise InputError("give a weight format with --scheme (e.g. int4-g128-asym; see `lowbit schemes`) or --recipe")
+        raise InputError("give a weight format with --scheme (e.g. int4-g128-asym; see `lowbit schemes`), --recipe "
+                         "or --gguf-mix")
     else:
         method = _method(a.method, a.clip_search)
         skip = DEFAULT_SKIP if a.skip is None else tuple(a.skip)
@@ -258,6 +270,10 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     # finished blocks are kept next to --out until the artifact is saved, so that a killed run resumes
     with resume_scope(resume_folder(a.out), fresh=a.no_resume) as resume:
         lm = load_model(a.model)
+        if a.gguf_mix:
+            from lowbit.export.gguf_mix import gguf_mix_plan
+
+            plan = gguf_mix_plan(lm.model, a.gguf_mix, plan.rules[0].method)
         user_text = _rendered(user_text, lm.tokenizer)
         data = None
         if plan.needs_data:

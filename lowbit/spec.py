@@ -36,11 +36,21 @@ from lowbit.errors import InputError
 OBSERVER_NAMES = ("minmax", "percentile", "mse", "histogram")
 FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4", "ternary")
 GRANULARITIES = ("tensor", "channel", "token", "group", "block")
-SCALE_FORMATS = ("fp32", "fp16", "bf16", "e8m0", "fp8_e4m3")
+SCALE_FORMATS = ("fp32", "fp16", "bf16", "e8m0", "fp8_e4m3", "k4", "k6", "k8")
+# "kN": llama.cpp's k-quant scales. Each tile's scale is an N-bit integer times one fp16 scale per SUPER_BLOCK
+# elements of the row; with a zero point, the tile's offset is stored the same way (a float minimum, not an
+# integer zero point). The largest integer a tile scale takes (k6 for symmetric codes: 6-bit signed, positive
+# half; k8: int8, positive half)
+SUPER_BLOCK = 256
+KSCALE_MAX = {("k4", False): 15, ("k6", False): 63, ("k6", True): 31, ("k8", True): 127}
+# llama.cpp's block types as lowbit specs, accepted by parse_spec (q4_k, Q4_K or q4-k)
+GGML_NAMES = {"q4-0": "int4-g32", "q4-1": "int4-g32-asym", "q5-0": "int5-g32", "q5-1": "int5-g32-asym",
+              "q8-0": "int8-g32", "q2-k": "int2-g16-asym-sk4", "q3-k": "int3-g16-sk6", "q4-k": "int4-g32-asym-sk6",
+              "q5-k": "int5-g32-asym-sk6", "q6-k": "int6-g16-sk8"}
 
 # storage width in bits of one element, for the formats whose width is fixed
 _FIXED_BITS = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4, "nf4": 4, "ternary": 2}
-_SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "fp8_e4m3": 8}
+_SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "fp8_e4m3": 8, "k4": 4, "k6": 6, "k8": 8}
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,15 @@ class QuantSpec:
             raise InputError(
                 f"unknown scale_format {self.scale_format!r}; expected one of {', '.join(SCALE_FORMATS)}"
             )
+        if self.has_super_scale:
+            if self.format != "int" or self.granularity != "group" or SUPER_BLOCK % self.group_size:
+                raise InputError(f"scale_format {self.scale_format} (k-quant scales per {SUPER_BLOCK} elements) needs "
+                                 f"integers in groups dividing {SUPER_BLOCK}")
+            if (self.scale_format, self.symmetric) not in KSCALE_MAX:
+                kinds = ", ".join(f"{f} {'symmetric' if sym else 'with zero point'}" for f, sym in KSCALE_MAX)
+                raise InputError(f"scale_format {self.scale_format} with "
+                                 f"{'symmetric codes' if self.symmetric else 'a zero point'} is not a k-quant "
+                                 f"layout (there are: {kinds})")
 
     # ---- derived facts -------------------------------------------------------------------------
 
@@ -111,6 +130,16 @@ class QuantSpec:
     def has_global_scale(self) -> bool:
         """NVFP4-style: fp8 block scales relative to one fp32 scale per tensor."""
         return self.scale_format == "fp8_e4m3"
+
+    @property
+    def has_super_scale(self) -> bool:
+        """llama.cpp k-quant style: integer tile scales (and minimums) times an fp16 scale per 256 elements."""
+        return self.scale_format.startswith("k")
+
+    @property
+    def has_float_min(self) -> bool:
+        """Asymmetric with a float minimum per tile (``code * scale - min``) instead of an integer zero point."""
+        return self.has_super_scale and not self.symmetric
 
     @property
     def scale_bits(self) -> int:
@@ -215,7 +244,7 @@ PRESETS: dict[str, str] = {
 _INT_RE = re.compile(r"int([2-8])")
 _GROUP_RE = re.compile(r"g(\d+)")
 _BLOCK_RE = re.compile(r"b(\d+)x(\d+)")
-_SCALE_RE = re.compile(r"s(fp32|fp16|bf16|e8m0|fp8)")
+_SCALE_RE = re.compile(r"s(fp32|fp16|bf16|e8m0|fp8|k4|k6|k8)")
 
 
 def parse_spec(text: str) -> QuantSpec:
@@ -225,11 +254,14 @@ def parse_spec(text: str) -> QuantSpec:
     ``mxfp4``, ``nvfp4``, ``nf4``, ``ternary`` (``fp8``/``fp4`` are short for the first E4M3/E2M1 forms).
     GRANULARITY is ``ch`` (per channel, the default for integers), ``tensor``, ``token``, ``gN`` (groups
     of N) or ``bRxC`` (2-D blocks). Integers are symmetric unless ``asym`` is given. ``sSCALE`` picks the
-    scale storage (``sfp32``, ``sfp16``, ``sbf16``, ``se8m0``, ``sfp8``).
+    scale storage (``sfp32``, ``sfp16``, ``sbf16``, ``se8m0``, ``sfp8``, or llama.cpp's k-quant scales ``sk4``,
+    ``sk6``, ``sk8``). llama.cpp's block type names (``q4_0``, ``q5_1``, ``q4_k``, ``q6_k`` ...: ``GGML_NAMES``)
+    are read as the lowbit spec they are.
     """
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"empty quantization scheme {text!r}; try one of: {', '.join(PRESETS)}")
     raw = text.strip().lower().replace("_", "-")
+    raw = GGML_NAMES.get(raw, raw)
     words = raw.split("-")
     base: QuantSpec | None = None
     rest: list[str] = []

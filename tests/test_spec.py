@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lowbit.errors import InputError
-from lowbit.spec import FORMATS, PRESETS, SCALE_FORMATS, ActivationQuant, QuantSpec, parse_spec
+from lowbit.spec import FORMATS, KSCALE_MAX, PRESETS, SCALE_FORMATS, ActivationQuant, QuantSpec, parse_spec
 
 _GRANULARITIES = [
     ("tensor", None, None),
@@ -32,8 +32,37 @@ def _all_specs() -> list[QuantSpec]:
         for bits in (range(2, 9) if fmt == "int" else [None]):
             for sym in ((True, False) if fmt == "int" else (True,)):
                 for (gran, gs, bs), sf in itertools.product(_GRANULARITIES, SCALE_FORMATS):
+                    if sf.startswith("k") and not _k_valid(fmt, sym, gran, gs, sf):
+                        continue
                     out.append(QuantSpec(fmt, bits, sym, gran, gs, bs, sf))
     return out
+
+
+def _k_valid(fmt, sym, gran, gs, sf) -> bool:
+    """llama.cpp k-quant scales: integers in groups dividing 256, in one of the four layouts."""
+    return fmt == "int" and gran == "group" and 256 % gs == 0 and (sf, sym) in KSCALE_MAX
+
+
+def test_k_quant_scales_outside_their_layouts_are_refused():
+    refused = 0
+    for fmt in FORMATS:
+        for sym in ((True, False) if fmt == "int" else (True,)):
+            for (gran, gs, bs), sf in itertools.product(_GRANULARITIES, ("k4", "k6", "k8")):
+                if not _k_valid(fmt, sym, gran, gs, sf):
+                    with pytest.raises(InputError, match="k-quant"):
+                        QuantSpec(fmt, 4 if fmt == "int" else None, sym, gran, gs, bs, sf)
+                    refused += 1
+    assert refused > 100
+
+
+@pytest.mark.parametrize("ggml, name", [("q4_0", "int4-g32"), ("Q5_1", "int5-g32-asym"), ("q8_0", "int8-g32"),
+                                        ("q2_k", "int2-g16-asym-sk4"), ("q3_k", "int3-g16-sk6"),
+                                        ("Q4_K", "int4-g32-asym-sk6"), ("q5_k", "int5-g32-asym-sk6"),
+                                        ("q6_k", "int6-g16-sk8")])
+def test_llama_cpp_block_type_names_read_as_lowbit_specs(ggml, name):
+    spec = QuantSpec.parse(ggml)
+    assert spec.name == name and QuantSpec.parse(name) == spec
+    assert spec.has_float_min == (name.endswith("asym-sk6") or name.endswith("asym-sk4"))
 
 
 ALL_SPECS = _all_specs()

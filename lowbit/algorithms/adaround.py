@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Mapping
 
 import torch
@@ -168,8 +168,7 @@ def _adaround(Wf: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: AdaRou
         log.debug("adaround: %d of %d rows kept round to nearest, their learned rounding being worse after %d "
                   "iterations (raise iters)", int(worse.sum()), worse.numel(), config.iters)
     log.debug("adaround: output error %.3gx round to nearest's", float(err / err_rtn))
-    return QuantizedTensor(codes.to(torch.uint8).reshape(q0.codes.shape), q0.scale, q0.zero_point, q0.global_scale,
-                           q0.spec)
+    return replace(q0, codes=codes.to(torch.uint8).reshape(q0.codes.shape))
 
 
 def _rect_sigmoid(V: torch.Tensor) -> torch.Tensor:
@@ -181,7 +180,10 @@ def _grid(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     spec = q.spec
     ones = torch.ones_like(B.to_blocks(q.codes, spec), dtype=torch.float32)  # (gr, br, gc, bc)
     scale = q.scale.float() if q.global_scale is None else q.scale.float() * q.global_scale.float()
-    zp = q.zero_point.float() if q.zero_point is not None else torch.full_like(scale, 2.0 ** (spec.bits - 1))
+    if spec.has_float_min:  # k-quant minimums: code * scale - offset, a fractional zero point offset / scale
+        zp = q.offset / torch.where(scale > 0, scale, torch.ones_like(scale))
+    else:
+        zp = q.zero_point.float() if q.zero_point is not None else torch.full_like(scale, 2.0 ** (spec.bits - 1))
     S = B.from_blocks(ones * B.expand(scale), q.shape).reshape(q.codes.shape[0], -1)
     Z = B.from_blocks(ones * B.expand(zp), q.shape).reshape(q.codes.shape[0], -1)
     return S, Z, 2**spec.bits - 1

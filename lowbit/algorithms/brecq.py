@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -187,8 +187,7 @@ class _Soft(nn.Module):
     def hard_codes(self) -> QuantizedTensor:
         codes = (self.base + (self.h() >= 0.5).float()).clamp(0, self.qmax)
         q = self.q0
-        return QuantizedTensor(codes.to(torch.uint8).reshape(q.codes.shape), q.scale, q.zero_point, q.global_scale,
-                               q.spec)
+        return replace(q, codes=codes.to(torch.uint8).reshape(q.codes.shape))
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         qm = self.qm

@@ -122,7 +122,9 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    static = config.act_order or config.clip_search or ranges is not None or spec.granularity != "group"
+    # k-quant scales share one fp16 scale per 256 columns: the whole grid is fixed before the first column
+    static = (config.act_order or config.clip_search or ranges is not None or spec.granularity != "group"
+              or spec.has_super_scale)
     if ranges is not None:
         lo, hi = (r.detach().float().clone() for r in ranges)
         if tuple(lo.shape) != grid_shape(spec, W.shape) or tuple(hi.shape) != tuple(lo.shape):
@@ -175,10 +177,14 @@ class _ColumnGrid:
     def __init__(self, spec: QuantSpec, rows: int, cols: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self.spec, self.rows, self.lo, self.hi = spec, rows, lo, hi  # lo, hi: (gr, gc), updated in place
         self.br, self.bc = spec.block(rows, cols)
-        self.col_spec = QuantSpec(spec.format, spec.bits, spec.symmetric, "block", None, (self.br, 1),
-                                  spec.scale_format)
+        self.col_spec = None if spec.has_super_scale else QuantSpec(
+            spec.format, spec.bits, spec.symmetric, "block", None, (self.br, 1), spec.scale_format)
         self.fast = spec.format == "int" and not spec.has_global_scale
         self._params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._k = None
+        if spec.has_super_scale:  # every tile's scale depends on its super-block's: all of them from the ranges
+            t = quantize(torch.zeros(rows, cols), spec, lo, hi)
+            self._k = (t.scale, t.offset)  # (rows, gc) each (offset: None for symmetric codes)
 
     def set_range(self, g: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """New ``(gr,)`` range for tile column ``g``."""
@@ -187,6 +193,13 @@ class _ColumnGrid:
 
     def round(self, w: torch.Tensor, g: int) -> torch.Tensor:
         """``(rows,)`` column ``w`` of tile column ``g`` -> its quantized value ``(rows,)``."""
+        if self._k is not None:  # formats.quantize's arithmetic on the precomputed k-quant tile parameters
+            scale, offset = self._k[0][:, g], None if self._k[1] is None else self._k[1][:, g]
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            if offset is not None:
+                return torch.round((w + offset) / safe).clamp(0, 2**self.spec.bits - 1) * scale - offset
+            half = 2 ** (self.spec.bits - 1)
+            return torch.round(w / safe).clamp(-half, half - 1) * scale
         lo, hi = self.lo[:, g:g + 1], self.hi[:, g:g + 1]  # (gr, 1)
         if not self.fast:
             return quantize(w[:, None], self.col_spec, lo, hi).dequantize()[:, 0]

@@ -1,18 +1,25 @@
 """GGUF export of lowbit language models, in the block types llama.cpp reads.
 
-lowbit formats that a GGML type represents exactly are written as that type, with lowbit's own codes and
-scales (no requantization):
+lowbit formats that a GGML type represents are written as that type, with lowbit's own codes and scales (no
+requantization); the layouts are in ``lowbit.export.gguf_blocks``:
 
-    lowbit spec        GGML type   block of 32 weights                         exact?
-    int8-g32 (sym)     Q8_0        fp16 d, 32 int8 c: w = c * d                  yes (c = q - 128)
-    int4-g32 (sym)     Q4_0        fp16 d, 16 bytes of 4-bit q: w = (q - 8) * d  yes
-    int4-g32-asym      Q4_1        fp16 d, fp16 m, 16 bytes q: w = q * d + m     m = -zp * s rounded to fp16
+    lowbit spec          GGML type   exact?
+    int8-g32 (sym)       Q8_0        yes
+    int4-g32 / int5-g32  Q4_0 / Q5_0  yes
+    int4-g32-asym        Q4_1        the offset -zp * s rounded to fp16
+    int5-g32-asym        Q5_1        likewise
+    int2-g16-asym-sk4    Q2_K        yes (k-quants: rows a multiple of 256)
+    int3-g16-sk6         Q3_K        yes
+    int4-g32-asym-sk6    Q4_K        yes
+    int5-g32-asym-sk6    Q5_K        yes
+    int6-g16-sk8         Q6_K        yes
 
-Scales must be stored as fp16 (lowbit's default for integers), which is what every type above holds.
-Float tensors (norms, a float embedding) are written as F32. Anything else stops with an
-:class:`InputError` naming the module and the reason: another format or group size, activation
-quantization, or AWQ's per-input-channel scales (GGUF has no place for them; quantize with ``gptq`` or
-``rtn`` for GGUF).
+The k-quant specs are also named by their GGML names (``q4_k``, ``q6_k``...). Scales of the legacy types must be
+stored as fp16 (lowbit's default for integers). Float tensors (norms, a float embedding) are written as F32.
+Anything else stops with an :class:`InputError` naming the module and the reason: another format or group size,
+a k-quant layer whose rows are not a multiple of 256 (llama.cpp's requirement; use Q5_0 / Q8_0 there, as
+llama.cpp itself does), activation quantization, or AWQ's per-input-channel scales (GGUF has no place for
+them; quantize with ``gptq`` or ``rtn`` for GGUF).
 
 Scope: Llama-architecture models (SmolLM2 and other ``model_type == "llama"`` models with plain RoPE). The
 hyper-parameters are written from the model's config. When the model came from a GGUF file (the bundled
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,34 +42,40 @@ import torch
 from torch import nn
 
 from lowbit.atomic import atomic_file
+from lowbit.export import gguf_blocks
 from lowbit.errors import InputError
 from lowbit.io.save import check_destination
 from lowbit.nn import QuantEmbedding, QuantLinear, RotatedLinear
 from lowbit.nn.base import QuantModule
-from lowbit.spec import QuantSpec
+from lowbit.spec import SUPER_BLOCK, QuantSpec
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32
-# (format, bits, symmetric) -> GGML type name, for groups of 32 with fp16 scales
-GGML_TYPES = {("int", 8, True): "Q8_0", ("int", 4, True): "Q4_0", ("int", 4, False): "Q4_1"}
+# lowbit spec name -> GGML type
+GGML_TYPES = {"int8-g32": "Q8_0", "int4-g32": "Q4_0", "int4-g32-asym": "Q4_1", "int5-g32": "Q5_0",
+              "int5-g32-asym": "Q5_1", "int2-g16-asym-sk4": "Q2_K", "int3-g16-sk6": "Q3_K",
+              "int4-g32-asym-sk6": "Q4_K", "int5-g32-asym-sk6": "Q5_K", "int6-g16-sk8": "Q6_K"}
+# GGUF general.file_type (llama.cpp's LLAMA_FTYPE) for the most common type in the file
+FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12, "Q4_K": 15,
+              "Q5_K": 17, "Q6_K": 18}
 # copied from the source GGUF: everything but its layout, type and hyper-parameters (written from the config)
 _SKIP_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "llama.")
 
 
 def ggml_type(spec: QuantSpec) -> str | None:
-    """The GGML type that stores ``spec`` exactly (Q4_1: up to fp16 rounding of the offset), or None."""
-    if spec.granularity != "group" or spec.group_size != BLOCK or spec.scale_format != "fp16":
-        return None
-    return GGML_TYPES.get((spec.format, spec.bits, spec.symmetric))
+    """The GGML type that stores ``spec`` (exactly, but for the fp16 offset of Q4_1 / Q5_1), or None."""
+    return GGML_TYPES.get(spec.name)
 
 
 def why_not_gguf(name: str, m: QuantModule) -> str | None:
     """Why module ``name`` cannot be written to GGUF, or None."""
     t = ggml_type(m.spec)
     if t is None:
-        kinds = ", ".join(f"{'int%d-g32' % b}{'' if s else '-asym'} -> {t}" for (_, b, s), t in GGML_TYPES.items())
-        return f"{name}: weight format {m.spec.name} has no GGML block type (supported, fp16 scales: {kinds})"
+        kinds = ", ".join(f"{s} -> {t}" for s, t in GGML_TYPES.items())
+        return f"{name}: weight format {m.spec.name} has no GGML block type (supported: {kinds})"
+    if m.spec.has_super_scale and m.weight_shape[-1] % SUPER_BLOCK:
+        return (f"{name}: {t} needs rows of a multiple of {SUPER_BLOCK} weights, this layer's have "
+                f"{m.weight_shape[-1]}; use int5-g32 (Q5_0) or int8-g32 (Q8_0) for it, as llama.cpp does")
     if getattr(m, "act", None) is not None:
         return f"{name}: activation quantization ({m.act.name}) cannot be stored in GGUF (weights only)"
     if getattr(m, "input_scale", None) is not None:
@@ -89,7 +103,7 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type != "llama":
-        raise InputError(f"GGUF export supports Llama-architecture causal LMs (model_type 'llama', e.g. SmolLM2); "
+        raise InputError("GGUF export supports Llama-architecture causal LMs (model_type 'llama', e.g. SmolLM2); "
                          + (f"this model's is {model_type!r}" if model_type is not None
                             else f"this {type(model).__name__} has no Hugging Face config"))
     src = source_gguf(source, required=False)
@@ -221,10 +235,8 @@ def _head_repeats_embedding(model: nn.Module) -> bool:
         return False
     if head.bias is not None or head.input_scale is not None or head.weight_shape != emb.weight_shape:
         return False
-    same = [torch.equal(a, b) for a, b in ((head.qweight, emb.qweight), (head.scale, emb.scale))]
-    if head.zero_point is not None:
-        same.append(emb.zero_point is not None and torch.equal(head.zero_point, emb.zero_point))
-    return all(same)
+    pairs = [(getattr(head, n), getattr(emb, n)) for n in ("qweight", "scale", "zero_point", "super_scale", "super_min")]
+    return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)
 
 
 def _rope_rows(name: str, rows: int, heads: dict[str, int]) -> torch.Tensor | None:
@@ -237,27 +249,13 @@ def _rope_rows(name: str, rows: int, heads: dict[str, int]) -> torch.Tensor | No
 
 
 def _blocks(m: QuantModule, rows: torch.Tensor | None) -> np.ndarray:
-    """The module's weight as GGML blocks: uint8 ``(out, in / 32 * block bytes)``."""
+    """The module's weight as GGML blocks: uint8 ``(out, row bytes)``, rows in llama.cpp's order."""
     q = m.quantized_weight()
-    codes, scale, zp = q.codes, q.scale, q.zero_point  # (out, in) uint8, (out, in/32) float32, uint8 or None
     if rows is not None:
-        codes, scale = codes[rows], scale[rows]
-        zp = None if zp is None else zp[rows]
-    out, k = codes.shape
-    nb = k // BLOCK
-    c = codes.reshape(out, nb, BLOCK).numpy()
-    d = scale.numpy().astype(np.float16).reshape(out, nb, 1).view(np.uint8)  # (out, nb, 2)
-    kind = ggml_type(m.spec)
-    if kind == "Q8_0":
-        qs = (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-        parts = [d, qs]
-    else:
-        qs = (c[..., :16] | (c[..., 16:] << 4)).astype(np.uint8)  # byte j: weight j (low), weight j + 16 (high)
-        parts = [d, qs]
-        if kind == "Q4_1":
-            mins = (-(zp.float() * scale)).numpy().astype(np.float16).reshape(out, nb, 1).view(np.uint8)
-            parts = [d, mins, qs]
-    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out, -1))
+        pick = {f: getattr(q, f)[rows] for f in ("codes", "scale", "zero_point", "super_scale", "super_min")
+                if getattr(q, f) is not None}
+        q = replace(q, **pick)
+    return gguf_blocks.blocks(ggml_type(m.spec), q)
 
 
 def _file_type(tensors) -> int:
@@ -268,4 +266,4 @@ def _file_type(tensors) -> int:
             counts[kind] = counts.get(kind, 0) + data.size
     if not counts:
         return 0  # ALL_F32
-    return {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[max(counts, key=counts.get)]
+    return FILE_TYPES[max(counts, key=counts.get)]

@@ -15,8 +15,8 @@ import torch
 from lowbit.errors import InputError
 from lowbit.formats import blocks as B
 from lowbit.formats.elements import decode_elements, element_max, encode_elements
-from lowbit.formats.scales import round_scale, scale_range_issue, split_global_scale
-from lowbit.spec import QuantSpec
+from lowbit.formats.scales import round_scale, scale_range_issue, split_global_scale, split_super_scale, super_expand
+from lowbit.spec import KSCALE_MAX, SUPER_BLOCK, QuantSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,6 +29,11 @@ class QuantizedTensor:
         zero_point: uint8 ``(gr, gc)`` for asymmetric integers, else None.
         global_scale: float32 0-d tensor for ``fp8_e4m3`` scale storage (NVFP4), else None.
         spec: the format.
+        super_scale: k-quant scales (``spec.has_super_scale``): float32 ``(gr, ns)``, the fp16 scale of each
+            super-block of 256 elements; ``scale`` is then an integer times it, exactly.
+        super_min: k-quant formats with a float minimum (``spec.has_float_min``): float32 ``(gr, ns)``, the fp16
+            scale of the minimums; ``zero_point`` then holds each tile's integer minimum code ``m``, and a
+            value is ``code * scale - m * super_min`` (llama.cpp's Q2_K / Q4_K / Q5_K).
     """
 
     codes: torch.Tensor
@@ -36,6 +41,16 @@ class QuantizedTensor:
     zero_point: torch.Tensor | None
     global_scale: torch.Tensor | None
     spec: QuantSpec
+    super_scale: torch.Tensor | None = None
+    super_min: torch.Tensor | None = None
+
+    @property
+    def offset(self) -> torch.Tensor | None:
+        """Float-minimum formats: each tile's minimum ``m * super_min``, float32 ``(gr, gc)``; else None."""
+        if not self.spec.has_float_min:
+            return None
+        tiles = SUPER_BLOCK // self.spec.group_size
+        return self.zero_point.float() * super_expand(self.super_min, tiles, self.scale.shape[1])
 
     @property
     def shape(self) -> torch.Size:
@@ -82,6 +97,8 @@ def quantize(
     elif tuple(lo.shape) != grid or tuple(hi.shape) != grid:
         raise InputError(f"range of shape {tuple(lo.shape)} does not match the scale grid {grid} of {spec.name}")
     lo, hi = lo.float(), hi.float()
+    if spec.has_super_scale:
+        return _quantize_k(xf, spec, lo, hi)
     if spec.has_zero_point:
         return _quantize_affine(xf, spec, lo, hi)
     return _quantize_symmetric(xf, spec, lo, hi)
@@ -91,6 +108,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     """Codes and scales -> values, shape ``q.shape``, in ``dtype``."""
     spec = q.spec
     cb = B.to_blocks(q.codes, spec)  # (gr, br, gc, bc) uint8
+    if spec.has_float_min:  # llama.cpp's order: (d * sc) * q - (dmin * m), in float32
+        vals = cb.float() * B.expand(q.scale) - B.expand(q.offset)
+        return B.from_blocks(vals, q.shape).to(dtype)
     if spec.format == "int":
         zp = q.zero_point.float() if q.zero_point is not None else torch.full_like(q.scale, 2.0 ** (spec.bits - 1))
         vals = cb.float() - B.expand(zp)
@@ -113,6 +133,28 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec, clip: float = 1.0) -
         return fake_quantize(x, spec)
     lo, hi = default_range(x.detach().float(), spec)
     return fake_quantize(x, spec, lo * clip, hi * clip)
+
+
+def _quantize_k(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> QuantizedTensor:
+    """llama.cpp k-quant scaling: each tile's scale (and, with a zero point, its minimum ``-min(lo, 0)``) an
+    integer times an fp16 scale per super-block of 256 elements (:func:`~lowbit.formats.scales.split_super_scale`).
+    Symmetric: codes ``round(x / scale)`` centred on ``2^(bits-1)``; with a minimum: ``round((x + min) / scale)``
+    in ``0 .. 2^bits - 1``."""
+    tiles = SUPER_BLOCK // spec.group_size
+    code_max = KSCALE_MAX[(spec.scale_format, spec.symmetric)]
+    raw = raw_scale(lo, hi, spec)  # (gr, gc)
+    sc, d = split_super_scale(raw, code_max, tiles)
+    scale = sc * super_expand(d, tiles, raw.shape[1])
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        codes = torch.round(B.to_blocks(x, spec) / B.expand(safe)).clamp(-half, half - 1) + half
+        return QuantizedTensor(B.from_blocks(codes.to(torch.uint8), x.shape), scale, None, None, spec, d)
+    m, dmin = split_super_scale(-lo.clamp(max=0), code_max, tiles, keep_nonzero=False)
+    offset = m * super_expand(dmin, tiles, raw.shape[1])
+    codes = torch.round((B.to_blocks(x, spec) + B.expand(offset)) / B.expand(safe)).clamp(0, 2**spec.bits - 1)
+    return QuantizedTensor(B.from_blocks(codes.to(torch.uint8), x.shape), scale, m.to(torch.uint8), None, spec, d,
+                           dmin)
 
 
 def raw_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

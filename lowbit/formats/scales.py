@@ -9,6 +9,8 @@ to compute codes, so the stored scale is exactly the one the codes were made wit
 * ``e8m0``: a power of two stored as a biased 8-bit exponent, as in the OCP Microscaling (MX) spec v1.0:
   ``X = 2^(floor(log2(amax)) - emax_elem)``.
 * ``fp8_e4m3``: NVFP4-style two-level scaling: one fp32 scale per tensor and an FP8 E4M3 scale per block.
+* ``k4`` / ``k6`` / ``k8``: llama.cpp's k-quant two-level scaling: an integer per tile times an fp16 scale per
+  256 elements of a row (:func:`split_super_scale`); the module stores the integers and the fp16 scales.
 """
 
 from __future__ import annotations
@@ -93,6 +95,35 @@ def split_global_scale(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     g = (raw.max() / FP8_E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny).float()
     return raw / g, g
+
+
+def super_expand(per_super: torch.Tensor, tiles_per_super: int, gc: int) -> torch.Tensor:
+    """A per-super-block tensor ``(gr, ns)`` repeated for each of its tiles: ``(gr, gc)``."""
+    return per_super.repeat_interleave(tiles_per_super, dim=1)[:, :gc]
+
+
+def split_super_scale(raw: torch.Tensor, code_max: int, tiles_per_super: int,
+                      keep_nonzero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-quant two-level scales: raw per-tile values ``(gr, gc)`` (>= 0) -> (integer codes ``(gr, gc)`` as float32,
+    fp16 super-block scale ``d`` ``(gr, ns)`` as float32), so that ``codes * d`` approximates ``raw``.
+
+    ``d = max(raw) / code_max`` over the super-block's tiles, rounded up to fp16, subnormals included as llama.cpp
+    stores them (so no code exceeds ``code_max``); codes are ``raw / d`` rounded to nearest. ``keep_nonzero``: a tile with a nonzero raw value
+    keeps a code of at least 1 (a scale rounded to 0 would zero the whole tile). ``codes * d`` is exact in
+    float32 (11 + 8 significant bits), as llama.cpp computes it.
+    """
+    gr, gc = raw.shape
+    ns = -(-gc // tiles_per_super)
+    padded = torch.nn.functional.pad(raw.float(), (0, ns * tiles_per_super - gc))
+    top = padded.reshape(gr, ns, tiles_per_super).amax(dim=2)  # (gr, ns)
+    want = (top / code_max).clamp(max=torch.finfo(torch.float16).max)
+    d = want.to(torch.float16)
+    d = torch.where(d.float() < want, torch.nextafter(d, torch.full_like(d, torch.inf)), d).float()
+    full = super_expand(d, tiles_per_super, gc)
+    codes = torch.round(raw.float() / torch.where(full > 0, full, torch.ones_like(full))).clamp(0, code_max)
+    if keep_nonzero:
+        codes = torch.where(raw > 0, codes.clamp_min(1), codes)
+    return codes, d
 
 
 def encode_scale(scale: torch.Tensor, scale_format: str) -> torch.Tensor:

@@ -169,4 +169,7 @@ def kernel_name(m: nn.Module) -> str | None:
 
 
 def why_not_device(m: QuantModule) -> str | None:
+    """Why no kernel runs ``m`` whatever its shape: its device, or k-quant scales (no kernel reads those yet)."""
+    if m.spec.has_super_scale:
+        return f"{m.spec.name} has k-quant scales, which no lowbit kernel reads (the reference path runs it)"
     return None if m.qweight.device.type == "cpu" else f"its weight is on {m.qweight.device}, kernels are CPU only"

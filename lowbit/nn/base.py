@@ -8,6 +8,9 @@ qweight       uint8 ``(nbytes,)``          element codes packed ``spec.bits`` wi
 scale         ``(gr, gc)`` storage dtype   scales encoded in ``spec.scale_format``
 zero_point    uint8 ``(gr, gc)``           asymmetric integers only
 global_scale  float32 ``()``               NVFP4-style fp8 scales only
+super_scale   float16 ``(gr, ns)``         k-quant scales only: fp16 scale per 256 elements (``scale``: uint8
+                                           integers times it; ``zero_point``: the integer minimums, see below)
+super_min     float16 ``(gr, ns)``         k-quant formats with a float minimum only: the minimums' fp16 scale
 act_lo/hi     float32 ``(1, 1)``           static activation quantization only
 input_scale   float32 ``(in_features,)``   linears with a per-input-feature scale only (AWQ)
 ============  ===========================  ===============================================
@@ -36,16 +39,17 @@ from lowbit.formats import (
     packed_nbytes,
     unpack,
 )
-from lowbit.formats.scales import decode_scale, encode_scale
-from lowbit.spec import ActivationQuant, QuantSpec
+from lowbit.formats.scales import decode_scale, encode_scale, super_expand
+from lowbit.spec import SUPER_BLOCK, ActivationQuant, QuantSpec
 
 # buffers that keep their dtype (and whose dtype lowbit.load checks exactly)
-STORAGE_BUFFERS = ("qweight", "scale", "zero_point", "global_scale", "act_lo", "act_hi", "input_scale")
+STORAGE_BUFFERS = ("qweight", "scale", "zero_point", "global_scale", "super_scale", "super_min", "act_lo", "act_hi",
+                   "input_scale")
 CACHE_ATTR = "_dequant_cache"  # instance attribute: {(dtype, device): dequantized weight}, see nn.cache
 KERNEL_ATTR = "_kernel"  # instance attribute: the fast path ``(module, x) -> y`` set by lowbit.kernels.use_kernels
 RELEASED_ATTR = "_storage_released"  # instance attribute: True once the kernel holds the only copy of the weight
 _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8,
-                 "fp8_e4m3": torch.uint8}
+                 "fp8_e4m3": torch.uint8, "k4": torch.uint8, "k6": torch.uint8, "k8": torch.uint8}
 
 
 class LazyWeight(torch.Tensor):
@@ -107,6 +111,12 @@ class QuantModule(nn.Module):
             self.register_buffer("global_scale", torch.ones((), dtype=torch.float32))
         else:
             self.global_scale = None
+        supers = (grid[0], -(-grid[1] * spec.group_size // SUPER_BLOCK)) if spec.has_super_scale else None
+        for name, wanted in (("super_scale", spec.has_super_scale), ("super_min", spec.has_float_min)):
+            if wanted:
+                self.register_buffer(name, torch.zeros(supers, dtype=torch.float16))
+            else:
+                setattr(self, name, None)
         if act is not None and not act.dynamic:
             self.register_buffer("act_lo", torch.zeros(1, 1))
             self.register_buffer("act_hi", torch.zeros(1, 1))
@@ -147,7 +157,14 @@ class QuantModule(nn.Module):
             raise ValueError(f"quantized weight {q.spec.name} {tuple(q.shape)} does not fit "
                              f"{self.spec.name} {self.weight_shape}")
         self.qweight.copy_(pack(q.codes, self.spec.bits))
-        self.scale.copy_(encode_scale(q.scale, self.spec.scale_format))
+        if self.spec.has_super_scale:  # the tile scales as integers of the super-block scale
+            self.super_scale.copy_(q.super_scale)
+            full = super_expand(q.super_scale, SUPER_BLOCK // self.spec.group_size, q.scale.shape[1])
+            self.scale.copy_(torch.round(q.scale / torch.where(full > 0, full, torch.ones_like(full))))
+            if self.super_min is not None:
+                self.super_min.copy_(q.super_min)
+        else:
+            self.scale.copy_(encode_scale(q.scale, self.spec.scale_format))
         if self.zero_point is not None:
             self.zero_point.copy_(q.zero_point)
         if self.global_scale is not None:
@@ -177,7 +194,7 @@ class QuantModule(nn.Module):
         the weight is not in memory twice. Afterwards only that kernel can run the module: the reference path,
         saving, moving and storing a new weight raise :class:`InputError`. Load the model again to get them back.
         """
-        for n in ("qweight", "scale", "zero_point"):
+        for n in ("qweight", "scale", "zero_point", "super_scale", "super_min"):
             t = self._buffers.get(n)
             if t is not None:
                 self._buffers[n] = t.new_empty(0)
@@ -200,6 +217,11 @@ class QuantModule(nn.Module):
         """The stored weight as codes and fp32 scales (unpacked)."""
         self.require_storage("the reference path (or reading the weight)")
         codes = unpack(self.qweight, self.spec.bits, math.prod(self.weight_shape)).reshape(self.weight_shape)
+        if self.spec.has_super_scale:
+            d = self.super_scale.float()
+            scale = self.scale.float() * super_expand(d, SUPER_BLOCK // self.spec.group_size, self.scale.shape[1])
+            dmin = None if self.super_min is None else self.super_min.float()
+            return QuantizedTensor(codes, scale, self.zero_point, None, self.spec, d, dmin)
         scale = decode_scale(self.scale, self.spec.scale_format)
         return QuantizedTensor(codes, scale, self.zero_point, self.global_scale, self.spec)
 
@@ -239,7 +261,8 @@ class QuantModule(nn.Module):
 
     def storage_bytes(self) -> int:
         """Bytes of the quantized weight's storage (codes, scales, zero points, input scale), excluding bias."""
-        parts = [self.qweight, self.scale, self.zero_point, self.global_scale, getattr(self, "input_scale", None)]
+        parts = [self.qweight, self.scale, self.zero_point, self.global_scale, self.super_scale, self.super_min,
+                 getattr(self, "input_scale", None)]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def bits_per_weight(self) -> float:

@@ -71,7 +71,7 @@ def share_quantized_storage(model: nn.Module, head: str, embedding: str) -> bool
     codes and scales (a tied pair quantized alike), so the weight is kept and saved once; False (and both kept)
     when they differ."""
     h, e = model.get_submodule(head), model.get_submodule(embedding)
-    names = ("qweight", "scale", "zero_point", "global_scale")
+    names = ("qweight", "scale", "zero_point", "global_scale", "super_scale", "super_min")
     pairs = [(getattr(h, n, None), getattr(e, n, None)) for n in names]
     if not all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs):
         log.warning("the tied head %r and embedding %r were quantized to different codes; both are kept", head,

@@ -22,7 +22,7 @@ CALIBRATION_ATTR = "lowbit_calibration"
 
 # the buffers QuantModule.storage_bytes() counts: the quantized weight itself, with a linear's per-input
 # scale (AWQ), but not its bias or act range
-WEIGHT_STORAGE = ("qweight", "scale", "zero_point", "global_scale", "input_scale")
+WEIGHT_STORAGE = ("qweight", "scale", "zero_point", "global_scale", "super_scale", "super_min", "input_scale")
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
