@@ -237,11 +237,13 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         from lowbit.export.gguf_mix import MIXES
 
         given = [f for f, v in (("--act", a.act), ("--bias-correction", a.bias_correction), ("--skip", a.skip),
-                                ("--transforms", a.transforms), ("--kv", a.kv)) if v]
+                                ("--kv", a.kv)) if v]
         if given or a.gguf_mix.upper().replace("-", "_") not in MIXES:
             raise InputError(f"{', '.join(given)} cannot be combined with --gguf-mix" if given else
                              f"unknown --gguf-mix {a.gguf_mix!r}; known: {', '.join(MIXES)}")
-        plan = QuantPlan.uniform("int8", _method(a.method, a.clip_search))  # until the model's layers are known
+        # stands in until the model's layers are known (it says whether calibration data is needed)
+        plan = QuantPlan(QuantPlan.uniform("int8", _method(a.method, a.clip_search)).rules,
+                         transforms=tuple(a.transforms or ()))
     elif not a.scheme:
         raise InputError("give a weight format with --scheme (e.g. int4-g128-asym; see `lowbit schemes`), --recipe "
                          "or --gguf-mix")
@@ -273,7 +275,7 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         if a.gguf_mix:
             from lowbit.export.gguf_mix import gguf_mix_plan
 
-            plan = gguf_mix_plan(lm.model, a.gguf_mix, plan.rules[0].method)
+            plan = gguf_mix_plan(lm.model, a.gguf_mix, plan.rules[0].method, tuple(a.transforms or ()))
         user_text = _rendered(user_text, lm.tokenizer)
         data = None
         if plan.needs_data:

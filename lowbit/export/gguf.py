@@ -21,12 +21,15 @@ a k-quant layer whose rows are not a multiple of 256 (llama.cpp's requirement; u
 llama.cpp itself does), activation quantization, or AWQ's per-input-channel scales (GGUF has no place for
 them; quantize with ``gptq`` or ``rtn`` for GGUF).
 
-Scope: Llama-architecture models (SmolLM2 and other ``model_type == "llama"`` models with plain RoPE). The
-hyper-parameters are written from the model's config. When the model came from a GGUF file (the bundled
-SmolLM2-135M, or a ``.gguf`` loaded by ``lowbit.load_model``), that file's other metadata (tokenizer, chat
-template, names) is copied, so llama.cpp and transformers tokenize the export exactly as the source;
-without one the file has no tokenizer (transformers loads its weights, llama.cpp refuses it). The attention
-query and key rows are permuted into llama.cpp's rotary layout, which both readers undo.
+Architectures (:data:`ARCHITECTURES`): Llama (SmolLM2) and Mistral (written as llama.cpp's ``llama``, as its own
+converter does), Qwen2 (with its q/k/v biases), Qwen3 (per-head q/k norms) and Gemma-3 (text; its norms stored
+as ``1 + w``, the gain llama.cpp multiplies by), all with plain RoPE. The hyper-parameters are written from the
+model's config. When the model came from a GGUF file (the bundled SmolLM2-135M and Gemma-3-270M, or a ``.gguf``
+loaded by ``lowbit.load_model``), that file's other metadata (tokenizer, chat template, names) is copied, so
+llama.cpp and transformers tokenize the export exactly as the source; without one the file has no tokenizer
+(transformers loads its weights, llama.cpp refuses it). For Llama and Mistral the attention query and key rows
+are permuted into llama.cpp's rotary layout, which both readers undo; the others use the rotate-half layout
+transformers computes in.
 """
 
 from __future__ import annotations
@@ -58,8 +61,14 @@ GGML_TYPES = {"int8-g32": "Q8_0", "int4-g32": "Q4_0", "int4-g32-asym": "Q4_1", "
 # GGUF general.file_type (llama.cpp's LLAMA_FTYPE) for the most common type in the file
 FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12, "Q4_K": 15,
               "Q5_K": 17, "Q6_K": 18}
-# copied from the source GGUF: everything but its layout, type and hyper-parameters (written from the config)
-_SKIP_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "llama.")
+# copied from the source GGUF: everything but its layout, type and hyper-parameters (written from the config,
+# under the architecture's prefix)
+_SKIP_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+# Hugging Face model_type -> (GGUF architecture, whether q/k rows are permuted to llama.cpp's interleaved rotary)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                 "qwen3": ("qwen3", False), "gemma3_text": ("gemma3", False)}
+# state tensors that are not weights of the file (recomputed by every reader)
+_NOT_WEIGHTS = ("rotary_emb", "embed_scale")
 
 
 def ggml_type(spec: QuantSpec) -> str | None:
@@ -91,7 +100,8 @@ def why_not_gguf(name: str, m: QuantModule) -> str | None:
 
 def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.PathLike, *,
                 overwrite: bool = False) -> Path:
-    """Write ``model`` (a lowbit-quantized or float Llama-architecture causal LM) to the GGUF file ``path``.
+    """Write ``model`` (a lowbit-quantized or float causal LM of one of :data:`ARCHITECTURES`) to the GGUF file
+    ``path``.
 
     ``source``: the model's source dict (``LoadedModel.source`` or a saved artifact's manifest), which must
     lead to a GGUF file whose metadata is copied. The file is written beside ``path`` under a temporary
@@ -102,10 +112,11 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
     dest = check_destination(path, overwrite, file=True)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type != "llama":
-        raise InputError("GGUF export supports Llama-architecture causal LMs (model_type 'llama', e.g. SmolLM2); "
+    if model_type not in ARCHITECTURES:
+        raise InputError(f"GGUF export supports the causal LMs with model_type {', '.join(ARCHITECTURES)}; "
                          + (f"this model's is {model_type!r}" if model_type is not None
                             else f"this {type(model).__name__} has no Hugging Face config"))
+    arch, permute = ARCHITECTURES[model_type]
     src = source_gguf(source, required=False)
     problems = [why for n, m in model.named_modules() if isinstance(m, QuantModule)
                 and (why := why_not_gguf(n, m)) is not None]
@@ -121,13 +132,16 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
         log.warning("the model's source is not a GGUF file, so the export has no tokenizer: transformers can load "
                     "its weights, llama.cpp cannot run it")
     n_blocks = int(config.num_hidden_layers)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
-    tensors = list(_tensors(model, config))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_blocks)
+    tensors = list(_tensors(model, config, permute, gemma=arch == "gemma3"))
+    skip = _SKIP_FIELDS
+    if reader is not None:
+        skip += (f"{reader.fields['general.architecture'].contents()}.",)
     with atomic_file(dest) as tmp:  # renamed to dest when complete; an OSError becomes an InputError
-        w = gguf.GGUFWriter(tmp, "llama")
-        _write_hparams(w, config)
+        w = gguf.GGUFWriter(tmp, arch)
+        _write_hparams(w, config, arch)
         for key, field in (reader.fields.items() if reader is not None else ()):
-            if key.startswith(_SKIP_FIELDS):
+            if key.startswith(skip):
                 continue
             vtype = field.types[0]
             sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
@@ -150,11 +164,13 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
     return dest
 
 
-def _write_hparams(w: Any, config: Any) -> None:
-    """llama.cpp's ``llama.*`` hyper-parameters from the model's Hugging Face config."""
+def _write_hparams(w: Any, config: Any, arch: str) -> None:
+    """llama.cpp's ``ARCH.*`` hyper-parameters from the model's Hugging Face config."""
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope.get("full_attention"), dict):  # Gemma-3: one set per layer type; llama.cpp reads the global
+        rope = rope["full_attention"]
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     if rope.get("rope_type", "default") not in ("default", None):
         raise InputError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not supported (plain RoPE only)")
@@ -162,12 +178,18 @@ def _write_hparams(w: Any, config: Any) -> None:
     w.add_embedding_length(int(config.hidden_size))
     w.add_block_count(int(config.num_hidden_layers))
     w.add_feed_forward_length(int(config.intermediate_size))
-    w.add_rope_dimension_count(head_dim)
     w.add_head_count(heads)
     w.add_head_count_kv(int(config.num_key_value_heads))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_rope_freq_base(float(theta))
     w.add_vocab_size(int(config.vocab_size))
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+    if arch in ("qwen3", "gemma3"):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "gemma3" and getattr(config, "sliding_window", None):
+        w.add_sliding_window(int(config.sliding_window))
 
 
 def source_gguf(source: dict[str, Any] | None, required: bool = True) -> Path | None:
@@ -194,10 +216,11 @@ def source_gguf(source: dict[str, Any] | None, required: bool = True) -> Path | 
                      f"for its tokenizer; this model's source is {source.get('type')!r}")
 
 
-def _tensors(model: nn.Module, config: Any):
-    """(HF state name, GGML type or "F32", numpy data, logical shape (rows, cols)) for every tensor to write."""
+def _tensors(model: nn.Module, config: Any, permute: bool = True, gemma: bool = False):
+    """(HF state name, GGML type or "F32", numpy data, logical shape (rows, cols)) for every tensor to write:
+    q/k rows permuted to llama.cpp's rotary layout (``permute``), Gemma's norm gains ``1 + w`` (``gemma``)."""
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
-    heads = {"q_proj": int(config.num_attention_heads), "k_proj": int(config.num_key_value_heads)}
+    heads = {"q_proj": int(config.num_attention_heads), "k_proj": int(config.num_key_value_heads)} if permute else {}
     same_head = _head_repeats_embedding(model)
     for name, m in quantized.items():
         if same_head and m is model.lm_head:
@@ -208,12 +231,14 @@ def _tensors(model: nn.Module, config: Any):
     tied_lm_head = _tied_lm_head(model)
     for key, t in model.state_dict(keep_vars=False).items():
         owner = key.rsplit(".", 1)[0]
-        if owner in quantized or (tied_lm_head and key == "lm_head.weight"):
-            continue
-        if "rotary_emb" in key or t.data_ptr() in seen:
+        if (owner in quantized and not key.endswith(".bias")) or (tied_lm_head and key == "lm_head.weight"):
+            continue  # a quantized layer's storage is written above (its bias, as F32, here)
+        if any(part in key for part in _NOT_WEIGHTS) or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         arr = t.detach().float()
+        if gemma and key.endswith("norm.weight"):
+            arr = arr + 1.0  # Gemma's RMSNorm multiplies by 1 + w; llama.cpp by the stored gain
         rows = _rope_rows(owner, arr.shape[0], heads) if arr.dim() == 2 else None
         if rows is not None:
             arr = arr[rows]

@@ -52,9 +52,10 @@ def tensor_type(mix: str, role: str, layer: int | None, n_layers: int, in_featur
     return kind
 
 
-def gguf_mix_plan(model: nn.Module, mix: str, method: Any = "rtn") -> QuantPlan:
+def gguf_mix_plan(model: nn.Module, mix: str, method: Any = "rtn", transforms: tuple[str, ...] = ()) -> QuantPlan:
     """A plan giving every linear layer of ``model`` (a decoder-only transformers causal LM with
-    ``model.layers``), its embedding and head the lowbit spec of the GGML type ``mix`` gives it."""
+    ``model.layers``), its embedding and head the lowbit spec of the GGML type ``mix`` gives it, after
+    ``transforms`` (e.g. ``("awq_scales",)``: AWQ's scales folded into the norms, which GGUF can hold)."""
     key = mix.upper().replace("-", "_")
     if key not in MIXES:
         raise InputError(f"unknown GGUF mix {mix!r}; known: {', '.join(MIXES)}")
@@ -80,4 +81,4 @@ def gguf_mix_plan(model: nn.Module, mix: str, method: Any = "rtn") -> QuantPlan:
             if isinstance(sub, nn.Linear):
                 leaf = names[sub].rsplit(".", 1)[-1]
                 rules.append(Rule(names[sub], spec(tensor_type(key, leaf, i, n, sub.in_features)), method))
-    return QuantPlan(tuple(rules), skip=())
+    return QuantPlan(tuple(rules), skip=(), transforms=tuple(transforms))

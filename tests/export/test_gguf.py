@@ -80,7 +80,7 @@ def test_formats_gguf_cannot_hold_are_refused_with_the_module_named(tmp_path):
         lm3 = load_model("tiny-llama")
         quantize(lm3.model, QuantPlan.uniform("int8-g32", act="int8-token"), progress=False)
         export_gguf(lm3.model, None, dest)
-    with pytest.raises(InputError, match="Llama-architecture"):
+    with pytest.raises(InputError, match="model_type llama, mistral, qwen2, qwen3, gemma3_text; this model.s is .gpt2."):
         export_gguf(load_model("tiny-gpt2").model, None, dest)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a partial file
 
@@ -156,3 +156,47 @@ def test_online_rotations_are_refused_by_name(tmp_path):
                                          r"rotate_residual"):
         export_gguf(lm.model, lm.source, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def _tiny_arch(family: str):
+    """A tiny random model of ``family`` with random biases and norm gains (zeros and ones would hide a tensor
+    that is dropped or stored without its offset)."""
+    import transformers
+
+    from lowbit.models.tiny import _DECODER, FAMILIES
+
+    classes = {"mistral": ("MistralConfig", "MistralForCausalLM", _DECODER),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DECODER), **FAMILIES}
+    config_cls, model_cls, kwargs = classes[family]
+    if family == "qwen3":  # transformers' GGUF reader takes Qwen3's head_dim as its default, 128
+        kwargs = {**kwargs, "head_dim": 128}
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or "norm" in name:
+            p.data.normal_(0, 0.1).add_(0.0 if name.endswith("bias") else 1.0)
+    return model
+
+
+@pytest.mark.parametrize("family, arch", [("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
+                                          ("gemma3", "gemma3")])
+def test_other_architectures_export_and_transformers_reproduces_them(tmp_path, family, arch):
+    model = _tiny_arch(family)
+    quantize(model, QuantPlan.uniform("int8-g32"), progress=False)
+    path = export_gguf(model, None, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == arch
+    names = {t.name for t in reader.tensors}
+    if family == "qwen2":
+        assert {"blk.0.attn_q.bias", "blk.1.attn_v.bias"} <= names  # the biases of quantized layers
+    if family in ("qwen3", "gemma3"):
+        assert "blk.0.attn_q_norm.weight" in names
+    if family == "gemma3":  # norms as 1 + w, the gain llama.cpp multiplies by
+        t = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
+        w = model.model.layers[0].input_layernorm.weight.detach().numpy()
+        assert np.allclose(t.data, w + 1)
+    hf = _load_hf(path)
+    hf.tie_weights()
+    with torch.no_grad():
+        a, b = model(_ids()).logits, hf(_ids()).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)

@@ -171,3 +171,22 @@ def test_algorithms_choose_values_on_the_k_quant_grid(method):
         err = float(((q.dequantize() - W) @ X.T).pow(2).mean())
         rtn = float(((quantize_tensor(W, spec).dequantize() - W) @ X.T).pow(2).mean())
         assert err < rtn, (name, err, rtn)  # both minimise the layer's output error, on the same kind of grid
+
+
+def test_awq_scales_folded_into_the_norms_export_to_gguf(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_k()
+    data = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    plan = gguf_mix_plan(model, "Q4_K_M", "gptq", ("awq_scales",))
+    assert plan.transforms == ("awq_scales",)
+    norm = model.model.layers[0].input_layernorm.weight.detach().clone()
+    quantize(model, plan, data, progress=False)
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm)  # the scales went into the norm
+    assert all(getattr(m, "input_scale", None) is None for m in model.modules())
+    path = export_gguf(model, None, tmp_path / "m.gguf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    hf.tie_weights()
+    with torch.no_grad():
+        a, b = model(_ids()).logits, hf(_ids()).logits
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
