@@ -44,6 +44,8 @@ def tiny(family: str) -> torch.nn.Module:
                              "mistral": ("MistralConfig", "MistralForCausalLM"),
                              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
                              "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}[family]
+    if family == "gemma3":  # llama.cpp scales queries by 1 / sqrt(head_dim), as every Gemma-3 checkpoint does
+        common["query_pre_attn_scalar"] = common["head_dim"]
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common)).eval()
     for name, p in model.named_parameters():

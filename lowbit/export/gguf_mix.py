@@ -13,18 +13,23 @@ the tensor's role and its layer; :func:`gguf_mix_plan` follows its rules for den
   Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K / Q3_K -> Q4_0.
 
 The embedding and the head are quantized by round to nearest (a tied pair then stays one tensor in the file);
-every other layer by ``method``.
+every other layer by ``method``. An embedding lowbit does not quantize (Gemma's, which scales its output) stays
+float, and so does a head tied to it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
 
 from lowbit.errors import InputError
+from lowbit.nn.convert import is_quantizable
 from lowbit.plan import QuantPlan, Rule
 from lowbit.spec import GGML_NAMES, SUPER_BLOCK
+
+log = logging.getLogger(__name__)
 
 # mix -> (base type, whether attn_v / ffn_down get Q6_K in the layers use_more_bits picks)
 MIXES = {"Q4_K_M": ("Q4_K", True), "Q4_K_S": ("Q4_K", False), "Q5_K_M": ("Q5_K", True), "Q5_K_S": ("Q5_K", False),
@@ -73,12 +78,19 @@ def gguf_mix_plan(model: nn.Module, mix: str, method: Any = "rtn", transforms: t
     def spec(kind: str) -> str:
         return GGML_NAMES[kind.lower().replace("_", "-")]
 
-    rules = [Rule(names[head], spec(tensor_type(key, "output", None, n, head.in_features)))]
-    role = "output" if tied else "embedding"
-    rules.append(Rule(names[emb], spec(tensor_type(key, role, None, n, emb.embedding_dim))))
+    rules = []
+    if is_quantizable(emb):
+        rules.append(Rule(names[head], spec(tensor_type(key, "output", None, n, head.in_features))))
+        role = "output" if tied else "embedding"
+        rules.append(Rule(names[emb], spec(tensor_type(key, role, None, n, emb.embedding_dim))))
+    else:  # Gemma's scaled embedding: float, and a head tied to it too (else the file would hold both)
+        log.warning("%s (%s) is not a layer lowbit quantizes: it stays float in the mix%s", names[emb],
+                    type(emb).__name__, ", with the head tied to it" if tied else "")
+        if not tied:
+            rules.append(Rule(names[head], spec(tensor_type(key, "output", None, n, head.in_features))))
     for i, layer in enumerate(layers):
         for sub in layer.modules():
             if isinstance(sub, nn.Linear):
                 leaf = names[sub].rsplit(".", 1)[-1]
                 rules.append(Rule(names[sub], spec(tensor_type(key, leaf, i, n, sub.in_features)), method))
-    return QuantPlan(tuple(rules), skip=(), transforms=tuple(transforms))
+    return QuantPlan(tuple(rules), skip=() if is_quantizable(emb) else (names[emb],), transforms=tuple(transforms))
