@@ -260,7 +260,8 @@ def _head_repeats_embedding(model: nn.Module) -> bool:
         return False
     if head.bias is not None or head.input_scale is not None or head.weight_shape != emb.weight_shape:
         return False
-    pairs = [(getattr(head, n), getattr(emb, n)) for n in ("qweight", "scale", "zero_point", "super_scale", "super_min")]
+    names = ("qweight", "scale", "zero_point", "super_scale", "super_min")
+    pairs = [(getattr(head, n), getattr(emb, n)) for n in names]
     return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)
 
 

@@ -108,9 +108,9 @@ def split_super_scale(raw: torch.Tensor, code_max: int, tiles_per_super: int,
     fp16 super-block scale ``d`` ``(gr, ns)`` as float32), so that ``codes * d`` approximates ``raw``.
 
     ``d = max(raw) / code_max`` over the super-block's tiles, rounded up to fp16, subnormals included as llama.cpp
-    stores them (so no code exceeds ``code_max``); codes are ``raw / d`` rounded to nearest. ``keep_nonzero``: a tile with a nonzero raw value
-    keeps a code of at least 1 (a scale rounded to 0 would zero the whole tile). ``codes * d`` is exact in
-    float32 (11 + 8 significant bits), as llama.cpp computes it.
+    stores them (so no code exceeds ``code_max``); codes are ``raw / d`` rounded to nearest. ``keep_nonzero``: a
+    tile with a nonzero raw value keeps a code of at least 1 (a scale rounded to 0 would zero the whole tile).
+    ``codes * d`` is exact in float32 (11 + 8 significant bits), as llama.cpp computes it.
     """
     gr, gc = raw.shape
     ns = -(-gc // tiles_per_super)

@@ -118,7 +118,8 @@ def test_the_q4_k_m_mix_follows_llama_cpp():
 def test_k_quant_rows_that_are_not_a_multiple_of_256_are_refused_naming_the_layer(tmp_path):
     model = _tiny_k()
     quantize(model, QuantPlan.uniform("q4_k"), progress=False)  # o_proj has 128 input features
-    with pytest.raises(InputError, match=r"layers.0.self_attn.o_proj: Q4_K needs rows of a multiple of 256 .* int5-g32"):
+    with pytest.raises(InputError, match=r"layers.0.self_attn.o_proj: Q4_K needs rows of a multiple of 256 .* "
+                                         r"int5-g32"):
         export_gguf(model, None, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
@@ -190,3 +191,17 @@ def test_awq_scales_folded_into_the_norms_export_to_gguf(tmp_path):
     with torch.no_grad():
         a, b = model(_ids()).logits, hf(_ids()).logits
     assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+
+
+def test_a_mix_leaves_gemmas_scaled_embedding_and_its_tied_head_float(tmp_path, caplog):
+    from lowbit.models.tiny import tiny_hf
+
+    model = tiny_hf("gemma3")
+    plan = gguf_mix_plan(model, "Q4_K_M")
+    assert "model.embed_tokens" in plan.skip and not any(r.pattern in ("lm_head", "model.embed_tokens")
+                                                         for r in plan.rules)
+    assert "stays float in the mix, with the head tied to it" in caplog.text
+    quantize(model, plan, progress=False)
+    assert type(model.lm_head).__name__ == "Linear" and model.lm_head.weight is model.model.embed_tokens.weight
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(export_gguf(model, None, tmp_path / "g.gguf")).tensors}
+    assert types["token_embd.weight"] == "F32" and types["blk.0.attn_q.weight"] == "Q5_0"
