@@ -1,4 +1,6 @@
-"""Exports other runtimes load: GGUF (llama.cpp, transformers) and QDQ ONNX (onnxruntime).
+"""Exports other runtimes load: GGUF (llama.cpp, transformers; ``lowbit.export.gguf_mix`` for llama.cpp's type
+mixes), compressed-tensors ``pack-quantized`` folders (transformers, vLLM; ``lowbit.export.compressed_tensors``) and
+QDQ ONNX (onnxruntime).
 
 ``lowbit.export.onnx`` imports torch's ONNX exporter pieces on first use; import it (or call
 :func:`export_onnx`) only when exporting.

@@ -150,6 +150,8 @@ def read_compressed_tensors(folder: Path, config: Any, cls: Any) -> nn.Module:
                              f"lowbit reads packed linear layers")
         if f"{name}.weight_g_idx" in state:
             raise InputError(f"{where}: activation-ordered groups (weight_g_idx) are not read by lowbit")
+        if f"{name}.weight_scale" not in state or f"{name}.weight_shape" not in state:
+            raise InputError(f"{where}: packed weights without weight_scale / weight_shape")
         spec = spec_of_args(_args_for(qc, name, target, where), state[f"{name}.weight_scale"].dtype, where)
         parts = {k: state.pop(f"{name}.{k}") for k in PACKED if f"{name}.{k}" in state}
         q = quantized_of(parts, spec, where)

@@ -151,6 +151,10 @@ def test_folders_lowbit_cannot_read_are_refused(tmp_path):
     safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(InputError, match=r"model.layers.0.mlp.up_proj: activation-ordered groups"):
         load_model(folder)
+    del tensors["model.layers.0.mlp.up_proj.weight_g_idx"], tensors["model.layers.0.mlp.up_proj.weight_scale"]
+    safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"mlp.up_proj: packed weights without weight_scale"):
+        load_model(folder)
     raw = json.loads((folder / "config.json").read_text())
     raw["quantization_config"]["format"] = "float-quantized"
     (folder / "config.json").write_text(json.dumps(raw))
