@@ -78,8 +78,9 @@ class BlockInputs:
     # through unchanged (the arguments of a Llama layer do not depend on the layer before)
     passes_more: bool = False
     # run the blocks under CPU autocast to bfloat16 (their matrix products and attention in bf16, norms and the
-    # residual stream as the model computes them; the statistics are taken in float32 from what reaches each
-    # layer): run_block_sequential(calib_dtype=torch.bfloat16)
+    # residual stream as the model computes them). The input statistics' hooks run inside the same autocast, so a
+    # batch's X^T X is a bf16 product (rounded to bf16), summed over batches in float32:
+    # run_block_sequential(calib_dtype=torch.bfloat16)
     autocast_bf16: bool = False
 
     def run(self, block_index: int, block: nn.Module, b: int) -> torch.Tensor:
