@@ -466,12 +466,15 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 def _cmd_schemes(a: argparse.Namespace) -> int:
     from lowbit.algorithms import ALGORITHMS, CHAINS
-    from lowbit.spec import PRESETS, parse_spec
+    from lowbit.spec import GGML_NAMES, PRESETS, parse_spec
 
     print("weight formats (--scheme; any FORMAT[-ch|-tensor|-gN|-bRxC][-sym|-asym] also works):")
     for name, desc in PRESETS.items():
         s = parse_spec(name)
         print(f"  {name:16s} {desc}  [{s.format}, {s.bits} bit, {s.granularity}, scale {s.scale_format}]")
+    print("llama.cpp block types (--scheme q4_k ...; the k-quants' scales are integers times an fp16 scale per 256):")
+    for k, v in GGML_NAMES.items():
+        print(f"  {k.replace('-', '_'):16s} {v}")
     print("algorithms (--method):")
     for name, cls in ALGORITHMS.items():
         print(f"  {name:16s} {(cls.__doc__ or '').strip().splitlines()[0]}")

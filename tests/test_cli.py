@@ -70,6 +70,7 @@ def test_schemes_lists_presets_and_algorithms(capsys):
     assert set(PRESETS) <= listed
     assert {"int4-g128-asym", "int8", "nvfp4", "nf4", "rtn"} <= listed
     assert "algorithms" in out
+    assert re.search(r"^  q4_k +int4-g32-asym-sk6$", out, re.M) and re.search(r"^  q6_k +int6-g16-sk8$", out, re.M)
 
 
 # ---- quantize / eval / inspect on a language model -----------------------------------------------------------
