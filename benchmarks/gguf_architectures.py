@@ -35,23 +35,13 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 def tiny(family: str) -> torch.nn.Module:
-    import transformers
+    from lowbit.models.tiny import tiny_decoder
 
-    common = {"vocab_size": 49152, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 256,
-              "tie_word_embeddings": True}
-    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                             "mistral": ("MistralConfig", "MistralForCausalLM"),
-                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-                             "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}[family]
-    if family == "gemma3":  # llama.cpp scales queries by 1 / sqrt(head_dim), as every Gemma-3 checkpoint does
-        common["query_pre_attn_scalar"] = common["head_dim"]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common)).eval()
-    for name, p in model.named_parameters():
-        if name.endswith("bias") or "norm" in name:
-            p.data.normal_(0, 0.1).add_(0.0 if name.endswith("bias") else 1.0)
-    return model
+    # llama.cpp scales Gemma-3's queries by 1 / sqrt(head_dim), as every Gemma-3 checkpoint does
+    extra = {"query_pre_attn_scalar": 64} if family == "gemma3" else {}
+    return tiny_decoder(family, vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                        tie_word_embeddings=True, **extra)
 
 
 def llama_cpp_logits(path: Path, ids: list[int], threads: int) -> torch.Tensor:

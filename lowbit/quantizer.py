@@ -94,8 +94,8 @@ def quantize(
             is left in place when this returns or raises: delete it once the result is saved
             (``lowbit.calibration.checkpoint.remove_checkpoint``). None: no checkpoint.
         calib_dtype: ``"float32"`` (default) or ``"bfloat16"``: the precision of the block-by-block calibration
-            passes (CPU autocast: matrix products and attention in bf16; the statistics are accumulated in
-            float32). On CPUs with native bf16 (AVX-512 BF16, AMX) the passes are faster: GPTQ W4 g64 on
+            passes (CPU autocast: matrix products and attention in bf16, each batch's ``X^T X`` too; the
+            batches' statistics are summed in float32). On CPUs with native bf16 (AVX-512 BF16, AMX) the passes are faster: GPTQ W4 g64 on
             SmolLM2-135M 261.6 s -> 181.7 s, perplexity 24.2690 -> 24.2731 (``benchmarks/gptq_speed.py``).
             On CPUs without it bf16 is emulated and slower: keep float32 there.
     Raises:

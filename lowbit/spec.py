@@ -137,6 +137,11 @@ class QuantSpec:
         return self.scale_format.startswith("k")
 
     @property
+    def tiles_per_super(self) -> int:
+        """k-quant scales: the groups (tiles) of a row that share one fp16 scale."""
+        return SUPER_BLOCK // self.group_size
+
+    @property
     def has_float_min(self) -> bool:
         """Asymmetric with a float minimum per tile (``code * scale - min``) instead of an integer zero point."""
         return self.has_super_scale and not self.symmetric

@@ -181,10 +181,12 @@ class _ColumnGrid:
             spec.format, spec.bits, spec.symmetric, "block", None, (self.br, 1), spec.scale_format)
         self.fast = spec.format == "int" and not spec.has_global_scale
         self._params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self._k = None
+        self._offset = None  # k-quant float minimums (rows, gc)
         if spec.has_super_scale:  # every tile's scale depends on its super-block's: all of them from the ranges
             t = quantize(torch.zeros(rows, cols), spec, lo, hi)
-            self._k = (t.scale, t.offset)  # (rows, gc) each (offset: None for symmetric codes)
+            safe = torch.where(t.scale > 0, t.scale, torch.ones_like(t.scale))
+            self._params = {g: (t.scale[:, g], safe[:, g], None) for g in range(t.scale.shape[1])}
+            self._offset = t.offset
 
     def set_range(self, g: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """New ``(gr,)`` range for tile column ``g``."""
@@ -193,13 +195,10 @@ class _ColumnGrid:
 
     def round(self, w: torch.Tensor, g: int) -> torch.Tensor:
         """``(rows,)`` column ``w`` of tile column ``g`` -> its quantized value ``(rows,)``."""
-        if self._k is not None:  # formats.quantize's arithmetic on the precomputed k-quant tile parameters
-            scale, offset = self._k[0][:, g], None if self._k[1] is None else self._k[1][:, g]
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            if offset is not None:
-                return torch.round((w + offset) / safe).clamp(0, 2**self.spec.bits - 1) * scale - offset
-            half = 2 ** (self.spec.bits - 1)
-            return torch.round(w / safe).clamp(-half, half - 1) * scale
+        if self._offset is not None:  # formats.quantize's float-minimum arithmetic: code * scale - offset
+            scale, safe, _ = self._params[g]
+            offset = self._offset[:, g]
+            return torch.round((w + offset) / safe).clamp(0, 2**self.spec.bits - 1) * scale - offset
         lo, hi = self.lo[:, g:g + 1], self.hi[:, g:g + 1]  # (gr, 1)
         if not self.fast:
             return quantize(w[:, None], self.col_spec, lo, hi).dequantize()[:, 0]

@@ -27,8 +27,9 @@ from torch import nn
 
 from lowbit.atomic import atomic_folder
 from lowbit.errors import InputError
+from lowbit.export.checks import refuse, rotated_float_linears, weight_only_problem
 from lowbit.io.compressed_tensors import FORMAT, PACKED, QUANT_METHOD, SCALE_FORMATS, packed_tensors, weights_args
-from lowbit.nn import QuantEmbedding, QuantLinear, RotatedLinear
+from lowbit.nn import QuantEmbedding, QuantLinear
 from lowbit.nn.base import QuantModule
 from lowbit.spec import QuantSpec
 
@@ -56,16 +57,7 @@ def why_not(name: str, m: QuantModule) -> str | None:
         fits = [str(g) for g in (256, 128, 64, 32, 16) if cols % g == 0]
         return (f"{name}: {cols} input features are not a whole number of groups of {m.spec.group_size}, which "
                 f"pack-quantized needs" + (f"; group sizes that fit: {', '.join(fits)}" if fits else ""))
-    if getattr(m, "act", None) is not None:
-        return f"{name}: activation quantization ({m.act.name}) is not part of a weight-only pack-quantized export"
-    if getattr(m, "input_scale", None) is not None:
-        return (f"{name}: has AWQ per-input-channel scales, which pack-quantized cannot store; quantize with "
-                f"--method gptq or rtn for this export")
-    if getattr(m, "input_rotation", None) is not None:
-        return f"{name}: rotates its input online, which pack-quantized readers do not run"
-    if m.storage_released:
-        return f"{name}: its weight storage was handed to a kernel; load the model again"
-    return None
+    return weight_only_problem(name, m, "pack-quantized", "pack-quantized readers")
 
 
 # ---- export -------------------------------------------------------------------------------------------------
@@ -150,13 +142,10 @@ def _is_export(folder: Path) -> bool:
 
 def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[QuantSpec, list[str]]]:
     """(tensors to write, quantized linear names per format)."""
-    problems = []
+    problems = rotated_float_linears(model, "pack-quantized readers")
     quantized: dict[str, QuantModule] = {}
     for name, m in model.named_modules():
-        if isinstance(m, RotatedLinear):
-            problems.append(f"{name}: a float linear that rotates its input online, which pack-quantized readers "
-                            f"do not run")
-        elif isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear):
             why = why_not(name, m)
             if why is not None:
                 problems.append(why)
@@ -165,9 +154,7 @@ def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[QuantSpec, l
             quantized[name] = m
         elif isinstance(m, QuantModule):
             problems.append(f"{name}: a quantized {type(m).__name__}; pack-quantized holds linear layers")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise InputError(f"cannot export to compressed-tensors: {problems[0]}{more}")
+    refuse(problems, "compressed-tensors")
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[QuantSpec, list[str]] = {}
     for name, m in quantized.items():

@@ -46,9 +46,10 @@ from torch import nn
 
 from lowbit.atomic import atomic_file
 from lowbit.export import gguf_blocks
+from lowbit.export.checks import refuse, rotated_float_linears, weight_only_problem
 from lowbit.errors import InputError
 from lowbit.io.save import check_destination
-from lowbit.nn import QuantEmbedding, QuantLinear, RotatedLinear
+from lowbit.nn import QuantEmbedding, QuantLinear
 from lowbit.nn.base import QuantModule
 from lowbit.spec import SUPER_BLOCK, QuantSpec
 
@@ -85,17 +86,7 @@ def why_not_gguf(name: str, m: QuantModule) -> str | None:
     if m.spec.has_super_scale and m.weight_shape[-1] % SUPER_BLOCK:
         return (f"{name}: {t} needs rows of a multiple of {SUPER_BLOCK} weights, this layer's have "
                 f"{m.weight_shape[-1]}; use int5-g32 (Q5_0) or int8-g32 (Q8_0) for it, as llama.cpp does")
-    if getattr(m, "act", None) is not None:
-        return f"{name}: activation quantization ({m.act.name}) cannot be stored in GGUF (weights only)"
-    if getattr(m, "input_scale", None) is not None:
-        return (f"{name}: has AWQ per-input-channel scales, which GGUF cannot store; quantize with "
-                f"--method gptq or rtn for GGUF export")
-    if getattr(m, "input_rotation", None) is not None:
-        return (f"{name}: rotates its input online (a Hadamard of {m.input_rotation} features), which llama.cpp "
-                f"does not run; use the transform rotate_residual (offline only) for GGUF export")
-    if m.storage_released:
-        return f"{name}: its weight storage was handed to a kernel; load the model again"
-    return None
+    return weight_only_problem(name, m, "GGUF", "llama.cpp")
 
 
 def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.PathLike, *,
@@ -118,14 +109,8 @@ def export_gguf(model: nn.Module, source: dict[str, Any] | None, path: str | os.
                             else f"this {type(model).__name__} has no Hugging Face config"))
     arch, permute = ARCHITECTURES[model_type]
     src = source_gguf(source, required=False)
-    problems = [why for n, m in model.named_modules() if isinstance(m, QuantModule)
-                and (why := why_not_gguf(n, m)) is not None]
-    problems += [f"{n}: a float linear that rotates its input online, which llama.cpp does not run; use the "
-                 f"transform rotate_residual (offline only) for GGUF export"
-                 for n, m in model.named_modules() if isinstance(m, RotatedLinear)]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise InputError(f"cannot export to GGUF: {problems[0]}{more}")
+    refuse([why for n, m in model.named_modules() if isinstance(m, QuantModule)
+            and (why := why_not_gguf(n, m)) is not None] + rotated_float_linears(model, "llama.cpp"), "GGUF")
 
     reader = gguf.GGUFReader(src) if src is not None else None
     if reader is None:

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from lowbit.formats import QuantizedTensor
-from lowbit.formats.scales import super_expand
 from lowbit.spec import SUPER_BLOCK
 
 
@@ -74,10 +73,9 @@ def legacy(kind: str, q: QuantizedTensor) -> np.ndarray:
 def _super(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
     """(codes ``(rows, ns, 256)``, tile scale integers ``(rows, ns, tiles)``, minimum integers or None, fp16 bytes
     of d ``(rows, ns, 2)``, of dmin or None) of a k-quant tensor."""
-    tiles = SUPER_BLOCK // q.spec.group_size
-    rows, gc = q.scale.shape
-    full = super_expand(q.super_scale, tiles, gc)
-    sc = torch.round(q.scale / torch.where(full > 0, full, torch.ones_like(full))).to(torch.int64).numpy()
+    tiles = q.spec.tiles_per_super
+    rows = q.scale.shape[0]
+    sc = q.scale_codes.to(torch.int64).numpy()
     ns = q.super_scale.shape[1]
     m = None if q.zero_point is None else q.zero_point.numpy().astype(np.int64).reshape(rows, ns, tiles)
     dmin = None if q.super_min is None else _fp16(q.super_min)

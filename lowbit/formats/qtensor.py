@@ -16,7 +16,7 @@ from lowbit.errors import InputError
 from lowbit.formats import blocks as B
 from lowbit.formats.elements import decode_elements, element_max, encode_elements
 from lowbit.formats.scales import round_scale, scale_range_issue, split_global_scale, split_super_scale, super_expand
-from lowbit.spec import KSCALE_MAX, SUPER_BLOCK, QuantSpec
+from lowbit.spec import KSCALE_MAX, QuantSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,8 +49,14 @@ class QuantizedTensor:
         """Float-minimum formats: each tile's minimum ``m * super_min``, float32 ``(gr, gc)``; else None."""
         if not self.spec.has_float_min:
             return None
-        tiles = SUPER_BLOCK // self.spec.group_size
-        return self.zero_point.float() * super_expand(self.super_min, tiles, self.scale.shape[1])
+        return self.zero_point.float() * super_expand(self.super_min, self.spec.tiles_per_super, self.scale.shape[1])
+
+    @property
+    def scale_codes(self) -> torch.Tensor:
+        """k-quant formats: each tile's scale as the integer times its super-block's fp16 scale, float32
+        ``(gr, gc)`` (what the module stores and GGUF's blocks hold)."""
+        full = super_expand(self.super_scale, self.spec.tiles_per_super, self.scale.shape[1])
+        return torch.round(self.scale / torch.where(full > 0, full, torch.ones_like(full)))
 
     @property
     def shape(self) -> torch.Size:
@@ -140,7 +146,7 @@ def _quantize_k(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Te
     integer times an fp16 scale per super-block of 256 elements (:func:`~lowbit.formats.scales.split_super_scale`).
     Symmetric: codes ``round(x / scale)`` centred on ``2^(bits-1)``; with a minimum: ``round((x + min) / scale)``
     in ``0 .. 2^bits - 1``."""
-    tiles = SUPER_BLOCK // spec.group_size
+    tiles = spec.tiles_per_super
     code_max = KSCALE_MAX[(spec.scale_format, spec.symmetric)]
     raw = raw_scale(lo, hi, spec)  # (gr, gc)
     sc, d = split_super_scale(raw, code_max, tiles)

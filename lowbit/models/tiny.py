@@ -157,6 +157,31 @@ def tiny_hf(family: str, seed: int = 0) -> nn.Module:
     return _seeded(lambda: getattr(transformers, model_cls)(config), seed)
 
 
+# decoder families the exports cover: family -> (transformers config class, model class)
+DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+            "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+
+
+def tiny_decoder(family: str, seed: int = 0, **config: Any) -> nn.Module:
+    """A tiny random causal LM of ``family`` (a key of :data:`DECODERS`; ``config`` overrides the tiny decoder's
+    settings) whose biases and norm gains are random too: zeros and ones would hide a tensor an export drops or
+    stores without its offset."""
+    import transformers
+
+    config_cls, model_cls = DECODERS[family]
+    settings = {**_DECODER, **config}
+
+    def build() -> nn.Module:
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings))
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.data.normal_(0, 0.1).add_(0.0 if name.endswith("bias") else 1.0)
+        return model
+
+    return _seeded(build, seed)
+
+
 def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     """Keyword inputs for one forward pass of a tiny model (token ids, decoder ids, mel features or pixels)."""
     config = getattr(model, "config", None)

@@ -40,7 +40,7 @@ from lowbit.formats import (
     unpack,
 )
 from lowbit.formats.scales import decode_scale, encode_scale, super_expand
-from lowbit.spec import SUPER_BLOCK, ActivationQuant, QuantSpec
+from lowbit.spec import ActivationQuant, QuantSpec
 
 # buffers that keep their dtype (and whose dtype lowbit.load checks exactly)
 STORAGE_BUFFERS = ("qweight", "scale", "zero_point", "global_scale", "super_scale", "super_min", "act_lo", "act_hi",
@@ -111,7 +111,7 @@ class QuantModule(nn.Module):
             self.register_buffer("global_scale", torch.ones((), dtype=torch.float32))
         else:
             self.global_scale = None
-        supers = (grid[0], -(-grid[1] * spec.group_size // SUPER_BLOCK)) if spec.has_super_scale else None
+        supers = (grid[0], -(-grid[1] // spec.tiles_per_super)) if spec.has_super_scale else None
         for name, wanted in (("super_scale", spec.has_super_scale), ("super_min", spec.has_float_min)):
             if wanted:
                 self.register_buffer(name, torch.zeros(supers, dtype=torch.float16))
@@ -159,8 +159,7 @@ class QuantModule(nn.Module):
         self.qweight.copy_(pack(q.codes, self.spec.bits))
         if self.spec.has_super_scale:  # the tile scales as integers of the super-block scale
             self.super_scale.copy_(q.super_scale)
-            full = super_expand(q.super_scale, SUPER_BLOCK // self.spec.group_size, q.scale.shape[1])
-            self.scale.copy_(torch.round(q.scale / torch.where(full > 0, full, torch.ones_like(full))))
+            self.scale.copy_(q.scale_codes)
             if self.super_min is not None:
                 self.super_min.copy_(q.super_min)
         else:
@@ -219,7 +218,7 @@ class QuantModule(nn.Module):
         codes = unpack(self.qweight, self.spec.bits, math.prod(self.weight_shape)).reshape(self.weight_shape)
         if self.spec.has_super_scale:
             d = self.super_scale.float()
-            scale = self.scale.float() * super_expand(d, SUPER_BLOCK // self.spec.group_size, self.scale.shape[1])
+            scale = self.scale.float() * super_expand(d, self.spec.tiles_per_super, self.scale.shape[1])
             dmin = None if self.super_min is None else self.super_min.float()
             return QuantizedTensor(codes, scale, self.zero_point, None, self.spec, d, dmin)
         scale = decode_scale(self.scale, self.spec.scale_format)

@@ -158,30 +158,14 @@ def test_online_rotations_are_refused_by_name(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def _tiny_arch(family: str):
-    """A tiny random model of ``family`` with random biases and norm gains (zeros and ones would hide a tensor
-    that is dropped or stored without its offset)."""
-    import transformers
-
-    from lowbit.models.tiny import _DECODER, FAMILIES
-
-    classes = {"mistral": ("MistralConfig", "MistralForCausalLM", _DECODER),
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DECODER), **FAMILIES}
-    config_cls, model_cls, kwargs = classes[family]
-    if family == "qwen3":  # transformers' GGUF reader takes Qwen3's head_dim as its default, 128
-        kwargs = {**kwargs, "head_dim": 128}
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
-    for name, p in model.named_parameters():
-        if name.endswith("bias") or "norm" in name:
-            p.data.normal_(0, 0.1).add_(0.0 if name.endswith("bias") else 1.0)
-    return model
-
-
 @pytest.mark.parametrize("family, arch", [("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
                                           ("gemma3", "gemma3")])
 def test_other_architectures_export_and_transformers_reproduces_them(tmp_path, family, arch):
-    model = _tiny_arch(family)
+    from lowbit.models.tiny import tiny_decoder
+
+    # transformers' GGUF reader takes Qwen3's head_dim as its default, 128
+    model = tiny_decoder(family, **({"head_dim": 128} if family == "qwen3" else {}),
+                         **({"sliding_window": 16} if family == "gemma3" else {}))
     quantize(model, QuantPlan.uniform("int8-g32"), progress=False)
     path = export_gguf(model, None, tmp_path / "m.gguf")
     reader = gguf.GGUFReader(path)
