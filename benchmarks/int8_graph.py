@@ -8,7 +8,7 @@ machine noise falls on all of them alike; medians and ratios to fp32 with BatchN
 
 ``--busy`` starts one spinning shell loop for the timed part and stops it (``busy_core.py``), to show what a
 shared machine does to each variant at the thread count given. 8-bit activations need a CPU with VNNI for the int8
-kernel (``lowbit.kernels.cpu_features``); ``--act-bits 7`` runs everywhere.
+kernel (``lowbit.cpu_features``); ``--act-bits 7`` runs everywhere.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def measure(act_bits: int = 8, batch: int = 8, threads: int = 2, rounds: int = 7
     from lowbit.bench import _fold_batchnorm, vision_plan
     from lowbit.data import calibration_views
     from lowbit.data.images import imagenet_views
-    from lowbit.kernels import cpu_features, int8_conv_graph, use_kernels
+    from lowbit import cpu_features
+    from lowbit.kernels import int8_conv_graph, use_kernels
     from lowbit.models import load_model
     from lowbit.quantizer import quantize
 

@@ -3,7 +3,7 @@
     python benchmarks/parallel_work.py [--works 0 65536 262144 1048576] [--formats int4 w4a8] [--rounds 3]
 
 A call of lowbit's kernels below ``work`` multiply-adds runs on the calling thread alone
-(``lowbit.kernels.native.set_parallel_work``). SmolLM2's layers are small (576 x 192 to 576 x 1536: 0.1M to 0.9M
+(``lowbit.native.set_parallel_work``). SmolLM2's layers are small (576 x 192 to 576 x 1536: 0.1M to 0.9M
 multiply-adds per token), so the threshold decides whether its decode steps use one thread or two. Each format is
 quantized once (RTN, the ``lowbit bench`` decode formats); then, round after round, every (format, threshold)
 pair is timed in turn, fp32 with them (it does not depend on the threshold: a check of the machine's drift).
@@ -21,7 +21,8 @@ import torch
 
 from lowbit.bench import LM_FORMATS, lm_plan, machine_line
 from lowbit.evaluation.speed import decode_speed
-from lowbit.kernels import native, use_kernels
+from lowbit import native
+from lowbit.kernels import use_kernels
 from lowbit.models import load_model
 from lowbit.quantizer import quantize
 

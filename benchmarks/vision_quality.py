@@ -193,7 +193,7 @@ def main() -> None:
     if a.speed:
         from int8_graph import measure
 
-        from lowbit.kernels import cpu_features
+        from lowbit import cpu_features
 
         print(f"\ninteger rows, images/s against fp32 in the same run (code version {version}):")
         measure(act_bits=8 if cpu_features.has_vnni() else 7, threads=a.threads)

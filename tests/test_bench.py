@@ -21,7 +21,7 @@ def test_decode_and_matmul_tables_on_a_tiny_llm():
     rows = {r["format"]: r for r in out["decode"]}
     assert list(rows) == ["fp32", "int4"]  # fp32 added: every ratio is against it
     assert rows["fp32"]["kernels"] == {}
-    from lowbit.kernels import native
+    from lowbit import native
 
     int4 = "int4-weight-bf16" if native.why_unavailable() else "int4-weight-avx2"
     assert rows["int4"]["kernels"] == {"embedding-rows": 1, int4: 15}  # 2 x 7 linears + lm_head
@@ -134,7 +134,7 @@ def test_engines_table_on_a_tiny_llm():
     """Every engine row of ``lowbit bench --sections engines`` (no llama.cpp rows without llama-cpp-python, or
     for a model whose GGUF has no tokenizer), and the busy-core table."""
     from lowbit.bench_engines import bench_engines
-    from lowbit.kernels import native
+    from lowbit import native
 
     lines: list[str] = []
     out = bench_engines("tiny-llama", prompt_tokens=8, new_tokens=4, rounds=1, busy=True, say=lines.append)

@@ -118,7 +118,7 @@ def test_efficientnet_w8a8_int8_graph_and_onnx_agree_with_lowbit(effnet_views, t
     from lowbit.data import calibration_views
     from lowbit.export.onnx import export_onnx, onnxruntime_session
     from lowbit.kernels import int8_conv_graph, use_kernels
-    from lowbit.kernels.cpu_features import has_vnni
+    from lowbit.cpu_features import has_vnni
 
     images, float_logits = effnet_views[0][::4].contiguous(), effnet_views[1][::4]
     model = lowbit.load_model("efficientnet-lite0").model
@@ -251,7 +251,7 @@ def test_smollm2_saved_loaded_and_run_on_kernels_matches_the_reference_path(smol
             fast = model(ids).logits
         finally:
             release_kernels(model)
-    from lowbit.kernels import native
+    from lowbit import native
 
     int4 = "int4-weight-bf16" if native.why_unavailable() else "int4-weight-avx2"
     assert report.counts() == {int4: 210}  # every projection; lm_head and the embedding are float

@@ -4,7 +4,8 @@
     kernels, export
 
 (plus leaf modules any stage may use: ``errors``, ``version``, ``spec``, ``atomic``, ``paths``, ``memory``,
-``hadamard``).
+``hadamard``, ``cpu_features``, ``native``: the C++ library's build and loading, whose functions serve the kernels
+and GPTQ's column loop).
 Each case imports one module in a fresh interpreter and lists the lowbit packages that came with it.
 """
 
@@ -30,6 +31,7 @@ LATER = {  # module: the later stages it must not import
     "lowbit.models": set("calibration quantizer targets io data evaluation kernels export".split()),
     "lowbit.kernels": set("calibration quantizer targets io models data evaluation export".split()),
     "lowbit.runtime.generate": set("calibration quantizer targets io models data evaluation export".split()),
+    "lowbit.native": set("formats observers algorithms nn calibration quantizer targets io models data evaluation kernels export".split()),
     "lowbit.runtime.native_lm": set("calibration quantizer targets io models data evaluation export".split()),
 }
 

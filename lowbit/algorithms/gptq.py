@@ -14,6 +14,11 @@ depend on the whole tensor (everything except fp8-scaled NVFP4-style specs).
 With ``clip_search`` every tile's range is chosen before the column loop by the Hessian-weighted clipping
 search (:func:`~lowbit.observers.clip_search.mse_clip_search` with ``hessian=H``, AWQ's ``auto_clip``
 objective) on the original weight, and kept fixed (static groups), as when GPTQ runs after AWQ's clipping.
+
+Wherever the grid is fixed before the loop and is an integer one without float minimums (the defaults), each
+block's column loop runs in C++ (``lowbit_gptq_block`` in ``lowbit/kernels/csrc/gptq.cpp``; rows are independent
+then, so it runs row by row on torch's threads) with the Python loop's arithmetic, giving the same weights bit for
+bit; elsewhere, or without the native library, the loop runs in Python.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from typing import ClassVar, Mapping
 
 import torch
 
+from lowbit import native
 from lowbit.algorithms.config import AlgorithmConfig, WeightResult, stat
 from lowbit.errors import InputError
-from lowbit.formats import QuantizedTensor, default_range, grid_shape, quantize
+from lowbit.formats import QuantizedTensor, all_finite, default_range, grid_shape, quantize
 from lowbit.observers.clip_search import mse_clip_search
 from lowbit.spec import QuantSpec
 
@@ -113,7 +119,7 @@ def gptq(
         raise InputError(f"gptq needs W (rows, cols) and H (cols, cols); got {tuple(W.shape)} and {tuple(H.shape)}")
     if spec.has_global_scale:
         raise InputError(f"gptq does not support {spec.name}: its per-tensor scale depends on every column")
-    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+    if not (all_finite(W) and all_finite(H)):
         raise InputError("gptq: the weight or the Hessian holds NaN/Inf")
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -140,10 +146,16 @@ def gptq(
 
     grid = _ColumnGrid(spec, rows, cols, lo, hi)
     bc = grid.bc
+    loop = _native_block() if static else None  # the C++ column loop, where the grid is fixed up front
+    tables = grid.tables() if loop is not None else None  # (rows, gc) scale, safe divisor, zero point
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, config.block_size):
         i2 = min(i1 + config.block_size, cols)
         W1, Err1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+        if tables is not None:  # the same loop in C++, row by row
+            Q[:, i1:i2] = _native_columns(loop, W1, Err1, U[i1:i2, i1:i2], tables, perm[i1:i2] // bc, spec.bits)
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             j = int(perm[i1 + i])  # the column's place in the stored layout
             g = j // bc
@@ -188,10 +200,29 @@ class _ColumnGrid:
             self._params = {g: (t.scale[:, g], safe[:, g], None) for g in range(t.scale.shape[1])}
             self._offset = t.offset
 
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """Every tile column's per-row scale, safe divisor and zero point (None: symmetric), each ``(rows, gc)``,
+        for the C++ loop; None for grids it does not handle (non-integer formats, k-quant minimums)."""
+        if not self.fast or self._offset is not None:
+            return None
+        cols = [self._column_params(g) for g in range(self.lo.shape[1])]
+        zero = None if cols[0][2] is None else torch.stack([c[2] for c in cols], 1)
+        return torch.stack([c[0] for c in cols], 1), torch.stack([c[1] for c in cols], 1), zero
+
     def set_range(self, g: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """New ``(gr,)`` range for tile column ``g``."""
         self.lo[:, g], self.hi[:, g] = lo, hi
         self._params.pop(g, None)
+
+    def _column_params(self, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Tile column ``g``'s ``(rows,)`` scale, safe divisor (zeros replaced by one) and zero point (or None)."""
+        if g not in self._params:
+            lo, hi = self.lo[:, g:g + 1], self.hi[:, g:g + 1]  # (gr, 1)
+            t = quantize(torch.zeros(self.rows, 1), self.col_spec, lo, hi)  # scale, zero point per tile
+            scale = t.scale[:, 0].repeat_interleave(self.br)[: self.rows]  # (rows,)
+            zero = None if t.zero_point is None else t.zero_point[:, 0].float().repeat_interleave(self.br)[: self.rows]
+            self._params[g] = (scale, torch.where(scale > 0, scale, torch.ones_like(scale)), zero)
+        return self._params[g]
 
     def round(self, w: torch.Tensor, g: int) -> torch.Tensor:
         """``(rows,)`` column ``w`` of tile column ``g`` -> its quantized value ``(rows,)``."""
@@ -199,19 +230,38 @@ class _ColumnGrid:
             scale, safe, _ = self._params[g]
             offset = self._offset[:, g]
             return torch.round((w + offset) / safe).clamp(0, 2**self.spec.bits - 1) * scale - offset
-        lo, hi = self.lo[:, g:g + 1], self.hi[:, g:g + 1]  # (gr, 1)
         if not self.fast:
-            return quantize(w[:, None], self.col_spec, lo, hi).dequantize()[:, 0]
-        if g not in self._params:
-            t = quantize(torch.zeros(self.rows, 1), self.col_spec, lo, hi)  # scale, zero point per tile
-            scale = t.scale[:, 0].repeat_interleave(self.br)[: self.rows]  # (rows,)
-            zero = None if t.zero_point is None else t.zero_point[:, 0].float().repeat_interleave(self.br)[: self.rows]
-            self._params[g] = (scale, torch.where(scale > 0, scale, torch.ones_like(scale)), zero)
-        scale, safe, zero = self._params[g]
+            return quantize(w[:, None], self.col_spec, self.lo[:, g:g + 1], self.hi[:, g:g + 1]).dequantize()[:, 0]
+        scale, safe, zero = self._column_params(g)
         if zero is not None:
             return (torch.round(w / safe + zero).clamp(0, 2**self.spec.bits - 1) - zero) * scale
         half = 2 ** (self.spec.bits - 1)
         return torch.round(w / safe).clamp(-half, half - 1) * scale
+
+
+def _native_block():
+    """lowbit's C++ column loop (``lowbit_gptq_block``), or None where the native library is unavailable."""
+    from lowbit import native
+
+    if native.why_unavailable() is not None:
+        return None
+    return native.function("lowbit_gptq_block")
+
+
+def _native_columns(fn, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,
+                    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], groups: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+    """One lazy-batch block's column loop in C++: rounds and error-updates ``W1`` ``(rows, n)`` in place, fills
+    ``Err1``; returns the block's quantized values. ``groups``: each column's tile column."""
+    scale, safe, zero = (None if t is None else t[:, groups].contiguous() for t in tables)
+    U = U.contiguous()
+    Q = torch.empty_like(W1)
+    rc = fn(W1.data_ptr(), U.data_ptr(), U.shape[1], scale.data_ptr(), safe.data_ptr(),
+            None if zero is None else zero.data_ptr(), Q.data_ptr(), Err1.data_ptr(), W1.shape[0], W1.shape[1],
+            bits, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"lowbit_gptq_block failed (code {rc}) on a {tuple(W1.shape)} block")
+    return Q
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -330,12 +330,17 @@ def gram(x: torch.Tensor, chunk: int = 384) -> torch.Tensor:
     """``x.T @ x`` for ``x`` ``(n, d)`` float32, computing only the blocks on and above the diagonal.
 
     With ``k = ceil(d / chunk)`` column chunks this takes ``(k + 1) / (2k)`` of the full product's
-    arithmetic (62.5% at ``d = 1536``), the rest being copies of the transposed blocks.
+    arithmetic (62.5% at ``d = 1536``), the rest being copies of the transposed blocks. Under CPU autocast
+    (``calib_dtype="bfloat16"``) ``x`` is cast to bf16 once, not once per product (the same numbers, up to
+    twice as fast); the result is float32 either way.
     """
     d = x.shape[1]
+    dtype = x.dtype
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        x = x.to(torch.get_autocast_dtype("cpu"))
     if d <= chunk:
-        return x.t() @ x
-    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+        return (x.t() @ x).to(dtype)
+    out = torch.empty(d, d, dtype=dtype, device=x.device)
     starts = list(range(0, d, chunk))
     for a in starts:
         xa = x[:, a:a + chunk]

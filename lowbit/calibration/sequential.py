@@ -48,6 +48,7 @@ from lowbit.calibration.capture import (
 )
 from lowbit.calibration.checkpoint import BlockCheckpoint
 from lowbit.errors import InputError
+from lowbit.formats import all_finite
 from lowbit.memory import release_free_memory, rss_bytes
 from lowbit.nn.cache import cached_weights
 
@@ -339,6 +340,6 @@ def _is_cache(x: Any) -> bool:
 
 def _check_finite(hidden: list[torch.Tensor], name: str) -> None:
     for b, h in enumerate(hidden):
-        if not torch.isfinite(h).all():
+        if not all_finite(h):
             raise InputError(f"block {name} produced NaN/Inf hidden states on calibration batch {b} after "
                              "quantization; try a wider format or more damping")

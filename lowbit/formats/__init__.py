@@ -5,6 +5,7 @@ from lowbit.formats.elements import decode_elements, element_max, encode_element
 from lowbit.formats.packing import pack, packed_nbytes, unpack
 from lowbit.formats.qtensor import (
     QuantizedTensor,
+    all_finite,
     default_range,
     dequantize,
     fake_quantize,
@@ -15,6 +16,7 @@ from lowbit.formats.scales import decode_scale, encode_scale
 
 __all__ = [
     "QuantizedTensor",
+    "all_finite",
     "quantize",
     "dequantize",
     "fake_quantize",

@@ -7,7 +7,7 @@ uint8 x int8 with int32 accumulation and writes ``t * s_o * acc + bias`` as floa
 the final scaling rounds differently from the reference path. Outputs are channels-last float32.
 
 With 8-bit activations it is exact only on CPUs with VNNI (or AMX-INT8); elsewhere oneDNN's 16-bit
-saturating sums make it wrong, so ``why_not`` declines there (``lowbit.kernels.cpu_features``). Activations of
+saturating sums make it wrong, so ``why_not`` declines there (``lowbit.cpu_features``). Activations of
 7 bits or fewer keep every code in 0..127, where two products never leave int16 (2 x 127 x 128 = 32512): exact
 on any x86 CPU (PyTorch's fbgemm ``reduce_range`` uses the same bound), so a plan with ``int7-tensor`` inputs
 runs the int8 kernels on AVX2-only machines too.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats import quantize
-from lowbit.kernels import cpu_features
+from lowbit import cpu_features
 from lowbit.nn.base import QuantModule
 from lowbit.nn.conv import QuantConv2d
 

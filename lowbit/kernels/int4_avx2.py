@@ -19,7 +19,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import native, w4a8_avx2
+from lowbit import native
+from lowbit.kernels import w4a8_avx2
 from lowbit.kernels.checks import check_width, int_linear_why_not
 from lowbit.kernels.w4a8 import group_count, group_width
 from lowbit.nn.base import QuantModule

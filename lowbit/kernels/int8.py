@@ -95,7 +95,7 @@ def weight_only_run(m: QuantLinear, st: dict, x: torch.Tensor) -> torch.Tensor:
 def dequantized_weight(st: dict, n0: int = 0, n1: int | None = None) -> torch.Tensor:
     """Rows ``[n0, n1)`` (default all) of the float32 weight of a :func:`weight_only_pack` state: ``(c + o) * s``,
     the reference path's values exactly (lowbit's C++ loop where it is available, else torch)."""
-    from lowbit.kernels import native  # lazy: the library is built on first use
+    from lowbit import native  # lazy: the library is built on first use
 
     n1 = st["weight"].shape[0] if n1 is None else n1
     c, s = st["weight"][n0:n1], st["scale"][n0:n1]

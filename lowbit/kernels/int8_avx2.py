@@ -14,7 +14,8 @@ import functools
 
 import torch
 
-from lowbit.kernels import int8, native
+from lowbit import native
+from lowbit.kernels import int8
 from lowbit.kernels.checks import check_width
 from lowbit.kernels.dequant import sliced_linear
 from lowbit.nn.base import QuantModule

@@ -21,7 +21,7 @@ import functools
 import torch
 
 from lowbit.errors import InputError
-from lowbit.kernels import native
+from lowbit import native
 from lowbit.kernels.checks import check_width, int_linear_why_not
 from lowbit.kernels.dequant import sliced_linear
 from lowbit.kernels.int8 import act_why_not, input_codes

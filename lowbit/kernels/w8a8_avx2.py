@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import cpu_features, native, w4a8_avx2
+from lowbit import cpu_features, native
+from lowbit.kernels import w4a8_avx2
 from lowbit.kernels.int8 import act_why_not
 from lowbit.kernels.checks import int_linear_why_not
 from lowbit.nn.base import QuantModule

@@ -24,6 +24,7 @@ import torch
 
 from lowbit.errors import InputError
 from lowbit.formats.blocks import as_matrix_shape, grid_shape
+from lowbit.formats.qtensor import all_finite
 from lowbit.spec import QuantSpec
 
 
@@ -113,7 +114,7 @@ class Observer:
         if x.is_complex():
             raise InputError(f"{self!r}.update() got a complex tensor ({x.dtype}); observers need real values")
         xf = x.detach().float()
-        if not torch.isfinite(xf).all():
+        if not all_finite(xf):
             bad = int((~torch.isfinite(xf)).sum())
             raise InputError(f"{self!r}.update() got a tensor of shape {tuple(x.shape)} holding {bad} NaN/Inf "
                              f"value(s); check the model's inputs and the layer feeding this one")

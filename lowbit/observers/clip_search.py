@@ -18,7 +18,7 @@ import math
 import torch
 
 from lowbit.errors import InputError
-from lowbit.formats import as_matrix_shape, default_range, fake_quantize, grid_shape
+from lowbit.formats import all_finite, as_matrix_shape, default_range, fake_quantize, grid_shape
 from lowbit.formats.blocks import block_sum
 from lowbit.spec import QuantSpec
 
@@ -76,7 +76,7 @@ def mse_clip_search(
         raise InputError("clip search got an empty tensor")
     rows, cols = as_matrix_shape(x.shape)
     xm = x.detach().float().reshape(rows, cols)  # (rows, cols)
-    if not torch.isfinite(xm).all():
+    if not all_finite(xm):
         raise InputError(f"clip search got a tensor of shape {tuple(x.shape)} holding NaN/Inf")
     if importance is not None and hessian is not None:
         raise InputError("clip search takes importance (diagonal weights) or hessian (full X^T X), not both")
@@ -141,7 +141,7 @@ class _HessianError:
             raise InputError(f"hessian has shape {got}; expected ({cols}, {cols}) = X^T X / n of the layer's "
                              f"{cols} input features")
         H = hessian.detach().float()
-        if not torch.isfinite(H).all():
+        if not all_finite(H):
             raise InputError(f"hessian ({cols}, {cols}) holds NaN/Inf; check the calibration data")
         self.rows, self.cols = rows, cols
         self.br, self.G = spec.block(rows, cols)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.kernels import native
+from lowbit import native
 from lowbit.nn.base import KERNEL_ATTR, QuantModule
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")

@@ -151,3 +151,38 @@ def test_the_integer_column_fast_path_equals_quantize(name):
     for j in range(W.shape[1]):
         w = W[:, j] * 1.3  # also values beyond the range, which must saturate the same way
         assert torch.equal(fast.round(w, j // fast.bc), slow.round(w, j // slow.bc)), j
+
+
+@pytest.mark.parametrize("name", ["int4-g32-asym", "int3-g32", "int4-ch-asym", "int8", "int2-g32-asym", "int4-b16x32-asym",
+                                  "int4-g40-asym", "int6-g16-sk8", "nf4-g32"])
+@pytest.mark.parametrize("act_order,clip_search", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_native_column_loop_gives_the_python_loops_weights_bit_for_bit(name, act_order, clip_search, monkeypatch):
+    from lowbit import native
+
+    if native.why_unavailable():
+        pytest.skip(native.why_unavailable())
+    spec = QuantSpec.parse(name)
+    W, _, H = _problem(rows=40, cols=96)
+    config = GPTQ(act_order=act_order, clip_search=clip_search, block_size=32)
+    calls = []
+    real = native.function("lowbit_gptq_block")
+    monkeypatch.setattr(native, "function", lambda fn: lambda *a: calls.append(fn) or real(*a))
+    fast = gptq(W, H, spec, config)
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")  # the Python loop
+    slow = gptq(W, H, spec, config)
+    # the C++ loop runs wherever the grid is fixed before the loop and is an integer grid without float minimums
+    static = act_order or clip_search or spec.granularity != "group" or spec.has_super_scale
+    assert bool(calls) == (static and spec.format == "int")
+    assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.scale, slow.scale)
+    assert torch.equal(fast.dequantize(), slow.dequantize())
+
+
+def test_the_native_column_loop_rejects_bad_shapes():
+    from lowbit import native
+
+    if native.why_unavailable():
+        pytest.skip(native.why_unavailable())
+    fn = native.function("lowbit_gptq_block")
+    t = torch.zeros(4, 4)
+    assert fn(t.data_ptr(), t.data_ptr(), 2, t.data_ptr(), t.data_ptr(), None, t.data_ptr(), t.data_ptr(), 4, 4, 4, 1) == 1
+    assert fn(t.data_ptr(), t.data_ptr(), 4, t.data_ptr(), t.data_ptr(), None, t.data_ptr(), t.data_ptr(), 4, 4, 0, 1) == 1

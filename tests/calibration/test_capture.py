@@ -184,6 +184,11 @@ def test_gram_equals_the_full_product(d):
     x = torch.randn(300, d, generator=torch.Generator().manual_seed(d))
     assert torch.allclose(gram(x), x.t() @ x, rtol=1e-5, atol=1e-3)
     assert torch.allclose(gram(x), gram(x).t(), rtol=1e-5, atol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products of the bf16-rounded input, in float32
+        g = gram(x)
+        want = (x.bfloat16().t() @ x.bfloat16()).float()
+    assert g.dtype == torch.float32
+    assert torch.allclose(g, want, rtol=1e-2, atol=1e-1) and torch.allclose(g, g.t(), rtol=1e-2, atol=1e-1)
 
 
 def test_modules_fed_the_same_tensor_share_one_x_t_x(monkeypatch):

@@ -8,7 +8,8 @@ import torch
 from lowbit.errors import InputError
 from lowbit.evaluation.speed import (MATMUL_FORMATS, decode_speed, matmul_layer, matmul_times, median_time,
                                      weight_bytes)
-from lowbit.kernels import cpu_features, native, use_kernels
+from lowbit import cpu_features, native
+from lowbit.kernels import use_kernels
 from lowbit.models import load_model
 from lowbit.plan import QuantPlan
 from lowbit.quantizer import quantize

@@ -424,3 +424,19 @@ def test_matrix_view_of_higher_rank_tensors():
     q4 = quantize(x, spec)
     q2 = quantize(x.reshape(as_matrix_shape(x.shape)), spec)
     assert torch.equal(q4.codes.reshape(6, -1), q2.codes) and torch.equal(q4.scale, q2.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    from lowbit.formats import all_finite
+
+    x = torch.randn(37, 53).to(dtype)
+    assert all_finite(x) and all_finite(x[:, ::2]) and all_finite(torch.empty(0, 3, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (36, 52), (17, 4)):
+            y = x.clone()
+            y[where] = bad
+            assert not all_finite(y), (bad, where)
+    assert all_finite(torch.arange(5)) and all_finite(torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(InputError, match="1 NaN/Inf"):
+        quantize(torch.tensor([[1.0, float("nan")]]), QuantSpec.parse("int8"))

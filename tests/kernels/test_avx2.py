@@ -10,7 +10,8 @@ import torch
 
 from lowbit.errors import InputError
 from lowbit.formats import quantize as quantize_tensor
-from lowbit.kernels import KERNELS, cpu_features, int4_avx2, kernel_name, native, use_kernels, w4a8_avx2
+from lowbit import cpu_features, native
+from lowbit.kernels import KERNELS, int4_avx2, kernel_name, use_kernels, w4a8_avx2
 from lowbit.kernels.int8 import activation_codes
 from lowbit.nn import QuantLinear
 from lowbit.spec import ActivationQuant, QuantSpec

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.kernels import cpu_features, use_kernels
+from lowbit import cpu_features
+from lowbit.kernels import use_kernels
 from lowbit.kernels.conv_graph import FusedInt8Conv, int8_conv_graph
 from lowbit.plan import QuantPlan, Rule
 from lowbit.quantizer import quantize

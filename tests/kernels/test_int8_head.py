@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import InputError
-from lowbit.kernels import cpu_features, use_kernels
+from lowbit import cpu_features
+from lowbit.kernels import use_kernels
 from lowbit.kernels.conv_graph import int8_conv_graph
 
 from test_conv_graph import _Basic, _graphed, _quantized, _Stream

@@ -10,7 +10,8 @@ from torch import nn
 
 from lowbit.errors import InputError
 from lowbit.formats import quantize as quantize_tensor
-from lowbit.kernels import KERNELS, cpu_features, kernel_name, native, release_kernels, use_kernels
+from lowbit import cpu_features, native
+from lowbit.kernels import KERNELS, kernel_name, release_kernels, use_kernels
 from lowbit.nn import QuantConv2d, QuantLinear
 from lowbit.plan import QuantPlan, Rule
 from lowbit.quantizer import quantize

@@ -8,7 +8,8 @@ import torch
 from lowbit import QuantPlan, Rule, quantize
 from lowbit.cli import main
 from lowbit.errors import InputError
-from lowbit.kernels import native, use_kernels
+from lowbit import native
+from lowbit.kernels import use_kernels
 from lowbit.models.tiny import tiny_gpt2, tiny_llama
 from lowbit.runtime.generate import Generator, IdleMeter, ThreadChooser
 

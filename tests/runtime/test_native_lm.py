@@ -7,7 +7,8 @@ import torch
 
 from lowbit import QuantPlan, Rule, quantize
 from lowbit.errors import InputError
-from lowbit.kernels import native, use_kernels
+from lowbit import native
+from lowbit.kernels import use_kernels
 from lowbit.runtime.native_lm import NativeLM, why_not
 
 pytestmark = pytest.mark.skipif(native.why_unavailable() is not None, reason="lowbit's C++ kernels are unavailable")
@@ -61,7 +62,7 @@ def test_int8_activation_blocks_stay_within_their_rounding_bound(fmt):
     err, scale = _max_error(model, exact=False)
     exact_err, _ = _max_error(model, exact=True)
     assert err <= 0.05 * scale, (fmt, err, scale)
-    from lowbit.kernels.cpu_features import cpu_flags
+    from lowbit.cpu_features import cpu_flags
 
     if "avx512_vnni" in (cpu_flags() or ()):
         assert err > 10 * exact_err  # the integer path did run

@@ -1,6 +1,6 @@
 // W4A8 on AVX2: 4-bit weight codes x 8-bit activation codes, summed exactly in integers, scaled per group.
 //
-// Built and loaded by lowbit/kernels/native.py (g++ -O3 -fopenmp, plain C ABI, called through ctypes; the
+// Built and loaded by lowbit/native.py (g++ -O3 -fopenmp, plain C ABI, called through ctypes; the
 // OpenMP runtime is the one torch already loaded, so torch.set_num_threads and this kernel share one pool).
 //
 // Inputs (all row-major, contiguous):
@@ -42,7 +42,7 @@ namespace {
 
 // Work (multiply-adds, or weights unpacked) below which a call of any of lowbit's kernels runs on the calling
 // thread alone: waking a second thread costs microseconds on an idle machine, more than a tiny product gains.
-// lowbit_set_parallel_work changes it (lowbit.kernels.native.set_parallel_work).
+// lowbit_set_parallel_work changes it (lowbit.native.set_parallel_work).
 size_t kParallelWork = size_t(1) << 16;
 
 namespace {
@@ -332,4 +332,4 @@ extern "C" long lowbit_set_parallel_work(long work) {
     return before;
 }
 
-extern "C" int lowbit_native_abi(void) { return 4; }
+extern "C" int lowbit_native_abi(void) { return 5; }

@@ -1,6 +1,6 @@
 // Weight-only linears on AVX2: packed 4-bit (and 8-bit) weight codes x float32 activations, in float32.
 //
-// Built and loaded with w4a8_avx2.cpp by lowbit/kernels/native.py (same library, plain C ABI, ctypes; OpenMP on
+// Built and loaded with w4a8_avx2.cpp by lowbit/native.py (same library, plain C ABI, ctypes; OpenMP on
 // the runtime torch loaded, torch's thread count).
 //
 // The weight is the layout of lowbit.kernels.w4a8_avx2.pack_codes (shared by every 4-bit kernel here):

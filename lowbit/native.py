@@ -1,4 +1,7 @@
-"""lowbit's own C++ kernels (``lowbit/kernels/csrc``), compiled on first use and loaded through ctypes.
+"""lowbit's own C++ library (``lowbit/kernels/csrc``), compiled on first use and loaded through ctypes.
+
+A leaf module: the kernels (``lowbit.kernels``, ``lowbit.runtime``) and GPTQ's column loop
+(``lowbit.algorithms.gptq``) call its functions.
 
 torch's integer matrix product (``torch._int_mm``) is fast only with VNNI or AMX; on CPUs with AVX2 alone it
 runs at a few GMAC/s, slower than fp32. The kernels here use AVX2's ``vpmaddubsw`` with bounds that keep
@@ -30,17 +33,17 @@ import tempfile
 from pathlib import Path
 
 from lowbit.atomic import atomic_file
-from lowbit.kernels.cpu_features import cpu_flags
+from lowbit.cpu_features import cpu_flags
 from lowbit.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("w4a8_avx2.cpp", "weight_only_avx2.cpp", "decode_step.cpp", "prefill.cpp")
+SOURCES = ("w4a8_avx2.cpp", "weight_only_avx2.cpp", "decode_step.cpp", "prefill.cpp", "gptq.cpp")
 HEADERS = ("weight_only_avx2.h", "weight_only_avx512.h", "w4_vnni.h", "decode_common.h")
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
          "-ffp-contract=off")
 ENV = "LOWBIT_NATIVE"  # "0" turns the native kernels off (to compare against the torch kernels, or to debug)
-ABI = 4  # lowbit_native_abi() of a library this module can call
+ABI = 5  # lowbit_native_abi() of a library this module can call
 BUILD_TIMEOUT_S = 300
 
 _VOID, _INT = ctypes.c_void_p, ctypes.c_int
@@ -58,6 +61,7 @@ _SIGNATURES = {
     "lowbit_decode_step": (_INT, [_VOID, _VOID, _INT, _VOID, _VOID, _INT]),
     "lowbit_prefill_ok": (_INT, [_VOID]),
     "lowbit_prefill": (_INT, [_VOID, _VOID, _INT, _INT, _VOID, _INT]),
+    "lowbit_gptq_block": (_INT, [_VOID, _VOID, _INT] + [_VOID] * 5 + [_INT] * 4),
     "lowbit_native_abi": (_INT, []),
 }
 
@@ -141,7 +145,7 @@ def _compiler() -> str | None:
 
 
 def _source_dir() -> Path:
-    return Path(__file__).resolve().parent / "csrc"
+    return Path(__file__).resolve().parent / "kernels" / "csrc"
 
 
 def _built_library() -> Path:
