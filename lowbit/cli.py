@@ -164,9 +164,11 @@ def _parser() -> argparse.ArgumentParser:
     _trust_flag(b)
     b.set_defaults(func=_cmd_bench)
 
-    from lowbit.cli_generate import add_parser as add_generate  # here: it reads this module's helpers
+    from lowbit.cli_generate import add_parser as add_generate  # here: they read this module's helpers
+    from lowbit.cli_search import add_parsers as add_search
 
     add_generate(sub)
+    add_search(sub)
     s = sub.add_parser("schemes", help="list the named weight formats and algorithms")
     s.set_defaults(func=_cmd_schemes)
 
