@@ -25,7 +25,10 @@ def add_parsers(sub) -> None:
                        "the recipe")
     s.add_argument("model", help="bundled name, HF folder, .gguf or .onnx file")
     s.add_argument("--budget", required=True, help="average bits per weight, scales and zero points included "
-                   "(3.5bpw), or bytes of the searched layers (60MB, 48MiB)")
+                   "(3.5bpw), bytes of the searched layers (60MB, 48MiB), or their summed time per call on this "
+                   "machine with lowbit's kernels (4ms, 800us; timed on --latency-tokens input rows)")
+    s.add_argument("--latency-tokens", type=_positive_int, default=1, help="input rows per timed call for a time "
+                   "budget (default 1: a decode step)")
     s.add_argument("--formats", required=True, help="candidate weight formats, comma-separated (e.g. "
                    "int3-g64-asym,int4-g64-asym,int8; see `lowbit schemes`)")
     s.add_argument("--method", default="rtn", help="the algorithm every candidate is quantized with, as in "
@@ -96,7 +99,8 @@ def cmd_search(a: argparse.Namespace) -> int:
                            source=str(a.calib_data), model=lm.model)
     t0 = time.perf_counter()
     result = search(lm.model, data, specs, budget, method=method, measure=a.measure, measures=a.also,
-                    skip=DEFAULT_SKIP if a.skip is None else tuple(a.skip), progress=_progress())
+                    skip=DEFAULT_SKIP if a.skip is None else tuple(a.skip), latency_tokens=a.latency_tokens,
+                    progress=_progress())
     result.calibration.update({"model": a.model, "samples": a.calib_samples, "length": a.calib_len, "seed": a.seed,
                                "data": a.calib_data or "bundled"})
     with atomic_file(check_destination(record, a.overwrite, file=True)) as tmp:

@@ -1,7 +1,7 @@
 """Each stage of lowbit imports only the stages before it (``shared/DESIGN.md``: the data flow is the architecture).
 
     formats -> observers -> algorithms -> nn -> calibration -> quantizer -> io -> models/data -> evaluation,
-    kernels, export, mixed (mixed precision: it measures and quantizes, and runs no kernel and writes no export)
+    kernels, export, mixed (mixed precision: it measures and quantizes; only its latency table runs the kernels)
 
 (plus leaf modules any stage may use: ``errors``, ``version``, ``spec``, ``atomic``, ``paths``, ``memory``,
 ``hadamard``, ``cpu_features``, ``native``: the C++ library's build and loading, whose functions serve the kernels
@@ -31,7 +31,7 @@ LATER = {  # module: the later stages it must not import
     "lowbit.models": set("calibration quantizer targets io data evaluation kernels export".split()),
     "lowbit.kernels": set("calibration quantizer targets io models data evaluation export".split()),
     "lowbit.runtime.generate": set("calibration quantizer targets io models data evaluation export".split()),
-    "lowbit.mixed": set("kernels export runtime".split()),
+    "lowbit.mixed": set("kernels export runtime".split()),  # lowbit.mixed.latency imports kernels when it times
     "lowbit.native": set("formats observers algorithms nn calibration quantizer targets io models data evaluation kernels export".split()),
     "lowbit.runtime.native_lm": set("calibration quantizer targets io models data evaluation export".split()),
 }

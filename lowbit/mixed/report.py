@@ -233,6 +233,9 @@ def _text(artifact: Path, rows, size, result: SearchResult | None) -> tuple[str,
                      + ", ".join(f"{k} {v}" for k, v in c.items()
                                  if k not in ("batches", "gradient_samples", "heldout"))],
                     ["search time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]]
+        if result.latency:
+            summary.append(["time per call (chosen)", f"{result.seconds_per_call * 1e3:.3f} ms on "
+                            f"{result.latency_tokens} input row(s), {c.get('threads')} thread(s)"])
         for m, rho in correlations(result).items():
             summary.append([f"Spearman({m}, kl)", f"{rho:.3f}"])
     sections.append(("Summary", ["", ""], summary))

@@ -24,23 +24,26 @@ from lowbit.calibration.capture import batches as split_batches
 from lowbit.errors import InputError
 from lowbit.mixed import sensitivity as S
 from lowbit.mixed.allocate import allocate, totals
-from lowbit.nn.convert import float_weight, to_quantized
+from lowbit.nn.convert import float_weight, is_linear_like, to_quantized
 from lowbit.plan import DEFAULT_SKIP, QuantPlan, Rule
 from lowbit.spec import QuantSpec
 from lowbit.targets import prepare
 
 log = logging.getLogger(__name__)
 
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|bits?|b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|bits?|b|kb|mb|gb|kib|mib|gib|s|ms|us)?\s*$", re.IGNORECASE)
 _BYTES = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A size limit on the searched layers' storage: average bits per weight (scales and zero points included)
-    or bytes. ``Budget.parse("3.5bpw")``, ``Budget.parse("60MB")``; a bare number is bits per weight."""
+    """A limit on the searched layers: their storage in average bits per weight (scales and zero points included)
+    or bytes, or their summed time per call on this machine (:mod:`lowbit.mixed.latency`).
+    ``Budget.parse("3.5bpw")``, ``Budget.parse("60MB")``, ``Budget.parse("4ms")``; a bare number is bits per
+    weight."""
 
-    kind: str  # "bpw" or "bytes"
+    kind: str  # "bpw", "bytes" or "seconds"
     value: float
 
     @classmethod
@@ -49,18 +52,22 @@ class Budget:
             text = str(text)
         m = _BUDGET.match(str(text))
         if not m or float(m.group(1)) <= 0:
-            raise InputError(f"budget {text!r} is not a size: give average bits per weight (3.5bpw) or bytes "
-                             f"(60MB, 48MiB, 123456B)")
+            raise InputError(f"budget {text!r} is not a size or a time: give average bits per weight (3.5bpw), "
+                             f"bytes (60MB, 48MiB, 123456B) or the searched layers' time per call (4ms, 800us)")
         unit = (m.group(2) or "bpw").lower()
         if unit in ("bpw", "bit", "bits"):
             return cls("bpw", float(m.group(1)))
+        if unit in _SECONDS:
+            return cls("seconds", float(m.group(1)) * _SECONDS[unit])
         return cls("bytes", float(m.group(1)) * _BYTES[unit])
 
-    def bits(self, weights: int) -> float:
-        """The budget in storage bits, for ``weights`` searched weights."""
-        return self.value * weights if self.kind == "bpw" else self.value * 8
+    def limit(self, weights: int) -> float:
+        """The budget in the allocation's unit: storage bits (for ``weights`` searched weights) or seconds."""
+        return self.value * weights if self.kind == "bpw" else self.value * 8 if self.kind == "bytes" else self.value
 
     def __str__(self) -> str:
+        if self.kind == "seconds":
+            return f"{self.value * 1e3:g} ms per call"
         return f"{self.value:g} bits/weight" if self.kind == "bpw" else f"{self.value:,.0f} bytes"
 
 
@@ -73,7 +80,8 @@ class SearchResult:
     error and storage bits. weights: per group, its number of weights. choice: per group, the chosen candidate.
     measures: every sensitivity computed, per group and candidate (``{"proxy": [[...]], ...}``). layer_costs: per
     layer and candidate, the allocation's measure (for the report). front: ``(bits per weight, predicted error)``
-    of the optimal allocation at other budgets. seconds: time per stage.
+    of the optimal allocation at other budgets. seconds: time per stage. latency: per group and candidate, seconds
+    per call on ``latency_tokens`` input rows (measured for a latency budget, else empty).
     """
 
     groups: list[list[str]]
@@ -91,6 +99,21 @@ class SearchResult:
     front: list[tuple[float, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    latency: list[list[float]] = field(default_factory=list)
+    latency_tokens: int = 0
+
+    @property
+    def seconds_per_call(self) -> float | None:
+        """The chosen allocation's summed time per call (None without a latency table)."""
+        return totals(self.choice, self.cost, self.latency)[1] if self.latency else None
+
+    def sizes(self, budget: Budget) -> list[list[float]]:
+        """What ``budget`` limits, per group and candidate: storage bits, or seconds per call."""
+        if budget.kind != "seconds":
+            return self.bits
+        if not self.latency:
+            raise InputError("this search measured no latency table; search again with a time budget (4ms)")
+        return self.latency
 
     @property
     def bits_per_weight(self) -> float:
@@ -124,12 +147,10 @@ class SearchResult:
     def reallocate(self, budget: Budget | str | float) -> "SearchResult":
         """The same measurements allocated within another budget (no model needed): a new result."""
         budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-        limit = budget.bits(sum(self.weights))
-        smallest = sum(min(b) for b in self.bits)
-        if limit < smallest:
-            raise InputError(f"budget {budget} is below the smallest allocation of these formats: "
-                             f"{smallest / sum(self.weights):.3f} bits/weight")
-        return dataclasses.replace(self, choice=allocate(self.cost, self.bits, limit), budget=budget)
+        sizes = self.sizes(budget)
+        _check_smallest(budget, sizes, sum(self.weights))
+        return dataclasses.replace(self, choice=allocate(self.cost, sizes, budget.limit(sum(self.weights))),
+                                   budget=budget)
 
     def to_dict(self) -> dict[str, Any]:
         method = self.method if isinstance(self.method, (str, dict)) else _method_name(self.method)
@@ -138,6 +159,7 @@ class SearchResult:
                 "budget": {"kind": self.budget.kind, "value": self.budget.value}, "skip": list(self.skip),
                 "measures": self.measures, "layer_costs": self.layer_costs,
                 "front": [list(p) for p in self.front], "seconds": self.seconds, "calibration": self.calibration,
+                "latency": self.latency, "latency_tokens": self.latency_tokens,
                 "bits_per_weight": self.bits_per_weight, "predicted": self.predicted}
 
     @classmethod
@@ -146,7 +168,8 @@ class SearchResult:
             return cls([list(g) for g in d["groups"]], list(d["specs"]), d["method"], d["measure"], d["cost"],
                        d["bits"], d["weights"], d["choice"], Budget(d["budget"]["kind"], float(d["budget"]["value"])),
                        tuple(d["skip"]), d.get("measures", {}), d.get("layer_costs", {}),
-                       [tuple(p) for p in d.get("front", [])], d.get("seconds", {}), d.get("calibration", {}))
+                       [tuple(p) for p in d.get("front", [])], d.get("seconds", {}), d.get("calibration", {}),
+                       d.get("latency", []), int(d.get("latency_tokens", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"not a lowbit search record: {e!r}") from None
 
@@ -167,6 +190,7 @@ def search(
     hutchinson_samples: int = 4,
     measures: Sequence[str] = (),
     front_points: int = 24,
+    latency_tokens: int = 1,
     progress: bool = True,
 ) -> SearchResult:
     """Choose a format per layer group of ``model`` within ``budget``, minimizing the summed ``measure``.
@@ -178,11 +202,13 @@ def search(
             and ``hutchinson`` (whose second derivatives take several times the memory of a forward pass).
         hutchinson_samples: Rademacher vectors per gradient sample.
         formats: candidate format names or specs (at least two).
-        budget: :class:`Budget` or its text (``"3.5bpw"``, ``"60MB"``), on the searched layers' storage.
+        budget: :class:`Budget` or its text: the searched layers' storage (``"3.5bpw"``, ``"60MB"``) or their summed
+            time per call on this machine with lowbit's kernels (``"4ms"``; :mod:`lowbit.mixed.latency`).
         method: the algorithm every candidate is quantized with (a name or a mapping, as in a recipe rule).
         measure: the sensitivity minimized: one of :data:`~lowbit.mixed.sensitivity.MEASURES`.
         measures: further measures to compute and keep (for the report's comparison), besides ``measure``.
         front_points: budgets at which the optimal allocation is also computed (the predicted Pareto front).
+        latency_tokens: input rows per timed call, for a time budget (1: a decode step).
     Raises:
         InputError: fewer than two formats, an unknown measure, a budget no allocation meets, a format that does
             not fit a layer, too little data.
@@ -243,14 +269,18 @@ def search(
     cost = group_measures[measure]
     bits = [[sum(cands[(n, s.name)].bits for n in g) for s in specs] for g in groups]
     n_weights = [sum(float_weight(modules[n]).numel() for n in g) for g in groups]
+    latency: list[list[float]] = []
+    if budget.kind == "seconds":
+        from lowbit.mixed.latency import group_latency, latency_table
+
+        t = time.perf_counter()
+        table = latency_table({k: c.module for k, c in cands.items()}, tokens=latency_tokens)
+        latency = group_latency(groups, [s.name for s in specs], table)
+        seconds["latency"] = time.perf_counter() - t
     t = time.perf_counter()
-    limit = budget.bits(sum(n_weights))
-    smallest = sum(min(b) for b in bits)
-    if limit < smallest:
-        raise InputError(f"budget {budget} is below the smallest allocation of these formats: "
-                         f"{smallest / sum(n_weights):.3f} bits/weight ({smallest / 8:,.0f} bytes); "
-                         f"add a smaller format or raise the budget")
-    choice = allocate(cost, bits, limit)
+    sizes = latency or bits
+    _check_smallest(budget, sizes, sum(n_weights))
+    choice = allocate(cost, sizes, budget.limit(sum(n_weights)))
     front = _front(cost, bits, sum(n_weights), front_points)
     seconds["allocation"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
@@ -258,19 +288,37 @@ def search(
         else {}
     result = SearchResult(groups, [s.name for s in specs], _method_value(rules[0]), measure, cost, bits, n_weights,
                           choice, budget, tuple(skip), group_measures, layer_costs, front, seconds,
-                          {"batches": len(calib), "heldout": _count(held), "gradient_samples": _count(grad_rows)})
+                          {"batches": len(calib), "heldout": _count(held), "gradient_samples": _count(grad_rows)},
+                          latency, latency_tokens if latency else 0)
+    if latency:
+        result.calibration["threads"] = torch.get_num_threads()
     log.info("search: %.3f bits/weight chosen within %s in %.0f s", result.bits_per_weight, budget, seconds["total"])
     return result
 
 
+def _check_smallest(budget: Budget, sizes: list[list[float]], weights: int) -> None:
+    smallest = sum(min(b) for b in sizes)
+    if budget.limit(weights) < smallest:
+        shown = f"{smallest * 1e3:.3f} ms per call" if budget.kind == "seconds" else \
+            f"{smallest / weights:.3f} bits/weight ({smallest / 8:,.0f} bytes)"
+        raise InputError(f"budget {budget} is below the smallest allocation of these formats: {shown}; add a "
+                         f"smaller or faster format or raise the budget")
+
+
 def _check_budget(budget: Budget, modules: list[nn.Module], specs: list[QuantSpec]) -> None:
-    """InputError when ``budget`` is below the smallest allocation of round-to-nearest storage (an algorithm can
-    only add to it: AWQ's input scales)."""
+    """InputError when a size ``budget`` is below the smallest allocation of round-to-nearest storage (an algorithm
+    can only add to it: AWQ's input scales). Time budgets are checked once the layers are timed."""
     from lowbit.formats import quantize as rtn
 
+    if budget.kind == "seconds":
+        convs = [type(m).__name__ for m in modules if not is_linear_like(m)]
+        if convs:
+            raise InputError(f"a time budget times linear layers; this model's searched layers include a {convs[0]} "
+                             f"(give a bits-per-weight or bytes budget)")
+        return
     smallest = sum(min(to_quantized(m, rtn(float_weight(m), s)).storage_bytes() for s in specs) for m in modules) * 8
     weights = sum(float_weight(m).numel() for m in modules)
-    if budget.bits(weights) < smallest:
+    if budget.limit(weights) < smallest:
         raise InputError(f"budget {budget} is below the smallest allocation of these formats: "
                          f"{smallest / weights:.3f} bits/weight ({smallest / 8:,.0f} bytes); add a smaller format or "
                          f"raise the budget")
@@ -383,8 +431,9 @@ def describe(result: SearchResult) -> str:
         c[0] += len(g)
         c[1] += w
     total = sum(result.weights)
-    lines = [f"{result.bits_per_weight:.3f} bits/weight within {result.budget} (sensitivity '{result.measure}', "
-             f"predicted {result.predicted:.6g}):"]
+    took = f", {result.seconds_per_call * 1e3:.3f} ms per call" if result.latency else ""
+    lines = [f"{result.bits_per_weight:.3f} bits/weight{took} within {result.budget} (sensitivity "
+             f"'{result.measure}', predicted {result.predicted:.6g}):"]
     for s in result.specs:
         if s in counts:
             lines.append(f"  {s}: {counts[s][0]} layers, {counts[s][1] / total:.1%} of the weights")

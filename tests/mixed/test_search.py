@@ -26,9 +26,10 @@ def _ids(n=6, seq=32, seed=0):
 def test_budget_parsing():
     assert Budget.parse("3.5bpw") == Budget("bpw", 3.5) and Budget.parse(4) == Budget("bpw", 4.0)
     assert Budget.parse("60MB") == Budget("bytes", 60e6) and Budget.parse("2 KiB") == Budget("bytes", 2048.0)
-    assert Budget.parse("3.5bpw").bits(1000) == 3500 and Budget.parse("1kB").bits(10) == 8000
+    assert Budget.parse("3.5bpw").limit(1000) == 3500 and Budget.parse("1kB").limit(10) == 8000
+    assert Budget.parse("4ms") == Budget("seconds", 4e-3) and Budget.parse("800us").limit(10) == pytest.approx(8e-4)
     for bad in ("", "fast", "-3bpw", "0", "3.5 parsecs"):
-        with pytest.raises(InputError, match="not a size"):
+        with pytest.raises(InputError, match="not a size or a time"):
             Budget.parse(bad)
 
 
@@ -110,3 +111,27 @@ def test_spearman():
     assert S.spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
     with pytest.raises(InputError):
         S.spearman([1], [1])
+
+
+def test_a_time_budget_allocates_against_the_layers_measured_time():
+    model = tiny_llama().eval()
+    data = _ids(6, 32)
+    free = search(model, data, FORMATS, "1s", measure="proxy", heldout=1, progress=False)  # binds nothing
+    assert free.latency and free.latency_tokens == 1 and free.calibration["threads"] >= 1
+    assert len(free.latency) == len(free.groups) and all(t > 0 for row in free.latency for t in row)
+    assert free.choice == [min(range(3), key=lambda k: (c[k], t[k])) for c, t in zip(free.cost, free.latency)]
+    fastest = sum(min(row) for row in free.latency)
+    tight = free.reallocate(Budget("seconds", fastest * 1.0001))
+    assert tight.seconds_per_call <= fastest * 1.0001
+    with pytest.raises(InputError, match="below the smallest allocation"):
+        free.reallocate(Budget("seconds", fastest * 0.5))
+    sized = search(model, data, FORMATS, "5bpw", measure="proxy", heldout=1, progress=False)
+    with pytest.raises(InputError, match="no latency table"):
+        sized.reallocate("2ms")
+
+
+def test_a_time_budget_on_convolutions_is_refused_clearly():
+    model = tiny_cnn().eval()
+    images = list(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)).split(8))
+    with pytest.raises(InputError, match="times linear layers"):
+        search(model, images, ["int4-ch", "int8-ch"], "1ms", measure="proxy", heldout=1, progress=False)
