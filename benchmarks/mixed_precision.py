@@ -16,9 +16,9 @@ text in 1,024-token windows; BOS for Gemma); EfficientNet-Lite0, top-1 agreement
 the 220 photo views. Calibration for quantizing: 128 x 512 news tokens (seed 0) or 64 crops (seed 0). Bits per
 weight are measured on the quantized model (``model_size``: codes, scales and zero points of the quantized layers).
 
-``--correlate`` (default on) also measures, on two formats of each language model and every format of the CNN, the
-sensitivities ``proxy``, ``hutchinson`` and the direct ``kl``, and prints each cheap one's Spearman correlation
-with ``kl``.
+Then, unless ``--no-correlate``, a second search on SmolLM2 (two formats) and EfficientNet-Lite0 (all four) also
+measures the sensitivities ``proxy``, ``hutchinson`` and the direct ``kl``, and prints each cheap one's Spearman
+rank correlation with ``kl`` over every (layer group, format).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ if job["step"] == "search":
     n, length = cfg["search_calib"]
     formats = job.get("formats") or cfg["formats"]
     t0 = time.perf_counter()
-    r = search(lm.model, data(n, length, 1), formats, "%gbpw" % cfg["budgets"][0], method=cfg["method"],
+    r = search(lm.model, data(n, length, 1), formats, "%gbpw" % job["budget"], method=cfg["method"],
                measures=job.get("measures", []), heldout=cfg["heldout"], progress=False)
     Path = __import__("pathlib").Path
     Path(job["record"]).write_text(r.to_json())
@@ -132,17 +132,10 @@ def main() -> None:
         cfg = MODELS[model]
         print(f"\n## {model}: {cfg['method']}, candidates {', '.join(cfg['formats'])}", flush=True)
         record = work / f"{model}.json"
-        s = run({"model": model, "cfg": cfg, "step": "search", "record": str(record)})
+        s = run({"model": model, "cfg": cfg, "step": "search", "record": str(record), "budget": cfg["budgets"][0]})
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if k != "total")
         print(f"search (sensitivity fisher): {s['seconds']['total']:.0f} s ({stages})", flush=True)
         rec = SearchResult.from_dict(json.loads(record.read_text()))
-        if cfg["corr_formats"] and not a.no_correlate:
-            corr = work / f"{model}-corr.json"
-            c = run({"model": model, "cfg": cfg, "step": "search", "record": str(corr),
-                     "formats": cfg["corr_formats"], "measures": ["proxy", "hutchinson", "kl"]})
-            rho = correlations(SearchResult.from_dict(json.loads(corr.read_text())))
-            print(f"Spearman with the direct KL ({', '.join(cfg['corr_formats'])}; measured in "
-                  f"{c['seconds']['total']:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in rho.items()), flush=True)
         lm = "ppl" if cfg["calib"][1] else "top1"
         head = f"{'plan':24} {'bits/weight':>11} {'perplexity' if lm == 'ppl' else 'top-1 agr.':>10} " \
                f"{'' if lm == 'ppl' else 'KL':>8} {'predicted':>10} {'quantize s':>10}"
@@ -158,6 +151,13 @@ def main() -> None:
                 r["predicted"] = sum(c[k] for c in rec.cost)
             pred = f"{r['predicted']:10.4g}" if "predicted" in r else f"{'':>10}"
             print(f"{r['label']:24} {r['bpw']:11.3f} {quality} {pred} {r['quantize_s']:10.0f}", flush=True)
+        if cfg["corr_formats"] and not a.no_correlate:
+            corr = work / f"{model}-corr.json"
+            c = run({"model": model, "cfg": cfg, "step": "search", "record": str(corr), "budget": 16,
+                     "formats": cfg["corr_formats"], "measures": ["proxy", "hutchinson", "kl"]})
+            rho = correlations(SearchResult.from_dict(json.loads(corr.read_text())))
+            print(f"Spearman with the direct KL ({', '.join(cfg['corr_formats'])}; measured in "
+                  f"{c['seconds']['total']:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in rho.items()), flush=True)
 
 
 if __name__ == "__main__":
