@@ -32,10 +32,12 @@ from pathlib import Path
 
 LM = {"calib": (128, 512), "search_calib": (32, 512), "heldout": 2, "method": "gptq", "calib_dtype": "bfloat16"}
 MODELS = {
-    "smollm2-135m": {**LM, "formats": ["int2-g64-asym", "int3-g64-asym", "int4-g64-asym", "int4-g128-asym", "int8"],
+    "smollm2-135m": {**LM, "formats": ["int2-g64-asym", "int3-g64-asym", "int3-g128-asym", "int4-g64-asym",
+                                       "int4-g128-asym", "int8"],
                      "budgets": [3.0, 3.5, 4.0], "uniform": ["int3-g64-asym", "int4-g128-asym"],
                      "corr_formats": ["int3-g64-asym", "int4-g64-asym"]},
-    "gemma3-270m": {**LM, "formats": ["int2-g64-asym", "int3-g64-asym", "int4-g64-asym", "int4-g128-asym", "int8"],
+    "gemma3-270m": {**LM, "formats": ["int2-g64-asym", "int3-g64-asym", "int3-g128-asym", "int4-g64-asym",
+                                      "int4-g128-asym", "int8"],
                     "budgets": [3.5], "uniform": ["int4-g128-asym"], "corr_formats": None},
     "efficientnet-lite0": {"calib": (64, None), "search_calib": (64, None), "heldout": 16, "method": "rtn",
                            "calib_dtype": "float32", "formats": ["int4", "int5", "int6", "int8"], "budgets": [5.0],
