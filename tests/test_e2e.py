@@ -15,6 +15,7 @@ values with margin:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 
@@ -229,6 +230,30 @@ def test_smollm2_awq_gptq_beats_round_to_nearest_at_3_bits(smollm2, tmp_path):
         with cached_weights(model):
             ppl[method] = perplexity(model, lm.tokenizer, PROTOCOL, progress=False).ppl
     assert ppl["awq+gptq"] < 0.8 * ppl["rtn"], ppl
+
+
+def test_smollm2_mixed_precision_search_puts_the_bits_where_they_matter(smollm2):
+    """The fisher allocation of int3-g64-asym / int4-g64-asym at 3.875 bits per weight against the opposite choice
+    within the same budget (the least sensitive groups get the 4 bits), both round to nearest."""
+    from lowbit.data import calibration_set
+    from lowbit.mixed import search
+    from lowbit.mixed.allocate import allocate
+    from lowbit.nn.size import model_size
+
+    lm = smollm2
+    calib = calibration_set("causal-lm", lm.tokenizer, 8, 128)
+    result = search(lm.model, calib, ["int3-g64-asym", "int4-g64-asym"], "3.875bpw", heldout=1, gradient_samples=2,
+                    progress=False)
+    assert result.bits_per_weight <= 3.875 and len(result.groups) == 30 * 4  # q/k/v, o, gate/up, down per block
+    limit = 3.875 * sum(result.weights)
+    opposite = dataclasses.replace(result, choice=allocate([[-c for c in row] for row in result.cost], result.bits,
+                                                           limit))
+    ppl = {}
+    for name, r in (("fisher", result), ("opposite", opposite)):
+        model = lowbit.quantize(copy.deepcopy(lm.model), r.plan(), progress=False)
+        assert model_size(model).bits_per_quantized_weight <= 3.875
+        ppl[name] = perplexity(model, lm.tokenizer, PROTOCOL, progress=False).ppl
+    assert ppl["fisher"] < 0.95 * ppl["opposite"], ppl
 
 
 # ---- kernels and exports on SmolLM2 ------------------------------------------------------------------------------

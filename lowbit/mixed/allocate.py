@@ -11,9 +11,12 @@ same assumption; the benchmark measures how well it holds).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -91,12 +94,14 @@ def _milp(c: np.ndarray, s: np.ndarray, budget: float) -> list[int]:
     cv, sv = c.ravel()[idx], s.ravel()[idx]
     one = np.zeros((n, len(idx)))
     one[group, np.arange(len(idx))] = 1.0
-    scale = max(float(sv.max()), 1.0)  # sizes relative to the largest, so the tolerances mean the same everywhere
+    scale = float(sv.max()) or 1.0  # sizes relative to the largest (bits or seconds), so tolerances mean the same
     limit = budget / scale
     for _ in range(4):
-        res = milp(cv, integrality=np.ones(len(idx)), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(one, 1, 1), LinearConstraint((sv / scale)[None, :], -np.inf, limit)],
-                   options={"mip_rel_gap": 0.0, "presolve": True})
+        with _quiet_stdout():
+            res = milp(cv, integrality=np.ones(len(idx)), bounds=Bounds(0, 1),
+                       constraints=[LinearConstraint(one, 1, 1),
+                                    LinearConstraint((sv / scale)[None, :], -np.inf, limit)],
+                       options={"mip_rel_gap": 0.0, "presolve": True})
         if res.x is None:
             raise InputError(f"the allocation problem has no solution within the budget ({res.message})")
         choice = [0] * n
@@ -107,3 +112,22 @@ def _milp(c: np.ndarray, s: np.ndarray, budget: float) -> list[int]:
             return choice
         limit -= (total - budget) / scale  # the solver's tolerance let it through: tighten and solve again
     raise InputError("the integer program kept exceeding the budget by its tolerance; widen the budget slightly")
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """File descriptor 1 sent to the null device: HiGHS writes some internal messages there whatever its options."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stdout: nothing of HiGHS reaches it
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)

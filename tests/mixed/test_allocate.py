@@ -51,3 +51,16 @@ def test_a_budget_that_does_not_bind_takes_every_groups_cheapest_candidate():
     cost = [[3.0, 1.0, 1.0], [0.5, 2.0, 9.0]]
     size = [[1, 4, 2], [8, 4, 1]]
     assert allocate(cost, size, 100) == [2, 0]  # equal costs: the smaller
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sizes_in_seconds_are_allocated_exactly_too(seed):
+    rng = random.Random(seed)
+    cost, size = _problem(rng, rng.randint(2, 6), 4)
+    size = [[s * 1e-7 for s in row] for row in size]  # a latency table: microseconds per layer
+    lo, hi = sum(min(s) for s in size), sum(max(s) for s in size)
+    budget = lo + (hi - lo) * rng.random()
+    choice = allocate(cost, size, budget)
+    assert totals(choice, cost, size)[1] <= budget
+    assert totals(choice, cost, size)[0] == pytest.approx(totals(brute_force(cost, size, budget), cost, size)[0],
+                                                          rel=1e-9, abs=1e-12)
