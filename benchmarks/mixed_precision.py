@@ -120,7 +120,7 @@ def run(job: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default="smollm2-135m,gemma3-270m,efficientnet-lite0")
     p.add_argument("--no-correlate", action="store_true")
     a = p.parse_args()
 
