@@ -140,13 +140,17 @@ def _bits_figure(rows) -> bytes:
 
 
 def _sqnr_figure(rows) -> bytes:
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
-    colours = _format_colours(list(dict.fromkeys(r.format for r in rows)))
+    formats = list(dict.fromkeys(r.format for r in rows))
+    colours = _format_colours(formats)
     fig, ax = plt.subplots(figsize=(11, 3.6))
     vals = [r.sqnr_db if r.sqnr_db is not None and math.isfinite(r.sqnr_db) else 0.0 for r in rows]
     ax.bar(range(len(rows)), vals, color=[colours[r.format] for r in rows], width=0.9)
     ax.set_xlabel("quantized layer (model order)")
     ax.set_ylabel("weight SQNR vs float (dB)")
+    ax.legend(handles=[Patch(color=colours[f], label=f) for f in formats], fontsize=8, ncol=min(len(formats), 4))
     ax.set_xlim(-1, len(rows))
     return _png(fig)
 
