@@ -32,7 +32,8 @@ LATER = {  # module: the later stages it must not import
     "lowbit.kernels": set("calibration quantizer targets io models data evaluation export".split()),
     "lowbit.runtime.generate": set("calibration quantizer targets io models data evaluation export".split()),
     "lowbit.mixed": set("kernels export runtime".split()),  # lowbit.mixed.latency imports kernels when it times
-    "lowbit.native": set("formats observers algorithms nn calibration quantizer targets io models data evaluation kernels export".split()),
+    "lowbit.native": set("formats observers algorithms nn calibration quantizer targets io models data evaluation "
+                         "kernels export".split()),
     "lowbit.runtime.native_lm": set("calibration quantizer targets io models data evaluation export".split()),
 }
 

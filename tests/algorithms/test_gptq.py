@@ -153,8 +153,8 @@ def test_the_integer_column_fast_path_equals_quantize(name):
         assert torch.equal(fast.round(w, j // fast.bc), slow.round(w, j // slow.bc)), j
 
 
-@pytest.mark.parametrize("name", ["int4-g32-asym", "int3-g32", "int4-ch-asym", "int8", "int2-g32-asym", "int4-b16x32-asym",
-                                  "int4-g40-asym", "int6-g16-sk8", "nf4-g32"])
+@pytest.mark.parametrize("name", ["int4-g32-asym", "int3-g32", "int4-ch-asym", "int8", "int2-g32-asym",
+                                  "int4-b16x32-asym", "int4-g40-asym", "int6-g16-sk8", "nf4-g32"])
 @pytest.mark.parametrize("act_order,clip_search", [(False, False), (True, False), (False, True), (True, True)])
 def test_the_native_column_loop_gives_the_python_loops_weights_bit_for_bit(name, act_order, clip_search, monkeypatch):
     from lowbit import native
@@ -183,6 +183,7 @@ def test_the_native_column_loop_rejects_bad_shapes():
     if native.why_unavailable():
         pytest.skip(native.why_unavailable())
     fn = native.function("lowbit_gptq_block")
-    t = torch.zeros(4, 4)
-    assert fn(t.data_ptr(), t.data_ptr(), 2, t.data_ptr(), t.data_ptr(), None, t.data_ptr(), t.data_ptr(), 4, 4, 4, 1) == 1
-    assert fn(t.data_ptr(), t.data_ptr(), 4, t.data_ptr(), t.data_ptr(), None, t.data_ptr(), t.data_ptr(), 4, 4, 0, 1) == 1
+    t = torch.zeros(4, 4)  # kept alive while its address is passed
+    p = t.data_ptr()
+    assert fn(p, p, 2, p, p, None, p, p, 4, 4, 4, 1) == 1  # a row stride of U below the block width
+    assert fn(p, p, 4, p, p, None, p, p, 4, 4, 0, 1) == 1  # 0 bits
