@@ -74,8 +74,8 @@ if job["step"] == "search":
     t0 = time.perf_counter()
     r = search(lm.model, data(n, length, 1), formats, "%gbpw" % job["budget"], method=cfg["method"],
                measures=job.get("measures", []), heldout=cfg["heldout"], progress=False)
-    Path = __import__("pathlib").Path
-    Path(job["record"]).write_text(r.to_json())
+    with open(job["record"], "w", encoding="utf-8") as f:
+        f.write(r.to_json())
     print(json.dumps({"seconds": r.seconds, "total": time.perf_counter() - t0}))
     sys.exit(0)
 

@@ -35,6 +35,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lowbit.quiet import quiet_fd
+
 
 @contextlib.contextmanager
 def busy_core(on: bool = True):
@@ -47,23 +49,6 @@ def busy_core(on: bool = True):
         if spinner is not None:
             spinner.kill()
             spinner.wait()
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """llama.cpp's C code logs every tensor to file descriptor 2: send it to /dev/null meanwhile."""
-    import os
-    import sys
-
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
 
 
 def read_bandwidth(mb: int = 512, repeats: int = 7) -> float:
@@ -120,7 +105,7 @@ class _LlamaCppRow:
     def __init__(self, path: Path, threads: int, n_ctx: int):
         from llama_cpp import Llama
 
-        with _quiet_stderr():
+        with quiet_fd(2):  # llama.cpp's C code logs every tensor there
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
                              n_threads_batch=threads, verbose=False)
         self.bytes, self.threads = gguf_step_bytes(path), threads
@@ -168,7 +153,7 @@ def llama_cpp_files(model: nn.Module, source: dict, work: Path, threads: int) ->
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = ftype, threads
         dst = work / f"{name}.gguf"
-        with _quiet_stderr():
+        with quiet_fd(2):  # llama.cpp's C code logs every tensor there
             rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(dst).encode(), params)
         if rc != 0:
             return {}, f"llama_model_quantize failed for {name}"

@@ -4,8 +4,8 @@
     kernels, export, mixed (mixed precision: it measures and quantizes; only its latency table runs the kernels)
 
 (plus leaf modules any stage may use: ``errors``, ``version``, ``spec``, ``atomic``, ``paths``, ``memory``,
-``hadamard``, ``cpu_features``, ``native``: the C++ library's build and loading, whose functions serve the kernels
-and GPTQ's column loop).
+``hadamard``, ``quiet`` (native libraries' prints silenced), ``cpu_features``, ``native``: the C++ library's build
+and loading, whose functions serve the kernels and GPTQ's column loop).
 Each case imports one module in a fresh interpreter and lists the lowbit packages that came with it.
 """
 

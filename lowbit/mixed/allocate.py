@@ -11,16 +11,14 @@ same assumption; the benchmark measures how well it holds).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from lowbit.errors import InputError
+from lowbit.quiet import quiet_fd
 
 
 def allocate(cost: Sequence[Sequence[float]], size: Sequence[Sequence[float]], budget: float) -> list[int]:
@@ -97,7 +95,7 @@ def _milp(c: np.ndarray, s: np.ndarray, budget: float) -> list[int]:
     scale = float(sv.max()) or 1.0  # sizes relative to the largest (bits or seconds), so tolerances mean the same
     limit = budget / scale
     for _ in range(4):
-        with _quiet_stdout():
+        with quiet_fd(1):  # HiGHS prints some internal messages there whatever its options
             res = milp(cv, integrality=np.ones(len(idx)), bounds=Bounds(0, 1),
                        constraints=[LinearConstraint(one, 1, 1),
                                     LinearConstraint((sv / scale)[None, :], -np.inf, limit)],
@@ -113,21 +111,3 @@ def _milp(c: np.ndarray, s: np.ndarray, budget: float) -> list[int]:
         limit -= (total - budget) / scale  # the solver's tolerance let it through: tighten and solve again
     raise InputError("the integer program kept exceeding the budget by its tolerance; widen the budget slightly")
 
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """File descriptor 1 sent to the null device: HiGHS writes some internal messages there whatever its options."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # a captured or replaced stdout: nothing of HiGHS reaches it
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(fd)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
-            yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)

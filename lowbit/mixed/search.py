@@ -132,15 +132,20 @@ class SearchResult:
         rules = tuple(Rule(n, s, self.method) for n, s in self.layer_specs().items())
         return QuantPlan(rules, self.skip)
 
+    def mix(self) -> dict[str, tuple[int, int]]:
+        """Per chosen format, in candidate order: ``(layers, weights)``."""
+        out: dict[str, tuple[int, int]] = {}
+        for g, k, w in zip(self.groups, self.choice, self.weights):
+            layers, weights = out.get(self.specs[k], (0, 0))
+            out[self.specs[k]] = (layers + len(g), weights + w)
+        return {s: out[s] for s in self.specs if s in out}
+
     def recipe(self) -> str:
         """The plan as a YAML recipe, with a header saying what was searched."""
-        counts: dict[str, int] = {}
-        for g, k in zip(self.groups, self.choice):
-            counts[self.specs[k]] = counts.get(self.specs[k], 0) + len(g)
         head = [f"# lowbit search: {len(self.groups)} layer groups, budget {self.budget}, sensitivity "
                 f"'{self.measure}', method {_method_name(self.method)}",
                 f"# chosen: {self.bits_per_weight:.3f} bits/weight (scales and zero points included); "
-                + ", ".join(f"{s}: {c} layers" for s, c in counts.items()),
+                + ", ".join(f"{s}: {c} layers" for s, (c, _) in self.mix().items()),
                 f"# predicted error (sum of the groups' {self.measure}): {self.predicted:.6g}"]
         return "\n".join(head) + "\n" + self.plan().to_yaml()
 
@@ -148,7 +153,7 @@ class SearchResult:
         """The same measurements allocated within another budget (no model needed): a new result."""
         budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
         sizes = self.sizes(budget)
-        _check_smallest(budget, sizes, sum(self.weights))
+        _check_smallest(budget, sum(min(row) for row in sizes), sum(self.weights))
         return dataclasses.replace(self, choice=allocate(self.cost, sizes, budget.limit(sum(self.weights))),
                                    budget=budget)
 
@@ -223,7 +228,8 @@ def search(
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    names, rules = _targets(model, specs, method, skip)
+    names, methods = _targets(model, specs, method, skip)
+    rule = Rule("*", specs[0], method)
     modules = dict(model.named_modules())
     _check_budget(budget, [modules[n] for n in names], specs)  # before minutes of measuring
     calib, held = _hold_out(list(split_batches(data)), heldout)
@@ -233,13 +239,11 @@ def search(
     groups = S.input_groups(model, calib[0], names)
     log.info("mixed-precision search: %d layers in %d groups, %d candidate formats, measure %s",
              len(names), len(groups), len(specs), measure)
-    stats = S.input_statistics(model, names, rules[0], calib, progress)
+    stats = S.input_statistics(model, names, rule, calib, progress)
     seconds["statistics"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    cands = {}
-    for spec, rule in zip(specs, rules):
-        cands.update(S.candidates(model, names, [spec], rule.method, stats, progress))
+    cands = S.candidates(model, names, specs, method, stats, progress, per_layer=methods)
     del stats  # the candidates hold their errors; X^T X is no longer needed
     seconds["candidates"] = time.perf_counter() - t
     diag = {k: c.row_error for k, c in cands.items()}
@@ -279,14 +283,14 @@ def search(
         seconds["latency"] = time.perf_counter() - t
     t = time.perf_counter()
     sizes = latency or bits
-    _check_smallest(budget, sizes, sum(n_weights))
+    _check_smallest(budget, sum(min(row) for row in sizes), sum(n_weights))
     choice = allocate(cost, sizes, budget.limit(sum(n_weights)))
     front = _front(cost, bits, sum(n_weights), front_points)
     seconds["allocation"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     layer_costs = {n: [per_layer[measure][(n, s.name)] for s in specs] for n in names} if measure in per_layer \
         else {}
-    result = SearchResult(groups, [s.name for s in specs], _method_value(rules[0]), measure, cost, bits, n_weights,
+    result = SearchResult(groups, [s.name for s in specs], _method_value(rule), measure, cost, bits, n_weights,
                           choice, budget, tuple(skip), group_measures, layer_costs, front, seconds,
                           {"batches": len(calib), "heldout": _count(held), "gradient_samples": _count(grad_rows)},
                           latency, latency_tokens if latency else 0)
@@ -296,8 +300,8 @@ def search(
     return result
 
 
-def _check_smallest(budget: Budget, sizes: list[list[float]], weights: int) -> None:
-    smallest = sum(min(b) for b in sizes)
+def _check_smallest(budget: Budget, smallest: float, weights: int) -> None:
+    """InputError when ``budget`` is below ``smallest``, the least any allocation takes (in the budget's unit)."""
     if budget.limit(weights) < smallest:
         shown = f"{smallest * 1e3:.3f} ms per call" if budget.kind == "seconds" else \
             f"{smallest / weights:.3f} bits/weight ({smallest / 8:,.0f} bytes)"
@@ -317,11 +321,7 @@ def _check_budget(budget: Budget, modules: list[nn.Module], specs: list[QuantSpe
                              f"(give a bits-per-weight or bytes budget)")
         return
     smallest = sum(min(to_quantized(m, rtn(float_weight(m), s)).storage_bytes() for s in specs) for m in modules) * 8
-    weights = sum(float_weight(m).numel() for m in modules)
-    if budget.limit(weights) < smallest:
-        raise InputError(f"budget {budget} is below the smallest allocation of these formats: "
-                         f"{smallest / weights:.3f} bits/weight ({smallest / 8:,.0f} bytes); add a smaller format or "
-                         f"raise the budget")
+    _check_smallest(budget, smallest, sum(float_weight(m).numel() for m in modules))
 
 
 def _hold_out(batches: list[Any], n: int) -> tuple[list[Any], list[Any]]:
@@ -372,10 +372,11 @@ def _specs(formats: Sequence[str | QuantSpec]) -> list[QuantSpec]:
 
 
 def _targets(model: nn.Module, specs: list[QuantSpec], method: Any, skip: Sequence[str]
-             ) -> tuple[list[str], list[Rule]]:
-    """The layers a uniform plan of each candidate quantizes (the same for all of them), and the rule per spec."""
+             ) -> tuple[list[str], dict[str, Any]]:
+    """The layers a uniform plan of each candidate quantizes (the same for all of them), and the algorithm each
+    takes: ``method``, or round to nearest where ``quantize`` would fall back to it (it says which)."""
     names: list[str] | None = None
-    rules = []
+    methods: dict[str, Any] = {}
     for spec in specs:
         targets = prepare(model, QuantPlan.uniform(spec, method, skip=tuple(skip)))
         if any(t.rule.act is not None for t in targets):
@@ -388,8 +389,8 @@ def _targets(model: nn.Module, specs: list[QuantSpec], method: Any, skip: Sequen
         if fallback:
             log.warning("%d layer(s) take round to nearest instead of the method under %s (e.g. %s)", len(fallback),
                         spec.name, fallback[0])
-        rules.append(Rule("*", spec, method))
-    return names or [], rules
+        methods = {t.name: t.rule.method for t in targets}
+    return names or [], methods
 
 
 def _front(cost: list[list[float]], bits: list[list[int]], weights: int, points: int) -> list[tuple[float, float]]:
@@ -425,18 +426,12 @@ def parse_formats(text: str) -> list[QuantSpec]:
 
 def describe(result: SearchResult) -> str:
     """A few lines: the chosen mix and its predicted error."""
-    counts: dict[str, list[int]] = {}
-    for g, k, w in zip(result.groups, result.choice, result.weights):
-        c = counts.setdefault(result.specs[k], [0, 0])
-        c[0] += len(g)
-        c[1] += w
     total = sum(result.weights)
     took = f", {result.seconds_per_call * 1e3:.3f} ms per call" if result.latency else ""
     lines = [f"{result.bits_per_weight:.3f} bits/weight{took} within {result.budget} (sensitivity "
              f"'{result.measure}', predicted {result.predicted:.6g}):"]
-    for s in result.specs:
-        if s in counts:
-            lines.append(f"  {s}: {counts[s][0]} layers, {counts[s][1] / total:.1%} of the weights")
+    for s, (layers, weights) in result.mix().items():
+        lines.append(f"  {s}: {layers} layers, {weights / total:.1%} of the weights")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     return "\n".join(lines)
 

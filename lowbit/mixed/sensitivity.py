@@ -23,9 +23,9 @@ for language models and classifiers alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,16 +116,19 @@ def input_statistics(model: nn.Module, names: Sequence[str], method_rule: Rule, 
 
 
 def candidates(model: nn.Module, names: Sequence[str], specs: Sequence[QuantSpec], method: Any,
-               stats: dict[str, InputStats], progress: bool = True) -> dict[tuple[str, str], Candidate]:
-    """Every layer of ``names`` quantized to every spec by ``method`` (a name or config, as in a rule), from the
-    float model's input statistics (which must hold ``X^T X / n``): ``{(layer, spec name): Candidate}``."""
+               stats: dict[str, InputStats], progress: bool = True, per_layer: dict[str, Any] | None = None
+               ) -> dict[tuple[str, str], Candidate]:
+    """Every layer of ``names`` quantized to every spec by ``method`` (a name or config, as in a rule; ``per_layer``
+    overrides it for the layers it names), from the float model's input statistics (which must hold
+    ``X^T X / n``): ``{(layer, spec name): Candidate}``."""
+    per_layer = per_layer or {}
     modules = dict(model.named_modules())
     out: dict[tuple[str, str], Candidate] = {}
     work = [(n, s) for s in specs for n in names]
     for n, spec in tqdm(work, desc="candidates", unit="layer", disable=not progress):
         m = modules[n]
         W = float_weight(m)
-        r = quantize_weight(W, Rule("*", spec, method), stats.get(n))
+        r = quantize_weight(W, Rule("*", spec, per_layer.get(n, method)), stats.get(n))
         qm = to_quantized(m, r.q, input_scale=r.input_scale)
         E = W.float() - qm.effective_weight().float().reshape(W.shape)
         out[(n, spec.name)] = Candidate(qm, 8 * qm.storage_bytes(), row_errors(E, stats[n].hessian),
@@ -164,6 +167,28 @@ def model_logits(model: nn.Module, batch: Any) -> torch.Tensor:
     return logits
 
 
+@contextlib.contextmanager
+def _gradients_for(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside the block only ``params`` of ``model`` take gradients; every parameter's setting is restored after."""
+    before = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, r in zip(model.parameters(), before):
+            p.requires_grad_(r)
+
+
+def _sampled_nll(model: nn.Module, batch: Any, gen: torch.Generator, reduction: str) -> torch.Tensor:
+    """The gradient measures' loss: cross-entropy of the model's logits on labels drawn from them (``gen``)."""
+    logits = model_logits(model, batch)
+    y = sampled_labels(logits, gen)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction=reduction)
+
+
 def output_fisher(model: nn.Module, names: Sequence[str], batches: Sequence[Any], seed: int = 0,
                   progress: bool = True) -> dict[str, torch.Tensor]:
     """Per layer, the mean over its output rows (tokens, or positions) of the squared loss gradient at each output
@@ -189,22 +214,14 @@ def output_fisher(model: nn.Module, names: Sequence[str], batches: Sequence[Any]
 
     gen = torch.Generator().manual_seed(seed)
     handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
-    grads = [p.requires_grad for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for n in names:  # so that a gradient flows to every measured output
-            modules[n].weight.requires_grad_(True)
-        for batch in tqdm(batches, desc="output gradients", unit="batch", disable=not progress):
-            logits = model_logits(model, batch)
-            y = sampled_labels(logits, gen)
-            F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum").backward()
-            model.zero_grad(set_to_none=True)
+    try:  # gradients for the measured weights only, so that one flows to every measured output
+        with _gradients_for(model, [modules[n].weight for n in names]):
+            for batch in tqdm(batches, desc="output gradients", unit="batch", disable=not progress):
+                _sampled_nll(model, batch, gen, "sum").backward()
+                model.zero_grad(set_to_none=True)
     finally:
         for h in handles:
             h.remove()
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
     missing = [n for n in names if rows[n] == 0]
     if missing:
         raise InputError(f"no gradient reached {', '.join(missing[:5])}; the search measures layers the loss "
@@ -224,28 +241,16 @@ def hutchinson_traces(model: nn.Module, names: Sequence[str], batches: Sequence[
     gen = torch.Generator().manual_seed(seed)
     sums = [0.0] * len(names)
     count = 0
-    grads = [p.requires_grad for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with sdpa_kernel(SDPBackend.MATH):
-            for batch in tqdm(batches, desc="Hessian traces", unit="batch", disable=not progress):
-                logits = model_logits(model, batch)
-                y = sampled_labels(logits, gen)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-                g = torch.autograd.grad(loss, params, create_graph=True)
-                for _ in range(samples):
-                    vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
-                    hv = torch.autograd.grad(g, params, grad_outputs=vs, retain_graph=True)
-                    for i, (v, h) in enumerate(zip(vs, hv)):
-                        sums[i] += float((v * h).sum())
-                    count += 1
-                del g, loss, logits
-    finally:
-        for p, r in zip(model.parameters(), grads):
-            p.requires_grad_(r)
+    with _gradients_for(model, params), sdpa_kernel(SDPBackend.MATH):
+        for batch in tqdm(batches, desc="Hessian traces", unit="batch", disable=not progress):
+            g = torch.autograd.grad(_sampled_nll(model, batch, gen, "mean"), params, create_graph=True)
+            for _ in range(samples):
+                vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
+                hv = torch.autograd.grad(g, params, grad_outputs=vs, retain_graph=True)
+                for i, (v, h) in enumerate(zip(vs, hv)):
+                    sums[i] += float((v * h).sum())
+                count += 1
+            del g
     if count == 0:
         raise InputError("Hutchinson's estimator got no batch")
     return {n: sums[i] / count / params[i].numel() for i, n in enumerate(names)}
@@ -293,26 +298,11 @@ def set_float_weight(m: nn.Module, w: torch.Tensor) -> None:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation of two equally long sequences (average ranks for ties)."""
+    """Spearman's rank correlation of two equally long sequences (average ranks for ties; NaN when one is constant)."""
+    from scipy.stats import spearmanr
+
     if len(a) != len(b) or len(a) < 2:
         raise InputError(f"rank correlation needs two sequences of equal length >= 2, got {len(a)} and {len(b)}")
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
-    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
-    return cov / (va * vb) if va > 0 and vb > 0 else float("nan")
-
-
-def _ranks(v: Sequence[float]) -> list[float]:
-    order = sorted(range(len(v)), key=lambda i: v[i])
-    ranks = [0.0] * len(v)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
